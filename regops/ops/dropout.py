@@ -1,0 +1,181 @@
+"""Dropout that returns its mask: one bit per element, or none at all when
+the backward regenerates it from (seed, offset).
+
+Semantics of ``torch.nn.functional.dropout``: y = x * keep / (1 - p). Which
+elements are kept follows the regops random rule (csrc/include/regops/philox.h,
+README.md), identical on every backend.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from regops import reference
+from regops._backend import _TRITON_IMPORTABLE, backend_for
+from regops.ops._common import check_probability, check_tensor
+
+_OFFSET_LIMIT = 1 << 62  # keeps offset + i // 4 inside int64 in every backend
+_UINT64 = 1 << 64
+
+if _TRITON_IMPORTABLE:
+    from regops.triton import dropout as _triton_dropout  # noqa: F401  (registers the triton ops)
+
+_native = torch.ops.regops
+
+
+def _ops(backend: str):
+    """(forward, in-place forward, backward) operators of a compiled backend."""
+    if backend == "triton":
+        return (_native.triton_dropout_forward.default, _native.triton_dropout_forward_.default,
+                _native.triton_dropout_backward.default)
+    return _native.dropout_forward.default, _native.dropout_forward_.default, _native.dropout_backward.default
+
+
+def _check_seed_offset(seed, offset) -> None:
+    if seed is not None and (isinstance(seed, bool) or not isinstance(seed, numbers.Integral)
+                             or not -(1 << 63) <= seed < _UINT64):
+        raise ValueError(f"seed must be None or an integer in [-2**63, 2**64), got {seed!r}")
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Integral) or not 0 <= offset < _OFFSET_LIMIT:
+        raise ValueError(f"offset must be an integer in [0, 2**62), got {offset!r}")
+
+
+def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
+    """The seed as a one-element int64 tensor on ``device``. A None seed is
+    drawn from torch's default generator for that device, on the device, so a
+    CUDA call needs no host synchronization and torch.manual_seed reproduces it."""
+    if seed is None:
+        return torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64, device=device)
+    signed = int(seed) - _UINT64 if seed >= (1 << 63) else int(seed)
+    return torch.full((1,), signed, dtype=torch.int64, device=device)
+
+
+def _reference_seed(seed) -> int:
+    if seed is None:
+        return int(torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64).item()) % _UINT64
+    return int(seed) % _UINT64
+
+
+def dropout_with_mask(input: torch.Tensor, p: float, *, seed: int | None = None,
+                      offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dropout that also returns its packed keep-mask.
+
+    Returns ``(output, mask)``; ``mask`` is a flat uint8 tensor where element i
+    (flat row-major index of ``input``) is bit i % 8, least significant first,
+    of byte i // 8, padded with zero bits to a multiple of 16 bytes. The output
+    is differentiable (its backward uses the mask).
+    """
+    check_tensor(input, "input")
+    p = check_probability(p, "p")
+    _check_seed_offset(seed, offset)
+    backend = backend_for(input)
+    if backend == "reference":
+        return reference.dropout_with_mask(input, p, _reference_seed(seed), offset)
+    forward, _, _ = _ops(backend)
+    return forward(input, p, _seed_tensor(seed, input.device), offset, True)
+
+
+def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace: bool = False, *,
+            seed: int | None = None, offset: int = 0, recompute_mask: bool = False) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.dropout`` that saves a 1-bit mask for
+    the backward, or (``recompute_mask=True``) no mask at all: the backward
+    then regenerates it from (seed, offset)."""
+    check_tensor(input, "input")
+    p = check_probability(p, "p")
+    _check_seed_offset(seed, offset)
+    if not training:
+        return input
+    backend = backend_for(input)
+    if backend == "reference":
+        output, _ = reference.dropout_with_mask(input, p, _reference_seed(seed), offset)
+        return input.copy_(output) if inplace else output
+    forward, forward_, _ = _ops(backend)
+    seed_tensor = _seed_tensor(seed, input.device)
+    needs_grad = torch.is_grad_enabled() and input.requires_grad
+    if inplace and not needs_grad:
+        forward_(input, p, seed_tensor, offset, False)
+        return input
+    output, _ = forward(input, p, seed_tensor, offset, not recompute_mask)
+    return input.copy_(output) if inplace else output
+
+
+def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """grad * keep / (1 - p), with keep read from a packed mask."""
+    check_tensor(grad, "grad")
+    check_tensor(mask, "mask", floating=False)
+    p = check_probability(p, "p")
+    expected = reference.mask_bytes(grad.numel())
+    if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != expected:
+        raise ValueError(f"mask must be a flat uint8 tensor of {expected} bytes for a grad of {grad.numel()} "
+                         f"elements, got dtype {mask.dtype} and shape {tuple(mask.shape)}")
+    backend = backend_for(grad)
+    if backend == "reference":
+        return reference.dropout_backward(grad, mask, p)
+    return _ops(backend)[2](grad, mask, p)
+
+
+def unpack_mask(mask: torch.Tensor, shape) -> torch.Tensor:
+    """The bool keep-mask of ``shape`` stored in a packed dropout mask."""
+    check_tensor(mask, "mask", floating=False)
+    shape = torch.Size(shape)
+    expected = reference.mask_bytes(shape.numel())
+    if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != expected:
+        raise ValueError(f"mask must be a flat uint8 tensor of {expected} bytes for shape {tuple(shape)}, "
+                         f"got dtype {mask.dtype} and shape {tuple(mask.shape)}")
+    return reference.unpack_mask(mask, shape)
+
+
+# --- fake kernels and autograd -------------------------------------------------
+
+@torch.library.register_fake("regops::dropout_forward")
+def _dropout_forward_fake(input, p, seed, offset, store_mask):
+    torch._check(seed.numel() == 1, lambda: "seed must be a one-element int64 tensor")
+    output = torch.empty_like(input, memory_format=torch.contiguous_format)
+    mask = input.new_empty((reference.mask_bytes(input.numel()) if store_mask else 0,), dtype=torch.uint8)
+    return output, mask
+
+
+@torch.library.register_fake("regops::dropout_forward_")
+def _dropout_forward_inplace_fake(input, p, seed, offset, store_mask):
+    return input.new_empty((reference.mask_bytes(input.numel()) if store_mask else 0,), dtype=torch.uint8)
+
+
+@torch.library.register_fake("regops::dropout_backward")
+def _dropout_backward_fake(grad, mask, p):
+    torch._check(mask.dtype == torch.uint8, lambda: "mask must be uint8")
+    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+
+
+def _register_autograd(backend: str) -> None:
+    forward, _, backward = _ops(backend)
+
+    def setup_forward(ctx, inputs, output):
+        _, p, seed, offset, store_mask = inputs
+        ctx.p, ctx.offset, ctx.store_mask = p, offset, store_mask
+        # Either the 1-bit mask or, with recompute, only the 8-byte seed.
+        ctx.save_for_backward(output[1] if store_mask else seed)
+
+    def backward_forward(ctx, grad_output, _grad_mask):
+        (saved,) = ctx.saved_tensors
+        if ctx.store_mask:
+            grad_input = backward(grad_output, saved, ctx.p)
+        else:
+            grad_input, _ = forward(grad_output, ctx.p, saved, ctx.offset, False)
+        return grad_input, None, None, None, None
+
+    def setup_backward(ctx, inputs, output):
+        ctx.p = inputs[2]
+        ctx.save_for_backward(inputs[1])
+
+    def backward_backward(ctx, grad_grad_input):
+        (mask,) = ctx.saved_tensors
+        return backward(grad_grad_input, mask, ctx.p), None, None
+
+    torch.library.register_autograd(forward, backward_forward, setup_context=setup_forward)
+    torch.library.register_autograd(backward, backward_backward, setup_context=setup_backward)
+
+
+_register_autograd("cpu")
+if _TRITON_IMPORTABLE:
+    _register_autograd("triton")

@@ -1,0 +1,103 @@
+"""Pure-torch reference implementations: the oracle the tests compare every
+backend against, and the ``"reference"`` backend itself.
+
+They follow the same written specs as the kernels (the dropout random rule in
+README.md and csrc/include/regops/philox.h), using only torch operations on
+int64 tensors, so they run on any device and share no code with the kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+
+_MASK32 = 0xFFFFFFFF
+PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
+PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
+
+
+def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """High and low 32-bit words of a * b for a < 2^32 held in int64, split
+    into 16-bit halves so that no product overflows int64."""
+    b_lo, b_hi = b & 0xFFFF, b >> 16
+    low_product = a * b_lo  # < 2^48
+    high_product = a * b_hi  # < 2^48, weighs 2^16
+    partial = low_product + ((high_product & 0xFFFF) << 16)  # < 2^49
+    lo = partial & _MASK32
+    hi = (high_product >> 16) + (partial >> 32)
+    return hi & _MASK32, lo
+
+
+def philox4x32_10(counter: list[torch.Tensor], key: tuple[int, int]) -> list[torch.Tensor]:
+    """Philox4x32-10 of Random123 on int64 tensors holding uint32 words."""
+    c0, c1, c2, c3 = counter
+    k0, k1 = key
+    for round_index in range(10):
+        if round_index > 0:
+            k0, k1 = (k0 + PHILOX_W0) & _MASK32, (k1 + PHILOX_W1) & _MASK32
+        hi0, lo0 = _mul_hi_lo(c0, PHILOX_M0)
+        hi1, lo1 = _mul_hi_lo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+    return [c0, c1, c2, c3]
+
+
+def dropout_threshold(p: float) -> int:
+    """floor(p * 2^32): a word keeps its element iff it is >= this."""
+    return 1 << 32 if p >= 1.0 else int(p * 4294967296.0)
+
+
+def dropout_scale(p: float) -> float:
+    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
+
+
+def mask_bytes(numel: int) -> int:
+    """Packed-mask length: one bit per element, padded to 16 bytes."""
+    return (numel + 127) // 128 * 16
+
+
+def dropout_keep(numel: int, p: float, seed: int, offset: int, device=None) -> torch.Tensor:
+    """The flat bool keep-mask of the dropout random rule: element i takes word
+    i % 4 of Philox at counter (lo32(offset + i // 4), hi32(offset + i // 4), 0, 0)
+    under key (lo32(seed), hi32(seed)) and is kept iff the word >= floor(p * 2^32)."""
+    seed &= (1 << 64) - 1
+    # The public API keeps offset below 2^62, so offset + i // 4 fits int64.
+    counters = torch.arange((numel + 3) // 4, dtype=torch.int64, device=device) + offset
+    zeros = torch.zeros_like(counters)
+    words = philox4x32_10([counters & _MASK32, counters >> 32, zeros, zeros], (seed & _MASK32, seed >> 32))
+    flat = torch.stack(words, dim=1).reshape(-1)[:numel]
+    return flat >= dropout_threshold(p)
+
+
+def pack_mask(keep: torch.Tensor) -> torch.Tensor:
+    """Packs a bool mask into the regops mask layout (bit i % 8 of byte i // 8)."""
+    flat = keep.reshape(-1).to(torch.uint8)
+    numel = flat.numel()
+    padded = torch.zeros(mask_bytes(numel) * 8, dtype=torch.uint8, device=keep.device)
+    padded[:numel] = flat
+    weights = (1 << torch.arange(8, device=keep.device, dtype=torch.int32)).to(torch.uint8)
+    return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
+
+
+def unpack_mask(mask: torch.Tensor, shape) -> torch.Tensor:
+    """The bool keep-mask of ``shape`` stored in a packed mask."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
+    bits = (mask.unsqueeze(1) >> shifts) & 1
+    return bits.reshape(-1)[:numel].bool().reshape(shape)
+
+
+def dropout_apply(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
+    """x * keep * scale computed in float32 (float64 for float64), cast once."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    factor = torch.where(keep, dropout_scale(p), 0.0).to(compute)
+    return (x.to(compute) * factor).to(x.dtype)
+
+
+def dropout_with_mask(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    keep = dropout_keep(x.numel(), p, seed, offset, device=x.device).reshape(x.shape)
+    return dropout_apply(x, keep, p), pack_mask(keep)
+
+
+def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    return dropout_apply(grad, unpack_mask(mask, grad.shape), p)

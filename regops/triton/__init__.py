@@ -1,0 +1,1 @@
+"""Triton kernels, registered as torch custom ops with torch.library.triton_op."""

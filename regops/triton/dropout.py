@@ -1,0 +1,124 @@
+"""Dropout in Triton, following the dropout random rule bit for bit.
+
+The Philox rounds are written out on uint32 words (tl.rand's mapping from
+(seed, offset) to numbers is not the regops spec and has changed between
+Triton versions). A program owns BLOCK_BYTES mask bytes; each byte covers
+two Philox counters of four words, so the tile is [BLOCK_BYTES, 2, 4].
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch.library import triton_op, wrap_triton
+
+from regops.reference import dropout_scale, dropout_threshold, mask_bytes
+
+BLOCK_BYTES = 256  # 2048 elements a program: 8 KiB of float32 in, 8 KiB out
+
+
+@triton.jit
+def _philox4x32_10(c0, c1, c2, c3, k0, k1):
+    for _ in tl.static_range(10):
+        hi0 = tl.umulhi(c0, 0xD2511F53)
+        lo0 = c0 * 0xD2511F53
+        hi1 = tl.umulhi(c2, 0xCD9E8D57)
+        lo1 = c2 * 0xCD9E8D57
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _keep_tile(seed_ptr, offset, threshold, byte, numel):
+    """Keep flags of the [BLOCK, 2, 4] elements of mask bytes ``byte``."""
+    seed = tl.load(seed_ptr)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    half = tl.arange(0, 2)[None, :, None]
+    word = tl.arange(0, 4)[None, None, :]
+    counter = offset + byte[:, None, None] * 2 + half  # int64: [BLOCK, 2, 1]
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    r0, r1, r2, r3 = _philox4x32_10(c0, c1, zero, zero, k0, k1)
+    random = tl.where(word == 0, r0, tl.where(word == 1, r1, tl.where(word == 2, r2, r3)))
+    element = byte[:, None, None] * 8 + half * 4 + word
+    in_range = element < numel
+    keep = (random.to(tl.int64) >= threshold) & in_range
+    return keep, element, in_range, half * 4 + word
+
+
+@triton.jit
+def _dropout_forward_kernel(x_ptr, y_ptr, mask_ptr, seed_ptr, offset, threshold, scale, numel, total_bytes,
+                            STORE_MASK: tl.constexpr, BLOCK: tl.constexpr):
+    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    keep, element, in_range, bit = _keep_tile(seed_ptr, offset, threshold, byte, numel)
+    x = tl.load(x_ptr + element, mask=in_range, other=0.0)
+    factor = tl.where(keep, scale, 0.0)
+    y = x.to(tl.float32) * factor if x.dtype != tl.float64 else x * factor.to(tl.float64)
+    tl.store(y_ptr + element, y.to(x.dtype), mask=in_range)
+    if STORE_MASK:
+        bits = tl.sum(tl.sum(keep.to(tl.int32) << bit, axis=2), axis=1)
+        tl.store(mask_ptr + byte, bits.to(tl.uint8), mask=byte < total_bytes)
+
+
+@triton.jit
+def _dropout_backward_kernel(grad_ptr, mask_ptr, out_ptr, scale, numel, BLOCK: tl.constexpr):
+    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    bit = tl.arange(0, 8)[None, :]
+    element = byte[:, None] * 8 + bit
+    in_range = element < numel
+    bits = tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0).to(tl.int32)
+    keep = ((bits[:, None] >> bit) & 1) != 0
+    g = tl.load(grad_ptr + element, mask=in_range, other=0.0)
+    factor = tl.where(keep, scale, 0.0)
+    out = g.to(tl.float32) * factor if g.dtype != tl.float64 else g * factor.to(tl.float64)
+    tl.store(out_ptr + element, out.to(g.dtype), mask=in_range)
+
+
+def _launch_forward(x: torch.Tensor, y: torch.Tensor, p: float, seed: torch.Tensor, offset: int, store_mask: bool):
+    numel = x.numel()
+    total_bytes = mask_bytes(numel)
+    mask = x.new_empty((total_bytes if store_mask else 0,), dtype=torch.uint8)
+    if numel > 0:
+        grid = (triton.cdiv(total_bytes, BLOCK_BYTES),)
+        wrap_triton(_dropout_forward_kernel)[grid](
+            x, y, mask, seed.to(x.device), offset, dropout_threshold(p), dropout_scale(p), numel, total_bytes,
+            STORE_MASK=store_mask, BLOCK=BLOCK_BYTES,
+        )
+    elif store_mask:
+        mask.zero_()
+    return mask
+
+
+@triton_op("regops::triton_dropout_forward", mutates_args=())
+def dropout_forward(input: torch.Tensor, p: float, seed: torch.Tensor, offset: int,
+                    store_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    x = input.contiguous()
+    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    mask = _launch_forward(x, y, p, seed, offset, store_mask)
+    return y, mask
+
+
+@triton_op("regops::triton_dropout_forward_", mutates_args={"input"})
+def dropout_forward_(input: torch.Tensor, p: float, seed: torch.Tensor, offset: int, store_mask: bool) -> torch.Tensor:
+    if input.is_contiguous():
+        return _launch_forward(input, input, p, seed, offset, store_mask)
+    work = input.contiguous()
+    mask = _launch_forward(work, work, p, seed, offset, store_mask)
+    input.copy_(work)
+    return mask
+
+
+@triton_op("regops::triton_dropout_backward", mutates_args=())
+def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    g = grad.contiguous()
+    out = torch.empty_like(g, memory_format=torch.contiguous_format)
+    numel = g.numel()
+    if numel > 0:
+        grid = (triton.cdiv(triton.cdiv(numel, 8), BLOCK_BYTES),)
+        wrap_triton(_dropout_backward_kernel)[grid](g, mask, out, dropout_scale(p), numel, BLOCK=BLOCK_BYTES)
+    return out
