@@ -19,4 +19,7 @@ TORCH_LIBRARY(regops, m) {
   m.def("dropout_forward(Tensor input, float p, Tensor seed, int offset, bool store_mask) -> (Tensor, Tensor)");
   m.def("dropout_forward_(Tensor(a!) input, float p, Tensor seed, int offset, bool store_mask) -> Tensor");
   m.def("dropout_backward(Tensor grad, Tensor mask, float p) -> Tensor");
+  // The raw generator, for known-answer tests: counter (N, 4) and key (N, 2)
+  // hold uint32 words in int64; returns the (N, 4) output words.
+  m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
 }

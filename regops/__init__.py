@@ -9,7 +9,7 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 
 from regops import _C  # noqa: F401  (registers the operators)
 from regops._backend import BACKENDS, available_backends, get_backend, set_backend, use_backend
-from regops.ops.dropout import dropout, dropout_backward, dropout_with_mask, unpack_mask
+from regops.ops.dropout import dropout, dropout_backward, dropout_with_mask, philox4x32_10, unpack_mask
 from regops import nn  # noqa: E402
 
 __version__ = "0.1.0"
@@ -22,6 +22,7 @@ __all__ = [
     "dropout_with_mask",
     "get_backend",
     "nn",
+    "philox4x32_10",
     "set_backend",
     "unpack_mask",
     "use_backend",

@@ -27,8 +27,9 @@ def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
     return hi & _MASK32, lo
 
 
-def philox4x32_10(counter: list[torch.Tensor], key: tuple[int, int]) -> list[torch.Tensor]:
-    """Philox4x32-10 of Random123 on int64 tensors holding uint32 words."""
+def philox4x32_10(counter: list[torch.Tensor], key) -> list[torch.Tensor]:
+    """Philox4x32-10 of Random123 on int64 tensors holding uint32 words; the
+    two key words are ints or int64 tensors."""
     c0, c1, c2, c3 = counter
     k0, k1 = key
     for round_index in range(10):
@@ -90,7 +91,7 @@ def unpack_mask(mask: torch.Tensor, shape) -> torch.Tensor:
 def dropout_apply(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
     """x * keep * scale computed in float32 (float64 for float64), cast once."""
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
-    factor = torch.where(keep, dropout_scale(p), 0.0).to(compute)
+    factor = keep.to(compute) * dropout_scale(p)  # the scale rounded once to the compute dtype
     return (x.to(compute) * factor).to(x.dtype)
 
 

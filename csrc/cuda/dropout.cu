@@ -94,6 +94,15 @@ __global__ void dropout_backward_kernel(const scalar_t* __restrict__ grad, const
   }
 }
 
+__global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_t* out, int64_t n) {
+  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  Philox4 ctr{};
+  for (int w = 0; w < 4; ++w) ctr.x[w] = static_cast<uint32_t>(counter[4 * i + w]);
+  const Philox4 r = philox4x32_10(ctr, static_cast<uint32_t>(key[2 * i]), static_cast<uint32_t>(key[2 * i + 1]));
+  for (int w = 0; w < 4; ++w) out[4 * i + w] = r.x[w];
+}
+
 template <typename scalar_t>
 bool can_vectorize(const void* a, const void* b) {
   // 16-byte accesses only: for float64 a byte's eight elements are 64 bytes.
@@ -176,12 +185,26 @@ at::Tensor dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& mask,
   return grad_input;
 }
 
+at::Tensor philox_cuda(const at::Tensor& counter, const at::Tensor& key) {
+  check_philox_args(counter, key);
+  const c10::cuda::CUDAGuard guard(counter.device());
+  const at::Tensor c = counter.contiguous(), k = key.contiguous();
+  at::Tensor out = at::empty_like(c);
+  const int64_t n = c.size(0);
+  if (n == 0) return out;
+  philox_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+      c.const_data_ptr<int64_t>(), k.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(), n);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(regops, CUDA, m) {
   m.impl("dropout_forward", &dropout_forward_cuda);
   m.impl("dropout_forward_", &dropout_forward_inplace_cuda);
   m.impl("dropout_backward", &dropout_backward_cuda);
+  m.impl("philox4x32_10", &philox_cuda);
 }
 
 }  // namespace regops

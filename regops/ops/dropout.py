@@ -126,7 +126,31 @@ def unpack_mask(mask: torch.Tensor, shape) -> torch.Tensor:
     return reference.unpack_mask(mask, shape)
 
 
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    """Raw Philox4x32-10 on the current backend: ``counter`` (N, 4) and ``key``
+    (N, 2) are int64 tensors of uint32 words; returns the (N, 4) output words.
+    Exposed so that every backend can be checked against Random123's
+    known-answer vectors."""
+    check_tensor(counter, "counter", floating=False)
+    check_tensor(key, "key", floating=False)
+    if counter.dtype != torch.int64 or counter.dim() != 2 or counter.shape[1] != 4:
+        raise ValueError(f"counter must be an int64 tensor of shape (N, 4), got {counter.dtype} {tuple(counter.shape)}")
+    if key.dtype != torch.int64 or key.shape != (counter.shape[0], 2):
+        raise ValueError(f"key must be an int64 tensor of shape ({counter.shape[0]}, 2), got {key.dtype} {tuple(key.shape)}")
+    backend = backend_for(counter)
+    if backend == "reference":
+        return torch.stack(reference.philox4x32_10(list(counter.unbind(1)), (key[:, 0], key[:, 1])), dim=1)
+    if backend == "triton":
+        return _native.triton_philox4x32_10(counter, key)
+    return _native.philox4x32_10(counter, key)
+
+
 # --- fake kernels and autograd -------------------------------------------------
+
+@torch.library.register_fake("regops::philox4x32_10")
+def _philox_fake(counter, key):
+    return torch.empty_like(counter)
+
 
 @torch.library.register_fake("regops::dropout_forward")
 def _dropout_forward_fake(input, p, seed, offset, store_mask):

@@ -52,13 +52,22 @@ def _keep_tile(seed_ptr, offset, threshold, byte, numel):
 
 
 @triton.jit
-def _dropout_forward_kernel(x_ptr, y_ptr, mask_ptr, seed_ptr, offset, threshold, scale, numel, total_bytes,
+def _scale_kept(x, keep, scale_ptr):
+    """x * (keep ? scale : 0) in the compute dtype of scale_ptr (float32, or
+    float64 for float64 inputs); a dropped element is multiplied by zero, so
+    NaN and inf propagate as in torch."""
+    scale = tl.load(scale_ptr)
+    factor = keep.to(scale.dtype) * scale
+    return x.to(scale.dtype) * factor
+
+
+@triton.jit
+def _dropout_forward_kernel(x_ptr, y_ptr, mask_ptr, seed_ptr, offset, threshold, scale_ptr, numel, total_bytes,
                             STORE_MASK: tl.constexpr, BLOCK: tl.constexpr):
     byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     keep, element, in_range, bit = _keep_tile(seed_ptr, offset, threshold, byte, numel)
     x = tl.load(x_ptr + element, mask=in_range, other=0.0)
-    factor = tl.where(keep, scale, 0.0)
-    y = x.to(tl.float32) * factor if x.dtype != tl.float64 else x * factor.to(tl.float64)
+    y = _scale_kept(x, keep, scale_ptr)
     tl.store(y_ptr + element, y.to(x.dtype), mask=in_range)
     if STORE_MASK:
         bits = tl.sum(tl.sum(keep.to(tl.int32) << bit, axis=2), axis=1)
@@ -66,7 +75,7 @@ def _dropout_forward_kernel(x_ptr, y_ptr, mask_ptr, seed_ptr, offset, threshold,
 
 
 @triton.jit
-def _dropout_backward_kernel(grad_ptr, mask_ptr, out_ptr, scale, numel, BLOCK: tl.constexpr):
+def _dropout_backward_kernel(grad_ptr, mask_ptr, out_ptr, scale_ptr, numel, BLOCK: tl.constexpr):
     byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     bit = tl.arange(0, 8)[None, :]
     element = byte[:, None] * 8 + bit
@@ -74,9 +83,15 @@ def _dropout_backward_kernel(grad_ptr, mask_ptr, out_ptr, scale, numel, BLOCK: t
     bits = tl.load(mask_ptr + byte, mask=byte * 8 < numel, other=0).to(tl.int32)
     keep = ((bits[:, None] >> bit) & 1) != 0
     g = tl.load(grad_ptr + element, mask=in_range, other=0.0)
-    factor = tl.where(keep, scale, 0.0)
-    out = g.to(tl.float32) * factor if g.dtype != tl.float64 else g * factor.to(tl.float64)
+    out = _scale_kept(g, keep, scale_ptr)
     tl.store(out_ptr + element, out.to(g.dtype), mask=in_range)
+
+
+def _scale_tensor(x: torch.Tensor, p: float) -> torch.Tensor:
+    """1 / (1 - p) in the compute dtype, passed by pointer because Triton
+    takes float scalars as float32."""
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.full((1,), dropout_scale(p), dtype=compute, device=x.device)
 
 
 def _launch_forward(x: torch.Tensor, y: torch.Tensor, p: float, seed: torch.Tensor, offset: int, store_mask: bool):
@@ -86,7 +101,7 @@ def _launch_forward(x: torch.Tensor, y: torch.Tensor, p: float, seed: torch.Tens
     if numel > 0:
         grid = (triton.cdiv(total_bytes, BLOCK_BYTES),)
         wrap_triton(_dropout_forward_kernel)[grid](
-            x, y, mask, seed.to(x.device), offset, dropout_threshold(p), dropout_scale(p), numel, total_bytes,
+            x, y, mask, seed.to(x.device), offset, dropout_threshold(p), _scale_tensor(x, p), numel, total_bytes,
             STORE_MASK=store_mask, BLOCK=BLOCK_BYTES,
         )
     elif store_mask:
@@ -120,5 +135,32 @@ def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.
     numel = g.numel()
     if numel > 0:
         grid = (triton.cdiv(triton.cdiv(numel, 8), BLOCK_BYTES),)
-        wrap_triton(_dropout_backward_kernel)[grid](g, mask, out, dropout_scale(p), numel, BLOCK=BLOCK_BYTES)
+        wrap_triton(_dropout_backward_kernel)[grid](g, mask, out, _scale_tensor(g, p), numel, BLOCK=BLOCK_BYTES)
+    return out
+
+
+@triton.jit
+def _philox_kernel(counter_ptr, key_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    valid = row < n
+    c0 = tl.load(counter_ptr + row * 4 + 0, mask=valid, other=0).to(tl.uint32)
+    c1 = tl.load(counter_ptr + row * 4 + 1, mask=valid, other=0).to(tl.uint32)
+    c2 = tl.load(counter_ptr + row * 4 + 2, mask=valid, other=0).to(tl.uint32)
+    c3 = tl.load(counter_ptr + row * 4 + 3, mask=valid, other=0).to(tl.uint32)
+    k0 = tl.load(key_ptr + row * 2 + 0, mask=valid, other=0).to(tl.uint32)
+    k1 = tl.load(key_ptr + row * 2 + 1, mask=valid, other=0).to(tl.uint32)
+    r0, r1, r2, r3 = _philox4x32_10(c0, c1, c2, c3, k0, k1)
+    tl.store(out_ptr + row * 4 + 0, r0.to(tl.int64), mask=valid)
+    tl.store(out_ptr + row * 4 + 1, r1.to(tl.int64), mask=valid)
+    tl.store(out_ptr + row * 4 + 2, r2.to(tl.int64), mask=valid)
+    tl.store(out_ptr + row * 4 + 3, r3.to(tl.int64), mask=valid)
+
+
+@triton_op("regops::triton_philox4x32_10", mutates_args=())
+def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+    counter, key = counter.contiguous(), key.contiguous()
+    out = torch.empty_like(counter)
+    n = counter.shape[0]
+    if n > 0:
+        wrap_triton(_philox_kernel)[(triton.cdiv(n, 128),)](counter, key, out, n, BLOCK=128)
     return out

@@ -48,4 +48,14 @@ inline void check_dropout_mask(const at::Tensor& mask, const at::Tensor& grad) {
               " but grad is on ", grad.device());
 }
 
+inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key) {
+  TORCH_CHECK(counter.scalar_type() == at::kLong && key.scalar_type() == at::kLong,
+              "regops philox4x32_10: counter and key must be int64 tensors");
+  TORCH_CHECK(counter.dim() == 2 && counter.size(1) == 4, "regops philox4x32_10: counter must have shape (N, 4), got ",
+              counter.sizes());
+  TORCH_CHECK(key.dim() == 2 && key.size(1) == 2 && key.size(0) == counter.size(0),
+              "regops philox4x32_10: key must have shape (N, 2) with N = ", counter.size(0), ", got ", key.sizes());
+  TORCH_CHECK(counter.device() == key.device(), "regops philox4x32_10: counter and key must be on one device");
+}
+
 }  // namespace regops
