@@ -139,6 +139,11 @@ def default_sizes(device: torch.device, quick: bool) -> list[int]:
     return [1 << 20, 1 << 22, 1 << 24]
 
 
+def suite(device: torch.device, quick: bool) -> list[Row]:
+    """The default sweep, for benchmarks/run.py."""
+    return run(device, default_sizes(device, quick), ["float32"] if quick else ["float32", "bfloat16"])
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
