@@ -39,6 +39,7 @@ demo: build
 
 bench: build
 	$(PYTHON) benchmarks/run.py
+	$(PYTHON) benchmarks/report.py
 
 bench-quick: build
 	$(PYTHON) benchmarks/run.py --quick --no-record
