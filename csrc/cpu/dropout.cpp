@@ -132,6 +132,7 @@ void advise_huge_pages(const at::Tensor& fresh) {
 at::Tensor run_forward(const at::Tensor& input, at::Tensor& output, double p, const at::Tensor& seed,
                        int64_t offset, bool store_mask) {
   const int64_t numel = input.numel();
+  if (!output.is_same(input)) advise_huge_pages(output);
   at::Tensor mask = at::empty({store_mask ? dropout_mask_bytes(numel) : 0}, input.options().dtype(at::kByte));
   if (store_mask) {  // the kernel writes the bytes that hold elements; zero the padding
     const int64_t element_bytes = (numel + 7) / 8;
@@ -149,23 +150,12 @@ at::Tensor run_forward(const at::Tensor& input, at::Tensor& output, double p, co
 
 std::tuple<at::Tensor, at::Tensor> dropout_forward_cpu(const at::Tensor& input, double p, const at::Tensor& seed,
                                                        int64_t offset, bool store_mask) {
-  check_dropout_input(input, "input");
-  check_dropout_p(p);
-  const at::Tensor contiguous = input.contiguous();
-  at::Tensor output = at::empty_like(contiguous, at::MemoryFormat::Contiguous);
-  advise_huge_pages(output);
-  at::Tensor mask = run_forward(contiguous, output, p, seed, offset, store_mask);
-  return {output, mask};
+  return dropout_forward_out_of_place(input, p, seed, offset, store_mask, run_forward);
 }
 
 at::Tensor dropout_forward_inplace_cpu(at::Tensor& input, double p, const at::Tensor& seed, int64_t offset,
                                        bool store_mask) {
-  check_dropout_input(input, "input");
-  check_dropout_p(p);
-  at::Tensor work = input.contiguous();
-  at::Tensor mask = run_forward(work, work, p, seed, offset, store_mask);
-  if (!work.is_same(input)) input.copy_(work);
-  return mask;
+  return dropout_forward_in_place(input, p, seed, offset, store_mask, run_forward);
 }
 
 at::Tensor dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& mask, double p) {

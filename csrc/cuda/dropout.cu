@@ -31,13 +31,35 @@ struct SeedArg {
   }
 };
 
+// Writes out[first + e] = in[first + e] * (bit e of bits ? scale : 0) for the
+// (up to) eight elements of one mask byte: one or two 16-byte vectors when
+// aligned and whole, element by element otherwise.
+template <typename scalar_t>
+__device__ __forceinline__ void apply_mask_byte(const scalar_t* in, scalar_t* out, int64_t first, int64_t numel,
+                                                uint32_t bits, at::opmath_type<scalar_t> scale, bool vectorized) {
+  using acc_t = at::opmath_type<scalar_t>;
+  using Vec = AlignedVector<scalar_t, kElementsPerByte>;
+  if (vectorized && first + kElementsPerByte <= numel) {
+    const Vec loaded = *reinterpret_cast<const Vec*>(in + first);
+    Vec result;
+#pragma unroll
+    for (int e = 0; e < kElementsPerByte; ++e) {
+      result.value[e] = static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(loaded.value[e]), (bits >> e) & 1u, scale));
+    }
+    *reinterpret_cast<Vec*>(out + first) = result;
+    return;
+  }
+  const int count = static_cast<int>(min(static_cast<int64_t>(kElementsPerByte), numel - first));
+  for (int e = 0; e < count; ++e) {
+    out[first + e] = static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(in[first + e]), (bits >> e) & 1u, scale));
+  }
+}
+
 template <typename scalar_t>
 __global__ void dropout_forward_kernel(const scalar_t* input, scalar_t* output,  // may alias (in place)
                                        uint8_t* __restrict__ mask, int64_t numel, int64_t mask_bytes,
                                        SeedArg seed_arg, uint64_t offset, uint64_t threshold,
                                        at::opmath_type<scalar_t> scale, bool vectorized) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = AlignedVector<scalar_t, kElementsPerByte>;
   const uint64_t seed = seed_arg.get();
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t byte = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; byte < mask_bytes;
@@ -45,22 +67,7 @@ __global__ void dropout_forward_kernel(const scalar_t* input, scalar_t* output, 
     const int64_t first = byte * kElementsPerByte;
     const uint32_t bits = first < numel ? dropout_keep_byte(seed, offset, byte, numel, threshold) : 0u;
     if (mask != nullptr) mask[byte] = static_cast<uint8_t>(bits);  // padding bytes get zero
-    if (first >= numel) continue;
-    if (vectorized && first + kElementsPerByte <= numel) {
-      Vec in = *reinterpret_cast<const Vec*>(input + first);
-      Vec out;
-#pragma unroll
-      for (int e = 0; e < kElementsPerByte; ++e) {
-        out.value[e] = static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(in.value[e]), (bits >> e) & 1u, scale));
-      }
-      *reinterpret_cast<Vec*>(output + first) = out;
-    } else {
-      const int count = static_cast<int>(min(static_cast<int64_t>(kElementsPerByte), numel - first));
-      for (int e = 0; e < count; ++e) {
-        output[first + e] =
-            static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(input[first + e]), (bits >> e) & 1u, scale));
-      }
-    }
+    if (first < numel) apply_mask_byte(input, output, first, numel, bits, scale, vectorized);
   }
 }
 
@@ -68,29 +75,11 @@ template <typename scalar_t>
 __global__ void dropout_backward_kernel(const scalar_t* __restrict__ grad, const uint8_t* __restrict__ mask,
                                         scalar_t* __restrict__ grad_input, int64_t numel,
                                         at::opmath_type<scalar_t> scale, bool vectorized) {
-  using acc_t = at::opmath_type<scalar_t>;
-  using Vec = AlignedVector<scalar_t, kElementsPerByte>;
   const int64_t element_bytes = (numel + kElementsPerByte - 1) / kElementsPerByte;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t byte = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; byte < element_bytes;
        byte += stride) {
-    const int64_t first = byte * kElementsPerByte;
-    const uint32_t bits = mask[byte];
-    if (vectorized && first + kElementsPerByte <= numel) {
-      Vec in = *reinterpret_cast<const Vec*>(grad + first);
-      Vec out;
-#pragma unroll
-      for (int e = 0; e < kElementsPerByte; ++e) {
-        out.value[e] = static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(in.value[e]), (bits >> e) & 1u, scale));
-      }
-      *reinterpret_cast<Vec*>(grad_input + first) = out;
-    } else {
-      const int count = static_cast<int>(min(static_cast<int64_t>(kElementsPerByte), numel - first));
-      for (int e = 0; e < count; ++e) {
-        grad_input[first + e] =
-            static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(grad[first + e]), (bits >> e) & 1u, scale));
-      }
-    }
+    apply_mask_byte(grad, grad_input, byte * kElementsPerByte, numel, mask[byte], scale, vectorized);
   }
 }
 
@@ -142,24 +131,14 @@ at::Tensor run_forward(const at::Tensor& input, at::Tensor& output, double p, co
 
 std::tuple<at::Tensor, at::Tensor> dropout_forward_cuda(const at::Tensor& input, double p, const at::Tensor& seed,
                                                         int64_t offset, bool store_mask) {
-  check_dropout_input(input, "input");
-  check_dropout_p(p);
   const c10::cuda::CUDAGuard guard(input.device());
-  const at::Tensor contiguous = input.contiguous();
-  at::Tensor output = at::empty_like(contiguous, at::MemoryFormat::Contiguous);
-  at::Tensor mask = run_forward(contiguous, output, p, seed, offset, store_mask);
-  return {output, mask};
+  return dropout_forward_out_of_place(input, p, seed, offset, store_mask, run_forward);
 }
 
 at::Tensor dropout_forward_inplace_cuda(at::Tensor& input, double p, const at::Tensor& seed, int64_t offset,
                                         bool store_mask) {
-  check_dropout_input(input, "input");
-  check_dropout_p(p);
   const c10::cuda::CUDAGuard guard(input.device());
-  at::Tensor work = input.contiguous();
-  at::Tensor mask = run_forward(work, work, p, seed, offset, store_mask);
-  if (!work.is_same(input)) input.copy_(work);
-  return mask;
+  return dropout_forward_in_place(input, p, seed, offset, store_mask, run_forward);
 }
 
 at::Tensor dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& mask, double p) {

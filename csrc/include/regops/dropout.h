@@ -48,6 +48,34 @@ inline void check_dropout_mask(const at::Tensor& mask, const at::Tensor& grad) {
               " but grad is on ", grad.device());
 }
 
+// The host side of the forward ops, shared by the CPU and CUDA files: checks,
+// a contiguous view, the output, then the backend's
+// run_forward(input, output, p, seed, offset, store_mask) -> mask.
+template <typename RunForward>
+std::tuple<at::Tensor, at::Tensor> dropout_forward_out_of_place(const at::Tensor& input, double p,
+                                                                const at::Tensor& seed, int64_t offset,
+                                                                bool store_mask, RunForward run_forward) {
+  check_dropout_input(input, "input");
+  check_dropout_p(p);
+  const at::Tensor contiguous = input.contiguous();
+  at::Tensor output = at::empty_like(contiguous, at::MemoryFormat::Contiguous);
+  at::Tensor mask = run_forward(contiguous, output, p, seed, offset, store_mask);
+  return {output, mask};
+}
+
+// In place: a non-contiguous input is computed in a contiguous copy and
+// written back.
+template <typename RunForward>
+at::Tensor dropout_forward_in_place(at::Tensor& input, double p, const at::Tensor& seed, int64_t offset,
+                                    bool store_mask, RunForward run_forward) {
+  check_dropout_input(input, "input");
+  check_dropout_p(p);
+  at::Tensor work = input.contiguous();
+  at::Tensor mask = run_forward(work, work, p, seed, offset, store_mask);
+  if (!work.is_same(input)) input.copy_(work);
+  return mask;
+}
+
 inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key) {
   TORCH_CHECK(counter.scalar_type() == at::kLong && key.scalar_type() == at::kLong,
               "regops philox4x32_10: counter and key must be int64 tensors");
