@@ -95,8 +95,13 @@ def assert_bits_equal(actual, expected, backend, device):
     if triton_interpreted(backend, device) and actual.dtype == torch.bfloat16:
         torch.testing.assert_close(actual, expected, atol=0, rtol=2**-7, equal_nan=True)
     else:
-        assert torch.equal(actual.cpu().view(-1).view(torch.uint8) if actual.numel() else actual.cpu(),
-                           expected.cpu().contiguous().view(-1).view(torch.uint8) if expected.numel() else expected.cpu())
+        assert torch.equal(_bits(actual), _bits(expected))
+
+
+def _bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a float tensor in logical order (NaN == NaN, -0 != +0)."""
+    flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.detach().reshape(-1))
+    return flat.view(torch.uint8)
 
 
 # --- dropout -------------------------------------------------------------------
