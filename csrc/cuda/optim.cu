@@ -112,16 +112,16 @@ template <int kLists>
 struct SGDFunctor {
   using Coefficients = SGDCoefficients;
   SGDCoefficients base;
-  float l1;
+  float proximal_l1;  // l1 in proximal mode, else 0
   DeviceScalars scalars;
 
   __device__ bool prepare(const TensorTable&, int64_t, SGDCoefficients& c) const {
     if (scalars.skip()) return false;
     c = base;
-    c.gradient.grad_factor = scalars.grad_factor();
+    c.gradient.grad_factor = base.gradient.grad_factor * scalars.grad_factor();  // keeps maximize's sign
     if (scalars.lr != nullptr) {
       c.lr = *scalars.lr;
-      c.l1_threshold = c.lr * l1;
+      c.l1_threshold = c.lr * proximal_l1;
     }
     return true;
   }
@@ -145,20 +145,18 @@ struct AdamWFunctor {
     if (scalars.skip()) return false;
     const double step = static_cast<double>(*reinterpret_cast<const float*>(table.steps[tensor])) + 1.0;
     const double rate = scalars.lr != nullptr ? static_cast<double>(*scalars.lr) : lr;
-    c.gradient.grad_factor = scalars.grad_factor();
+    c.gradient.grad_factor = maximize ? -scalars.grad_factor() : scalars.grad_factor();
     c.gradient.coupled_l2 = static_cast<float>(l2);
     c.gradient.l1_subgradient = proximal ? 0.0f : static_cast<float>(l1);
-    c.gradient.maximize = maximize;
     c.lr = static_cast<float>(rate);
-    c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+    c.exp_avg_weight = lerp_weight(static_cast<float>(1.0 - beta1));
     c.beta2 = static_cast<float>(beta2);
     c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
     c.eps = static_cast<float>(eps);
     c.decay_factor = static_cast<float>(1.0 - rate * weight_decay);
     adamw_bias_corrections(rate, beta1, beta2, step, c.step_size, c.bias_correction2_sqrt);
-    c.l1_threshold = static_cast<float>(rate * l1);
+    c.l1_threshold = proximal ? static_cast<float>(rate * l1) : 0.0f;
     c.amsgrad = amsgrad;
-    c.proximal = proximal;
     return true;
   }
   __device__ __forceinline__ void apply(float (&x)[kLists], const AdamWCoefficients& c) const {
@@ -261,12 +259,13 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
   const SGDCoefficients base = make_sgd_coefficients(lr, momentum, dampening, weight_decay, nesterov, maximize, l1,
                                                      proximal, first_step);
   const DeviceScalars scalars = device_scalars(lr_tensor, grad_scale, found_inf, clip_coef);
+  const float proximal_l1 = proximal ? static_cast<float>(l1) : 0.0f;
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (momentum != 0.0) {
-      launch<scalar_t, 3>({params, grads, momentum_buffers}, {}, SGDFunctor<3>{base, static_cast<float>(l1), scalars});
+      launch<scalar_t, 3>({params, grads, momentum_buffers}, {}, SGDFunctor<3>{base, proximal_l1, scalars});
     } else {
-      launch<scalar_t, 2>({params, grads}, {}, SGDFunctor<2>{base, static_cast<float>(l1), scalars});
+      launch<scalar_t, 2>({params, grads}, {}, SGDFunctor<2>{base, proximal_l1, scalars});
     }
   });
 }
