@@ -28,43 +28,63 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task: ~1 MiB of traffic for AdamW float32
 constexpr int64_t kBlock = 512;      // 16-bit path: five float32 lists of 512 stay in L1
+// Below this many elements in all, a call runs on the calling thread: waking
+// the pool costs more than the work.
+constexpr int64_t kSerialBelow = 1 << 16;
 
 // --- vectorizable loops --------------------------------------------------------
 // Compiled for AVX-512 and AVX2 as well; the loader picks the best the
 // processor has. Flags that would make a loop branch on memory (momentum,
 // amsgrad) are template parameters of the inlined body; the rest become selects.
 
-template <bool kMomentum>
+// Flags that would otherwise be loop-invariant selects are template
+// parameters of the inlined loops (see regops/optim.h); each variant is a
+// plain function so that target_clones applies.
+#define REGOPS_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
+
+template <bool kMomentum, bool kFirstStep, bool kNesterov>
 inline void sgd_loop(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buffer, int64_t n,
                      const SGDCoefficients& coefficients) {
-  const SGDCoefficients c = coefficients;
+  SGDCoefficients c = coefficients;
+  c.has_momentum = kMomentum;
+  c.first_step = kFirstStep;
+  c.nesterov = kNesterov;
   for (int64_t i = 0; i < n; ++i) {
     float param = p[i];
-    float buf = kMomentum ? buffer[i] : 0.0f;
+    float buf = kMomentum && !kFirstStep ? buffer[i] : 0.0f;
     sgd_update(param, g[i], buf, c);
     p[i] = param;
     if (kMomentum) buffer[i] = buf;
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void sgd_block(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buffer, int64_t n,
-               const SGDCoefficients& c) {
-  sgd_loop<false>(p, g, buffer, n, c);
+using SGDBlock = void (*)(float*, const float*, float*, int64_t, const SGDCoefficients&);
+
+#define REGOPS_SGD_BLOCK(NAME, MOMENTUM, FIRST_STEP, NESTEROV)                                                 \
+  REGOPS_CLONES void NAME(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buffer, int64_t n, \
+                          const SGDCoefficients& c) {                                                           \
+    sgd_loop<MOMENTUM, FIRST_STEP, NESTEROV>(p, g, buffer, n, c);                                               \
+  }
+REGOPS_SGD_BLOCK(sgd_block, false, false, false)
+REGOPS_SGD_BLOCK(sgd_momentum_block, true, false, false)
+REGOPS_SGD_BLOCK(sgd_momentum_first_block, true, true, false)
+REGOPS_SGD_BLOCK(sgd_nesterov_block, true, false, true)
+REGOPS_SGD_BLOCK(sgd_nesterov_first_block, true, true, true)
+#undef REGOPS_SGD_BLOCK
+
+SGDBlock select_sgd_block(const SGDCoefficients& c) {
+  if (!c.has_momentum) return sgd_block;
+  if (c.nesterov) return c.first_step ? sgd_nesterov_first_block : sgd_nesterov_block;
+  return c.first_step ? sgd_momentum_first_block : sgd_momentum_block;
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void sgd_momentum_block(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ buffer, int64_t n,
-                        const SGDCoefficients& c) {
-  sgd_loop<true>(p, g, buffer, n, c);
-}
-
-template <bool kAmsgrad>
+template <bool kAmsgrad, bool kLerpFromStart>
 inline void adamw_loop(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ exp_avg,
                        float* __restrict__ exp_avg_sq, float* __restrict__ max_exp_avg_sq, int64_t n,
                        const AdamWCoefficients& coefficients) {
   AdamWCoefficients c = coefficients;
   c.amsgrad = kAmsgrad;
+  c.exp_avg_weight.from_start = kLerpFromStart;
   for (int64_t i = 0; i < n; ++i) {
     float param = p[i], m = exp_avg[i], v = exp_avg_sq[i];
     float v_max = kAmsgrad ? max_exp_avg_sq[i] : 0.0f;
@@ -76,23 +96,28 @@ inline void adamw_loop(float* __restrict__ p, const float* __restrict__ g, float
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void adamw_block(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ exp_avg,
-                 float* __restrict__ exp_avg_sq, float* __restrict__ max_exp_avg_sq, int64_t n,
-                 const AdamWCoefficients& c) {
-  adamw_loop<false>(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c);
-}
+using AdamWBlock = void (*)(float*, const float*, float*, float*, float*, int64_t, const AdamWCoefficients&);
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void adamw_amsgrad_block(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ exp_avg,
-                         float* __restrict__ exp_avg_sq, float* __restrict__ max_exp_avg_sq, int64_t n,
-                         const AdamWCoefficients& c) {
-  adamw_loop<true>(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c);
+#define REGOPS_ADAMW_BLOCK(NAME, AMSGRAD, FROM_START)                                                            \
+  REGOPS_CLONES void NAME(float* __restrict__ p, const float* __restrict__ g, float* __restrict__ exp_avg,          \
+                          float* __restrict__ exp_avg_sq, float* __restrict__ max_exp_avg_sq, int64_t n,         \
+                          const AdamWCoefficients& c) {                                                          \
+    adamw_loop<AMSGRAD, FROM_START>(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c);                            \
+  }
+REGOPS_ADAMW_BLOCK(adamw_block, false, true)
+REGOPS_ADAMW_BLOCK(adamw_amsgrad_block, true, true)
+REGOPS_ADAMW_BLOCK(adamw_block_lerp_from_end, false, false)  // beta1 <= 0.5
+REGOPS_ADAMW_BLOCK(adamw_amsgrad_block_lerp_from_end, true, false)
+#undef REGOPS_ADAMW_BLOCK
+
+AdamWBlock select_adamw_block(const AdamWCoefficients& c) {
+  if (c.exp_avg_weight.from_start) return c.amsgrad ? adamw_amsgrad_block : adamw_block;
+  return c.amsgrad ? adamw_amsgrad_block_lerp_from_end : adamw_block_lerp_from_end;
 }
 
 // Sum of squares with 16 independent float32 accumulators (a plain float sum
 // does not vectorize without reassociation).
-__attribute__((target_clones("avx512f", "avx2", "default")))
+REGOPS_CLONES
 double sum_of_squares(const float* __restrict__ x, int64_t n) {
   constexpr int kLanes = 16;
   float acc[kLanes] = {};
@@ -108,7 +133,7 @@ double sum_of_squares(const float* __restrict__ x, int64_t n) {
 
 // bfloat16 <-> float32 as bit operations: widening is a shift; narrowing
 // rounds to nearest even and keeps NaN a quiet NaN, as c10::BFloat16 does.
-__attribute__((target_clones("avx512f", "avx2", "default")))
+REGOPS_CLONES
 void bfloat16_to_float(const uint16_t* __restrict__ src, float* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     const uint32_t bits = static_cast<uint32_t>(src[i]) << 16;
@@ -116,7 +141,7 @@ void bfloat16_to_float(const uint16_t* __restrict__ src, float* __restrict__ dst
   }
 }
 
-__attribute__((target_clones("avx512f", "avx2", "default")))
+REGOPS_CLONES
 void float_to_bfloat16(const float* __restrict__ src, uint16_t* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) {
     uint32_t bits;
@@ -153,6 +178,23 @@ struct Chunk {
   int64_t end;
 };
 
+// at::parallel_for over chunks, or inline for little work.
+template <typename Body>
+void for_chunks(const std::vector<Chunk>& chunks, int64_t total, const Body& body) {
+  const int64_t count = static_cast<int64_t>(chunks.size());
+  if (total < kSerialBelow) {
+    body(0, count);
+  } else {
+    at::parallel_for(0, count, 1, body);
+  }
+}
+
+int64_t total_numel(at::TensorList tensors) {
+  int64_t total = 0;
+  for (const at::Tensor& t : tensors) total += t.numel();
+  return total;
+}
+
 std::vector<Chunk> make_chunks(at::TensorList tensors) {
   std::vector<Chunk> chunks;
   for (size_t t = 0; t < tensors.size(); ++t) {
@@ -175,7 +217,7 @@ void apply_blocks(const std::array<at::TensorList, kLists>& lists, BlockFn block
   for (int l = 0; l < kLists; ++l) {
     for (const at::Tensor& t : lists[l]) pointers[l].push_back(static_cast<scalar_t*>(t.data_ptr()));
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  for_chunks(chunks, total_numel(lists[0]), [&](int64_t first, int64_t last) {
     float buffers[kLists][kBlock];
     for (int64_t index = first; index < last; ++index) {
       const Chunk& chunk = chunks[index];
@@ -234,16 +276,19 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
   SGDCoefficients c = make_sgd_coefficients(lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
                                             first_step);
-  if (!gradient_factor(grad_scale, found_inf, clip_coef, c.gradient.grad_factor)) return;
+  float grad_factor = 1.0f;
+  if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
+  c.gradient.grad_factor *= grad_factor;  // keeps maximize's sign
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    const SGDBlock block = select_sgd_block(c);
     if (momentum != 0.0) {
       apply_blocks<scalar_t, 3>({params, grads, momentum_buffers}, [&](const std::array<float*, 3>& v, int64_t n, int64_t) {
-        sgd_momentum_block(v[0], v[1], v[2], n, c);
+        block(v[0], v[1], v[2], n, c);
       });
     } else {
       apply_blocks<scalar_t, 2>({params, grads}, [&](const std::array<float*, 2>& v, int64_t n, int64_t) {
-        sgd_block(v[0], v[1], nullptr, n, c);
+        block(v[0], v[1], nullptr, n, c);
       });
     }
   });
@@ -281,6 +326,7 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
   float grad_factor = 1.0f;
   if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
+  if (maximize) grad_factor = -grad_factor;
   // The step counts are incremented first, as torch does, and the bias
   // corrections computed from the new count in double.
   std::vector<AdamWCoefficients> coefficients;
@@ -294,15 +340,16 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   }
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
+    const AdamWBlock block = select_adamw_block(coefficients[0]);  // the flags are the same for every tensor
     if (amsgrad) {
       apply_blocks<scalar_t, 5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
                                 [&](const std::array<float*, 5>& v, int64_t n, int64_t t) {
-        adamw_amsgrad_block(v[0], v[1], v[2], v[3], v[4], n, coefficients[t]);
+        block(v[0], v[1], v[2], v[3], v[4], n, coefficients[t]);
       });
     } else {
       apply_blocks<scalar_t, 4>({params, grads, exp_avgs, exp_avg_sqs},
                                 [&](const std::array<float*, 4>& v, int64_t n, int64_t t) {
-        adamw_block(v[0], v[1], v[2], v[3], nullptr, n, coefficients[t]);
+        block(v[0], v[1], v[2], v[3], nullptr, n, coefficients[t]);
       });
     }
   });
@@ -339,7 +386,7 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, bool squared) {
   std::vector<double> partials(chunks.size(), 0.0);
   dispatch_optimizer_dtype("multi_tensor_norm", tensors[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for_chunks(chunks, total_numel(dense), [&](int64_t first, int64_t last) {
       float buffer[kBlock];
       for (int64_t index = first; index < last; ++index) {
         const Chunk& chunk = chunks[index];
