@@ -319,7 +319,11 @@ def _check_batch_norm(backend, device, case):
     def torch_batch_norm(dtype_):
         """torch's batch norm on copies of the inputs in ``dtype_``: the
         output, the running statistics and the gradients of x, weight, bias."""
-        xs = x.detach().to(dtype_).requires_grad_()
+        # On a contiguous copy: torch's CPU batch norm backward returns a wrong
+        # input gradient for some degenerate strides (e.g. shape (1, 3, 1, 2),
+        # strides (1, 1, 3, 3), with a contiguous grad_output), and the math
+        # does not depend on the layout.
+        xs = x.detach().to(dtype_).contiguous().requires_grad_()
         ws = [t.detach().to(dtype_).requires_grad_() if t is not None else None for t in (weight, bias)]
         runs = [r.to(dtype_, copy=True) if r is not None else None for r in running]
         out = torch.nn.functional.batch_norm(xs, *runs, *ws, **kwargs)
@@ -347,20 +351,10 @@ def _check_batch_norm(backend, device, case):
 
     inputs = [t for t in (x, weight, bias) if t is not None]
     grads = torch.autograd.grad(y, inputs, grad.to(dtype=dtype, device=device))
-    # The reference backend differentiates its float32 formula with autograd,
-    # which loses more than torch's fused backward where the input gradient
-    # cancels, (dy - mean(dy) - xhat * mean(dy * xhat)) * invstd * w: there its
-    # error is bounded by invstd * |w| * |dy| instead.
-    x_scale = 1.0
-    if backend == "reference":
-        var = x.detach().double().var([0] + list(range(2, len(shape))), correction=0) if training \
-            else running[1].double()
-        w_max = max(1.0, weight.detach().abs().max().item()) if weight is not None else 1.0
-        x_scale = (var + eps).rsqrt().max().item() * w_max * grad.abs().max().item()
     for got, want, t32, t, name in zip(grads, expected_grads, torch32_grads, inputs, ["input", "weight", "bias"]):
         assert got.dtype == t.dtype and got.shape == t.shape
         # Weight and bias gradients sum N * L values.
-        scale = max(1.0, x_scale) if t is x else count ** 0.5
+        scale = 1.0 if t is x else count ** 0.5
         assert_as_accurate_as_torch(got, want, t32, atol * scale, rtol, f"gradient of {name}")
 
 
