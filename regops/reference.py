@@ -117,7 +117,13 @@ def _transformed_gradient(grad, param, grad_factor, maximize, coupled_l2, l1_sub
         g = g * grad_factor.to(g.device)
     if maximize:
         g = -g
-    return g + coupled_l2 * param + l1_subgradient * torch.sign(param)
+    # A zero coefficient skips its term (torch skips weight_decay == 0), so an
+    # inf parameter does not turn into NaN through 0 * inf.
+    if coupled_l2 != 0:
+        g = g + coupled_l2 * param
+    if l1_subgradient != 0:
+        g = g + l1_subgradient * torch.sign(param)
+    return g
 
 
 def soft_threshold(p: torch.Tensor, threshold: float) -> torch.Tensor:

@@ -43,6 +43,21 @@ def check_max_grad_norm(value) -> None:
         raise ValueError(f"max_grad_norm must be None or a number > 0, got {value!r}")
 
 
+def check_dense(p: torch.Tensor, name: str) -> None:
+    """The kernels walk a parameter's storage as one flat array, so it must
+    cover exactly its elements (any dimension order, no gaps, no overlap);
+    torch.optim would accept a strided view such as ``w[:, ::2]``."""
+    if p.numel() <= 1:
+        return
+    expected = 1
+    for stride, size in sorted((st, sz) for st, sz in zip(p.stride(), p.shape) if sz != 1):
+        if stride != expected:
+            raise ValueError(f"{name} must be non-overlapping and dense (a contiguous tensor or a permutation of one), "
+                             f"got shape {tuple(p.shape)} with strides {p.stride()}; pass param.contiguous() "
+                             f"or the tensor it is a view of")
+        expected *= size
+
+
 class PenalizedOptimizer(Optimizer):
     """Base of regops.optim.SGD and AdamW. Subclasses define ``_check_group``
     (hyperparameters of one param group, ValueError naming the argument),
@@ -100,6 +115,7 @@ class PenalizedOptimizer(Optimizer):
             if p.dtype not in SUPPORTED_DTYPES:
                 raise TypeError(f"{type(self).__name__} supports float32, float16 and bfloat16 parameters, "
                                 f"got {p.dtype}")
+            check_dense(p, "params")
         super().add_param_group({**param_group, "params": params})
         self._check_group(self.param_groups[-1])
 
@@ -120,6 +136,11 @@ class PenalizedOptimizer(Optimizer):
             if p.grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
                                    "use torch.optim.SparseAdam or a dense gradient")
+            # Checked here, for every group before any is updated, so that a
+            # bad parameter never leaves a half-done step behind.
+            if p.grad.dtype != p.dtype:
+                raise TypeError(f"gradient dtype {p.grad.dtype} differs from its parameter's {p.dtype}")
+            check_dense(self._local(p), "params")
             params.append(p)
             grads.append(p.grad)
         return params, grads
@@ -136,6 +157,13 @@ class PenalizedOptimizer(Optimizer):
         per_group = [self._params_with_grads(group) for group in self.param_groups]
         if not any(params for params, _ in per_group):
             return loss
+        # Hyperparameters may have changed since construction (a scheduler, a
+        # user): validate every group before the first one is updated. Not
+        # while compiling: a tensor lr would be a data-dependent guard there.
+        if not torch.compiler.is_compiling():
+            for group, (params, _) in zip(self.param_groups, per_group):
+                if params:
+                    self._check_group(group)
         norm = None
         if any(group["max_grad_norm"] is not None for group in self.param_groups):
             squared = self._global_grad_norm_squared([[self._local(g) for g in grads] for _, grads in per_group])
@@ -152,8 +180,6 @@ class PenalizedOptimizer(Optimizer):
                 clip_coef = torch.clamp(group["max_grad_norm"] / (norm + 1e-6), max=1.0)
             buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
             for p, g in zip(params, grads):
-                if g.dtype != p.dtype:
-                    raise TypeError(f"gradient dtype {g.dtype} differs from its parameter's {p.dtype}")
                 bucket = buckets.setdefault((p.device, p.dtype), ([], []))
                 bucket[0].append(p)
                 bucket[1].append(g)

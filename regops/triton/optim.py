@@ -43,7 +43,10 @@ def _transformed_gradient(g, p, grad_factor, coupled_l2, l1_subgradient, MAXIMIZ
     g = g * grad_factor
     if MAXIMIZE:
         g = -g
-    return g + coupled_l2 * p + l1_subgradient * _sign(p)
+    # A zero coefficient skips its term (torch skips weight_decay == 0), so an
+    # inf parameter does not turn into NaN through 0 * inf.
+    g = tl.where(coupled_l2 != 0, g + coupled_l2 * p, g)
+    return tl.where(l1_subgradient != 0, g + l1_subgradient * _sign(p), g)
 
 
 @triton.jit

@@ -71,7 +71,12 @@ struct GradientTransform {
 
 REGOPS_INLINE float transformed_gradient(float g, float p, const GradientTransform& t) {
   g *= t.grad_factor;
-  return g + t.coupled_l2 * p + t.l1_subgradient * sign_of(p);
+  // A zero coefficient skips its term, as torch skips weight_decay == 0: with
+  // 0 * p an inf parameter would turn the gradient (and the momentum buffer)
+  // into NaN where torch keeps the parameter at inf.
+  if (t.coupled_l2 != 0.0f) g += t.coupled_l2 * p;
+  if (t.l1_subgradient != 0.0f) g += t.l1_subgradient * sign_of(p);
+  return g;
 }
 
 struct SGDCoefficients {
