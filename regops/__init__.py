@@ -11,12 +11,14 @@ from regops import _C  # noqa: F401  (registers the operators)
 from regops._backend import BACKENDS, available_backends, get_backend, set_backend, use_backend
 from regops.ops.dropout import dropout, dropout_backward, dropout_with_mask, philox4x32_10, unpack_mask
 from regops import nn  # noqa: E402
+from regops.convert import convert  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BACKENDS",
     "available_backends",
+    "convert",
     "dropout",
     "dropout_backward",
     "dropout_with_mask",
