@@ -35,7 +35,8 @@ test: build
 	$(PYTHON) benchmarks/run.py --quick --no-record
 
 demo: build
-	$(PYTHON) benchmarks/bench_dropout.py --sizes 1M,4M,16M --dtypes float32
+	$(PYTHON) benchmarks/mnist.py
+	$(PYTHON) benchmarks/overfit.py
 
 bench: build
 	$(PYTHON) benchmarks/run.py

@@ -10,7 +10,8 @@ import torch  # noqa: F401  (loads libtorch before the extension)
 from regops import _C  # noqa: F401  (registers the operators)
 from regops._backend import BACKENDS, available_backends, get_backend, set_backend, use_backend
 from regops.ops.dropout import dropout, dropout_backward, dropout_with_mask, philox4x32_10, unpack_mask
-from regops import nn  # noqa: E402
+from regops.ops.optim import multi_tensor_norm
+from regops import nn, optim  # noqa: E402
 from regops.convert import convert  # noqa: E402
 
 __version__ = "0.1.0"
@@ -23,7 +24,9 @@ __all__ = [
     "dropout_backward",
     "dropout_with_mask",
     "get_backend",
+    "multi_tensor_norm",
     "nn",
+    "optim",
     "philox4x32_10",
     "set_backend",
     "unpack_mask",

@@ -102,3 +102,84 @@ def dropout_with_mask(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> 
 
 def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
     return dropout_apply(grad, unpack_mask(mask, grad.shape), p)
+
+
+# --- optimizers -------------------------------------------------------------------
+# Penalized SGD and AdamW, one tensor at a time in float32 (the rules of
+# csrc/include/regops/optim.h, README "Optimizers"): gradient penalties use
+# the parameter before the step; proximal L1 soft-thresholds after it; the
+# parameter and its states are rounded once to their dtype at the end.
+
+
+def _transformed_gradient(grad, param, grad_factor, maximize, coupled_l2, l1_subgradient):
+    g = grad.float()
+    if grad_factor is not None:
+        g = g * grad_factor.to(g.device)
+    if maximize:
+        g = -g
+    return g + coupled_l2 * param + l1_subgradient * torch.sign(param)
+
+
+def soft_threshold(p: torch.Tensor, threshold: float) -> torch.Tensor:
+    """sign(p) * max(|p| - threshold, 0): the proximal step of threshold * |p|."""
+    return torch.sign(p) * torch.clamp(p.abs() - threshold, min=0)
+
+
+def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
+             nesterov=False, maximize=False, l1=0.0, l1_mode="subgradient", grad_factor=None):
+    """One penalized SGD step in place. momentum_buffers[i] is None before the
+    first step (it then takes the gradient as torch does); returns the buffers."""
+    lr = float(lr)
+    proximal = l1_mode == "proximal"
+    new_buffers = []
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        p = param.float()
+        g = _transformed_gradient(grad, p, grad_factor, maximize, weight_decay, 0.0 if proximal else l1)
+        buf = momentum_buffers[i] if momentum_buffers else None
+        if momentum != 0:
+            new = g.clone() if buf is None else buf.float() * momentum + (1 - dampening) * g
+            g = g + momentum * new if nesterov else new
+            if buf is None:
+                buf = new.to(param.dtype)
+            else:
+                buf.copy_(new)
+        p = p - lr * g
+        if proximal:
+            p = soft_threshold(p, lr * l1)
+        param.copy_(p)
+        new_buffers.append(buf)
+    return new_buffers
+
+
+def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, betas=(0.9, 0.999), eps=1e-8,
+               weight_decay=1e-2, amsgrad=False, maximize=False, l2=0.0, l1=0.0, l1_mode="subgradient",
+               grad_factor=None):
+    """One penalized AdamW step in place; steps (float32 tensors) are incremented."""
+    lr = float(lr)
+    beta1, beta2 = betas
+    proximal = l1_mode == "proximal"
+    for i, (param, grad) in enumerate(zip(params, grads)):
+        steps[i] += 1
+        step = float(steps[i])
+        p = param.float()
+        g = _transformed_gradient(grad, p, grad_factor, maximize, l2, 0.0 if proximal else l1)
+        p = p * (1 - lr * weight_decay)
+        m = exp_avgs[i].float().lerp(g, 1 - beta1)
+        v = exp_avg_sqs[i].float() * beta2 + (1 - beta2) * g * g
+        exp_avgs[i].copy_(m)
+        exp_avg_sqs[i].copy_(v)
+        if amsgrad:
+            v = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            max_exp_avg_sqs[i].copy_(v)
+        denom = v.sqrt() / (1 - beta2 ** step) ** 0.5 + eps
+        p = p - lr / (1 - beta1 ** step) * (m / denom)
+        if proximal:
+            p = soft_threshold(p, lr * l1)
+        param.copy_(p)
+
+
+def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:
+    """The L2 norm (or its square) of all tensors together, float32."""
+    total = sum((t.float().square().sum(dtype=torch.float64) for t in tensors),
+                torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None))
+    return (total if squared else total.sqrt()).float()

@@ -1,0 +1,119 @@
+// The element updates of the penalized SGD and AdamW optimizers, written once
+// for the CPU kernel (g++) and the CUDA kernel (nvcc). All math is float32;
+// parameters and states are loaded from their storage dtype by the callers
+// and rounded once on store.
+//
+// The rules follow torch.optim.SGD / torch.optim.AdamW with foreach=False,
+// fused=False (torch/optim/sgd.py _single_tensor_sgd, adam.py
+// _single_tensor_adam), plus the regops penalties. With p the parameter
+// *before* this step and g the gradient:
+//   g = g * grad_factor              (1 / grad_scale of GradScaler, times the clip coefficient)
+//   g = -g                           if maximize
+//   g = g + l2 * p + l1 * sign(p)    coupled L2 (SGD's weight_decay, AdamW's l2) and the L1 subgradient
+//   ... momentum / moments and the update of p ...
+//   p = sign(p) * max(|p| - lr * l1, 0)   proximal L1, after the update (instead of the subgradient)
+// AdamW's weight_decay is decoupled: p = p * (1 - lr * weight_decay) before
+// the Adam update, as in torch.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+
+#include "regops/macros.h"
+
+namespace regops {
+
+// torch.sign: -1, 0 or +1 (0 for +-0; NaN gives 0 here, it poisons p anyway).
+REGOPS_INLINE float sign_of(float x) { return static_cast<float>((x > 0.0f) - (x < 0.0f)); }
+
+// The proximal operator of lr * l1 * |p|: soft-thresholding. Exact zeros for
+// |p| <= threshold; copysign keeps it branch-free.
+REGOPS_INLINE float soft_threshold(float p, float threshold) {
+  const float shrunk = fabsf(p) - threshold;
+  return copysignf(shrunk > 0.0f ? shrunk : 0.0f, p);
+}
+
+// torch.lerp(start, end, weight) as ATen computes it (aten/src/ATen/native/Lerp.h),
+// so exp_avg matches torch's exp_avg.lerp_(grad, 1 - beta1) to the last bit.
+REGOPS_INLINE float lerp_like_torch(float start, float end, float weight) {
+  return fabsf(weight) < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+}
+
+// Gradient penalties and options shared by both optimizers; per call
+// (per param group), the same for every element.
+struct GradientTransform {
+  float grad_factor;  // 1 / grad_scale * clip coefficient; 1 without either
+  float coupled_l2;   // SGD weight_decay, AdamW l2
+  float l1_subgradient;  // l1 in subgradient mode, else 0
+  bool maximize;
+};
+
+REGOPS_INLINE float transformed_gradient(float g, float p, const GradientTransform& t) {
+  g *= t.grad_factor;
+  if (t.maximize) g = -g;
+  return g + t.coupled_l2 * p + t.l1_subgradient * sign_of(p);
+}
+
+struct SGDCoefficients {
+  GradientTransform gradient;
+  float lr;
+  float momentum;      // 0: no momentum buffer
+  float one_minus_dampening;
+  float l1_threshold;  // lr * l1 in proximal mode, else 0 (soft-thresholding by 0 changes nothing but -0)
+  bool nesterov;
+  bool first_step;     // the momentum buffer takes the gradient as is (torch's buf = grad.clone())
+  bool proximal;
+};
+
+// One element of SGD. buffer is ignored when momentum == 0.
+REGOPS_INLINE void sgd_update(float& p, float grad, float& buffer, const SGDCoefficients& c) {
+  float g = transformed_gradient(grad, p, c.gradient);
+  if (c.momentum != 0.0f) {
+    buffer = c.first_step ? g : buffer * c.momentum + c.one_minus_dampening * g;
+    g = c.nesterov ? g + c.momentum * buffer : buffer;
+  }
+  p = p - c.lr * g;
+  if (c.proximal) p = soft_threshold(p, c.l1_threshold);
+}
+
+struct AdamWCoefficients {
+  GradientTransform gradient;
+  float lr;
+  float one_minus_beta1;  // 1 - beta1 and 1 - beta2 rounded once from double, as torch passes them
+  float beta2;
+  float one_minus_beta2;
+  float eps;
+  float decay_factor;           // 1 - lr * weight_decay (decoupled decay)
+  float step_size;              // lr / (1 - beta1^step)
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^step)
+  float l1_threshold;           // lr * l1 in proximal mode
+  bool amsgrad;
+  bool proximal;
+};
+
+// Per-tensor factors from the step count (after this step's increment), in
+// double as torch computes them on the host.
+REGOPS_INLINE void adamw_bias_corrections(double lr, double beta1, double beta2, double step, float& step_size,
+                                          float& bias_correction2_sqrt) {
+  step_size = static_cast<float>(lr / (1.0 - pow(beta1, step)));
+  bias_correction2_sqrt = static_cast<float>(sqrt(1.0 - pow(beta2, step)));
+}
+
+// One element of AdamW. max_exp_avg_sq is ignored unless amsgrad.
+REGOPS_INLINE void adamw_update(float& p, float grad, float& exp_avg, float& exp_avg_sq, float& max_exp_avg_sq,
+                                const AdamWCoefficients& c) {
+  const float g = transformed_gradient(grad, p, c.gradient);
+  p = p * c.decay_factor;
+  exp_avg = lerp_like_torch(exp_avg, g, c.one_minus_beta1);
+  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * g * g;  // torch's mul_(beta2).addcmul_(g, g, 1 - beta2)
+  float second = exp_avg_sq;
+  if (c.amsgrad) {
+    max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
+    second = max_exp_avg_sq;
+  }
+  const float denom = sqrtf(second) / c.bias_correction2_sqrt + c.eps;
+  p = p - c.step_size * (exp_avg / denom);
+  if (c.proximal) p = soft_threshold(p, c.l1_threshold);
+}
+
+}  // namespace regops

@@ -1,0 +1,147 @@
+// Host-side pieces of the optimizer ops shared by the CPU and CUDA launchers:
+// argument checks and the per-call coefficients of optim.h.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/util/Optional.h>
+
+#include <cmath>
+#include <string>
+#include <vector>
+
+#include "regops/optim.h"
+
+namespace regops {
+
+// Every list is empty or has one tensor per parameter, on the parameter's
+// device, of its dtype, shape and strides, dense, so that a kernel can treat
+// each tensor as numel() consecutive elements at data_ptr().
+inline void check_tensor_list(const char* op, const char* name, at::TensorList list, at::TensorList params,
+                              bool may_be_empty) {
+  if (may_be_empty && list.empty()) return;
+  TORCH_CHECK(list.size() == params.size(), "regops ", op, ": ", name, " must have one tensor per parameter (",
+              params.size(), "), got ", list.size());
+  for (size_t i = 0; i < list.size(); ++i) {
+    const at::Tensor& t = list[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK(t.defined(), "regops ", op, ": ", name, "[", i, "] is undefined");
+    TORCH_CHECK(t.device() == params[0].device(), "regops ", op, ": ", name, "[", i, "] is on ", t.device(),
+                " but params[0] is on ", params[0].device());
+    TORCH_CHECK(t.scalar_type() == params[0].scalar_type(), "regops ", op, ": ", name, "[", i, "] has dtype ",
+                t.scalar_type(), " but params[0] has ", params[0].scalar_type(), " (one call per dtype)");
+    TORCH_CHECK(at::isFloatingType(t.scalar_type()), "regops ", op, ": ", name, "[", i,
+                "] must be floating point, got ", t.scalar_type());
+    TORCH_CHECK(t.layout() == at::kStrided, "regops ", op, ": ", name, "[", i, "] must be a dense tensor, got layout ",
+                t.layout(), " (sparse gradients are not supported)");
+    TORCH_CHECK(t.sizes() == p.sizes(), "regops ", op, ": ", name, "[", i, "] has shape ", t.sizes(),
+                " but params[", i, "] has ", p.sizes());
+    TORCH_CHECK(t.numel() <= 1 || (t.is_non_overlapping_and_dense() && t.strides() == p.strides()), "regops ",
+                op, ": ", name, "[", i, "] must be dense with the strides of params[", i, "]");
+  }
+}
+
+inline void check_params(const char* op, at::TensorList params) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].defined() && params[i].layout() == at::kStrided, "regops ", op, ": params[", i,
+                "] must be a dense tensor");
+    TORCH_CHECK(params[i].numel() <= 1 || params[i].is_non_overlapping_and_dense(), "regops ", op, ": params[", i,
+                "] must be non-overlapping and dense");
+  }
+  check_tensor_list(op, "params", params, params, true);
+}
+
+inline void check_scalar_tensor(const char* op, const char* name, const c10::optional<at::Tensor>& t,
+                                const at::Device& device) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->numel() == 1, "regops ", op, ": ", name, " must have one element, got ", t->numel());
+  TORCH_CHECK(t->scalar_type() == at::kFloat, "regops ", op, ": ", name, " must be float32, got ",
+              t->scalar_type());
+  TORCH_CHECK(t->device() == device, "regops ", op, ": ", name, " is on ", t->device(), " but the parameters are on ",
+              device);
+}
+
+inline void check_amp_and_clip(const char* op, const c10::optional<at::Tensor>& grad_scale,
+                               const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                               const at::Device& device) {
+  check_scalar_tensor(op, "grad_scale", grad_scale, device);
+  check_scalar_tensor(op, "found_inf", found_inf, device);
+  check_scalar_tensor(op, "clip_coef", clip_coef, device);
+}
+
+inline void check_state_steps(const char* op, at::TensorList steps, at::TensorList params) {
+  TORCH_CHECK(steps.size() == params.size(), "regops ", op, ": state_steps must have one tensor per parameter (",
+              params.size(), "), got ", steps.size());
+  for (size_t i = 0; i < steps.size(); ++i) {
+    TORCH_CHECK(steps[i].numel() == 1 && steps[i].scalar_type() == at::kFloat, "regops ", op, ": state_steps[", i,
+                "] must be a one-element float32 tensor, got ", steps[i].scalar_type(), " with ", steps[i].numel(),
+                " elements");
+    TORCH_CHECK(steps[i].device() == params[0].device(), "regops ", op, ": state_steps[", i, "] is on ",
+                steps[i].device(), " but the parameters are on ", params[0].device());
+  }
+}
+
+inline void check_hyperparameters(const char* op, double lr, double weight_decay, double l2, double l1) {
+  TORCH_CHECK(lr >= 0.0, "regops ", op, ": lr must be >= 0, got ", lr);
+  TORCH_CHECK(weight_decay >= 0.0, "regops ", op, ": weight_decay must be >= 0, got ", weight_decay);
+  TORCH_CHECK(l2 >= 0.0, "regops ", op, ": l2 must be >= 0, got ", l2);
+  TORCH_CHECK(l1 >= 0.0, "regops ", op, ": l1 must be >= 0, got ", l1);
+}
+
+// The part of the coefficients that does not depend on lr (which may live on
+// the device): penalties and flags.
+inline GradientTransform make_gradient_transform(double coupled_l2, double l1, bool proximal, bool maximize) {
+  GradientTransform t;
+  t.grad_factor = 1.0f;
+  t.coupled_l2 = static_cast<float>(coupled_l2);
+  t.l1_subgradient = proximal ? 0.0f : static_cast<float>(l1);
+  t.maximize = maximize;
+  return t;
+}
+
+inline SGDCoefficients make_sgd_coefficients(double lr, double momentum, double dampening, double weight_decay,
+                                             bool nesterov, bool maximize, double l1, bool proximal,
+                                             bool first_step) {
+  SGDCoefficients c;
+  c.gradient = make_gradient_transform(weight_decay, l1, proximal, maximize);
+  c.lr = static_cast<float>(lr);
+  c.momentum = static_cast<float>(momentum);
+  c.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  c.l1_threshold = static_cast<float>(lr * l1);
+  c.nesterov = nesterov;
+  c.first_step = first_step;
+  c.proximal = proximal;
+  return c;
+}
+
+// Coefficients of one tensor at step `step` (already incremented).
+inline AdamWCoefficients make_adamw_coefficients(double lr, double beta1, double beta2, double eps,
+                                                 double weight_decay, double l2, double l1, bool proximal,
+                                                 bool amsgrad, bool maximize, double step) {
+  AdamWCoefficients c;
+  c.gradient = make_gradient_transform(l2, l1, proximal, maximize);
+  c.lr = static_cast<float>(lr);
+  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.beta2 = static_cast<float>(beta2);
+  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  c.eps = static_cast<float>(eps);
+  c.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
+  adamw_bias_corrections(lr, beta1, beta2, step, c.step_size, c.bias_correction2_sqrt);
+  c.l1_threshold = static_cast<float>(lr * l1);
+  c.amsgrad = amsgrad;
+  c.proximal = proximal;
+  return c;
+}
+
+// Calls fn(scalar_t{}) for the parameter dtypes the optimizers support: the
+// math is float32, so float64 parameters would silently lose precision.
+template <typename Fn>
+void dispatch_optimizer_dtype(const char* op, at::ScalarType dtype, Fn fn) {
+  switch (dtype) {
+    case at::kFloat: fn(float{}); break;
+    case at::kHalf: fn(at::Half{}); break;
+    case at::kBFloat16: fn(at::BFloat16{}); break;
+    default: TORCH_CHECK(false, "regops ", op, ": parameters must be float32, float16 or bfloat16, got ", dtype);
+  }
+}
+
+}  // namespace regops

@@ -1,0 +1,115 @@
+"""The fused optimizer updates as functions: backend choice and fake kernels
+for ``regops::sgd_step_``, ``regops::adamw_step_`` and
+``regops::multi_tensor_norm``. The optimizers (regops/optim/) call these once
+per (device, dtype) group; the argument checks users see live there.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from regops import reference
+from regops._backend import _TRITON_IMPORTABLE, backend_for
+
+if _TRITON_IMPORTABLE:
+    from regops.triton import optim as _triton_optim  # noqa: F401  (registers the triton ops)
+
+_native = torch.ops.regops
+
+
+def _op(backend: str, name: str, tensor_lr: bool):
+    """The compiled operator of ``backend`` for ``name`` ("sgd" or "adamw")."""
+    if backend == "triton":  # custom_op has no overloads: the tensor-lr variant is its own op
+        return getattr(_native, f"triton_{name}_step_tensor_lr_" if tensor_lr else f"triton_{name}_step_").default
+    packet = getattr(_native, f"{name}_step_")
+    return packet.tensor_lr if tensor_lr else packet.default
+
+
+def _grad_factor(grad_scale, clip_coef):
+    factor = None
+    if grad_scale is not None:
+        factor = grad_scale.reciprocal()
+    if clip_coef is not None:
+        factor = clip_coef if factor is None else factor * clip_coef
+    return factor
+
+
+def _reference_skips(found_inf) -> bool:
+    # The reference backend is the readable oracle: it may synchronize.
+    return found_inf is not None and bool(found_inf.item() != 0)
+
+
+def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
+              l1, proximal, first_step, grad_scale=None, found_inf=None, clip_coef=None) -> None:
+    """Penalized SGD on tensors of one device and dtype, in place (see
+    regops.optim.SGD for the rule). ``lr`` is a float or a one-element tensor."""
+    if not params:
+        return
+    backend = backend_for(params[0])
+    if backend == "reference":
+        if _reference_skips(found_inf):
+            return
+        buffers = reference.sgd_step(params, grads, None if first_step else momentum_buffers, lr=lr,
+                                     momentum=momentum, dampening=dampening, weight_decay=weight_decay,
+                                     nesterov=nesterov, maximize=maximize, l1=l1,
+                                     l1_mode="proximal" if proximal else "subgradient",
+                                     grad_factor=_grad_factor(grad_scale, clip_coef))
+        if momentum != 0:
+            for target, value in zip(momentum_buffers, buffers):
+                target.copy_(value)
+        return
+    op = _op(backend, "sgd", isinstance(lr, torch.Tensor))
+    op(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
+       first_step, grad_scale, found_inf, clip_coef)
+
+
+def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
+                weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale=None, found_inf=None,
+                clip_coef=None) -> None:
+    """Penalized AdamW on tensors of one device and dtype, in place (see
+    regops.optim.AdamW for the rule); increments ``state_steps``."""
+    if not params:
+        return
+    backend = backend_for(params[0])
+    if backend == "reference":
+        if _reference_skips(found_inf):
+            return
+        reference.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr,
+                             betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                             maximize=maximize, l2=l2, l1=l1, l1_mode="proximal" if proximal else "subgradient",
+                             grad_factor=_grad_factor(grad_scale, clip_coef))
+        return
+    op = _op(backend, "adamw", isinstance(lr, torch.Tensor))
+    op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, l2,
+       l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef)
+
+
+def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:
+    """The L2 norm of all ``tensors`` together (one device and dtype), or its
+    square, as a float32 scalar on their device, in one pass without a host
+    synchronization."""
+    if not tensors:
+        raise ValueError("tensors must not be empty")
+    backend = backend_for(tensors[0])
+    if backend == "reference":
+        return reference.multi_tensor_norm(tensors, squared)
+    if backend == "triton":
+        return _native.triton_multi_tensor_norm(tensors, squared)
+    return _native.multi_tensor_norm(tensors, squared)
+
+
+# --- fake kernels ------------------------------------------------------------------
+# The steps only mutate their inputs; the norm is a fresh float32 scalar.
+
+def _no_output(*args, **kwargs):
+    return None
+
+
+for _name in ("sgd_step_", "sgd_step_.tensor_lr", "adamw_step_", "adamw_step_.tensor_lr"):
+    torch.library.register_fake(f"regops::{_name}", _no_output)
+
+
+@torch.library.register_fake("regops::multi_tensor_norm")
+def _multi_tensor_norm_fake(tensors, squared=False):
+    torch._check(len(tensors) > 0, lambda: "multi_tensor_norm needs at least one tensor")
+    return tensors[0].new_empty((), dtype=torch.float32)

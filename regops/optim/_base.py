@@ -1,0 +1,194 @@
+"""What SGD and AdamW share: validation, grouping by (device, dtype), global
+gradient-norm clipping and GradScaler support.
+
+Distributed training (FSDP2 DTensor parameters) needs two hooks, kept in
+one place each: ``_local`` maps a parameter, gradient or state to the tensor
+the kernel updates (a DTensor's local shard), and
+``_global_grad_norm_squared`` computes the squared norm that an all-reduce
+across ranks would complete.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+from torch.optim import Optimizer
+
+from regops.ops.optim import multi_tensor_norm
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+L1_MODES = ("subgradient", "proximal")
+
+
+def check_nonnegative(value, name: str) -> None:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            raise ValueError(f"{name} must be a float or a one-element tensor, got {value.numel()} elements")
+        value = float(value)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+
+
+def check_l1_mode(value) -> None:
+    if value not in L1_MODES:
+        raise ValueError(f"l1_mode must be one of {L1_MODES}, got {value!r}")
+
+
+def check_max_grad_norm(value) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value <= 0:
+        raise ValueError(f"max_grad_norm must be None or a number > 0, got {value!r}")
+
+
+class PenalizedOptimizer(Optimizer):
+    """Base of regops.optim.SGD and AdamW. Subclasses define ``_check_group``
+    (hyperparameters of one param group, ValueError naming the argument),
+    ``_group_step`` (one fused call per (device, dtype) bucket) and
+    ``_extra_defaults`` for ``__setstate__``."""
+
+    # GradScaler then hands over grad_scale and found_inf as attributes
+    # (self.grad_scale, self.found_inf) instead of unscaling and checking the
+    # gradients itself: unscaling is fused into the update and an inf/NaN
+    # step is skipped on the device.
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, defaults):
+        self._check_group(defaults)
+        self.last_grad_norm: torch.Tensor | None = None
+        super().__init__(params, defaults)
+
+    # --- hooks for distributed subclasses ----------------------------------------
+
+    @staticmethod
+    def _local(tensor: torch.Tensor) -> torch.Tensor:
+        """The tensor the kernel updates for a parameter, gradient or state.
+        A DTensor subclass would return ``tensor.to_local()`` here."""
+        return tensor
+
+    def _global_grad_norm_squared(self, grads_by_group: list[list[torch.Tensor]]) -> torch.Tensor:
+        """Squared L2 norm of all gradients (local tensors, as stored: still
+        multiplied by GradScaler's scale when it passes one), a float32 scalar
+        on the device of the first gradient; one multi_tensor_norm pass per
+        (device, dtype), no host synchronization. A sharded subclass
+        all-reduces (sums) this result across ranks."""
+        buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+        for grads in grads_by_group:
+            for grad in grads:
+                buckets.setdefault((grad.device, grad.dtype), []).append(grad)
+        first_device = next(iter(buckets))[0]
+        total = None
+        for tensors in buckets.values():
+            squared = multi_tensor_norm(tensors, squared=True).to(first_device, non_blocking=True)
+            total = squared if total is None else total + squared
+        return total
+
+    # --- param groups --------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict) -> None:
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)
+        seen = set()
+        for p in params:
+            if not isinstance(p, torch.Tensor):
+                raise TypeError(f"params must be tensors, got {type(p).__name__}")
+            if id(p) in seen:
+                raise ValueError("a parameter is listed twice in one param group; list each parameter once")
+            seen.add(id(p))
+            if p.dtype not in SUPPORTED_DTYPES:
+                raise TypeError(f"{type(self).__name__} supports float32, float16 and bfloat16 parameters, "
+                                f"got {p.dtype}")
+        super().add_param_group({**param_group, "params": params})
+        self._check_group(self.param_groups[-1])
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # A state_dict saved by torch.optim lacks the regops options.
+        for group in self.param_groups:
+            for key, value in self._extra_defaults().items():
+                group.setdefault(key, self.defaults.get(key, value))
+
+    # --- the step ------------------------------------------------------------------
+
+    def _params_with_grads(self, group) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        params, grads = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
+                                   "use torch.optim.SparseAdam or a dense gradient")
+            params.append(p)
+            grads.append(p.grad)
+        return params, grads
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """One update of every parameter that has a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        per_group = [self._params_with_grads(group) for group in self.param_groups]
+        if not any(params for params, _ in per_group):
+            return loss
+        norm = None
+        if any(group["max_grad_norm"] is not None for group in self.param_groups):
+            squared = self._global_grad_norm_squared([[self._local(g) for g in grads] for _, grads in per_group])
+            norm = squared.sqrt()
+            if grad_scale is not None:
+                norm = norm / grad_scale.to(norm.device, non_blocking=True)
+            self.last_grad_norm = norm
+        for group, (params, grads) in zip(self.param_groups, per_group):
+            if not params:
+                continue
+            clip_coef = None
+            if group["max_grad_norm"] is not None:
+                # torch.nn.utils.clip_grad_norm_'s coefficient, on the device.
+                clip_coef = torch.clamp(group["max_grad_norm"] / (norm + 1e-6), max=1.0)
+            buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
+            for p, g in zip(params, grads):
+                if g.dtype != p.dtype:
+                    raise TypeError(f"gradient dtype {g.dtype} differs from its parameter's {p.dtype}")
+                bucket = buckets.setdefault((p.device, p.dtype), ([], []))
+                bucket[0].append(p)
+                bucket[1].append(g)
+            for (device, _), (bucket_params, bucket_grads) in buckets.items():
+                self._group_step(group, bucket_params, [self._dense_like(g, p) for p, g in zip(bucket_params, bucket_grads)],
+                                 _on(grad_scale, device), _on(found_inf, device), _on(clip_coef, device))
+        return loss
+
+    def _dense_like(self, grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """The local gradient with its parameter's strides (the kernels walk
+        both as one flat array); copied only in the rare case they differ."""
+        grad, param = self._local(grad), self._local(param)
+        if grad.stride() == param.stride() or grad.numel() <= 1:
+            return grad
+        return torch.empty_like(param).copy_(grad)
+
+    @staticmethod
+    def _lr(group, device):
+        lr = group["lr"]
+        if isinstance(lr, torch.Tensor):
+            return lr.to(device=device, dtype=torch.float32, non_blocking=True)
+        return float(lr)
+
+    # Implemented by subclasses.
+    def _check_group(self, group: dict) -> None:
+        raise NotImplementedError
+
+    def _extra_defaults(self) -> dict:
+        raise NotImplementedError
+
+    def _group_step(self, group, params, grads, grad_scale, found_inf, clip_coef) -> None:
+        raise NotImplementedError
+
+
+def _on(tensor, device):
+    if tensor is None:
+        return None
+    return tensor.to(device=device, dtype=torch.float32, non_blocking=True)
