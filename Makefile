@@ -51,7 +51,8 @@ sanitize-quick: venv
 	PYTHON=$(PYTHON) bash tests/sanitize.sh $(SANITIZE_SUBSET)
 
 demo: build
-	$(PYTHON) benchmarks/bench_dropout.py --sizes 1M,4M,16M --dtypes float32
+	$(PYTHON) benchmarks/mnist.py
+	$(PYTHON) benchmarks/overfit.py
 
 bench: build
 	$(PYTHON) benchmarks/run.py

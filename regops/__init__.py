@@ -14,6 +14,7 @@ from regops.ops.batch_norm import (batch_norm, batch_norm_backward_elementwise, 
 from regops.ops.dropout import dropout, dropout_backward, dropout_with_mask, philox4x32_10, unpack_mask
 from regops.ops.optim import multi_tensor_norm
 from regops import nn, optim  # noqa: E402
+from regops.convert import convert  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -25,6 +26,7 @@ __all__ = [
     "batch_norm_backward_reduce",
     "batch_norm_elementwise",
     "batch_norm_stats",
+    "convert",
     "dropout",
     "dropout_backward",
     "dropout_with_mask",
