@@ -16,6 +16,7 @@ import numbers
 import torch
 from torch.optim import Optimizer
 
+from regops.distributed import grad_norm_squared, local_tensor
 from regops.ops.optim import multi_tensor_norm
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,9 +65,9 @@ class PenalizedOptimizer(Optimizer):
 
     @staticmethod
     def _local(tensor: torch.Tensor) -> torch.Tensor:
-        """The tensor the kernel updates for a parameter, gradient or state.
-        A DTensor subclass would return ``tensor.to_local()`` here."""
-        return tensor
+        """The tensor the kernel updates for a parameter, gradient or state:
+        a DTensor's local shard (FSDP2), any other tensor itself."""
+        return local_tensor(tensor)
 
     def _global_grad_norm_squared(self, grads_by_group: list[list[torch.Tensor]]) -> torch.Tensor:
         """Squared L2 norm of all gradients (local tensors, as stored: still
@@ -138,7 +139,8 @@ class PenalizedOptimizer(Optimizer):
             return loss
         norm = None
         if any(group["max_grad_norm"] is not None for group in self.param_groups):
-            squared = self._global_grad_norm_squared([[self._local(g) for g in grads] for _, grads in per_group])
+            # Summed across ranks for DTensor gradients sharded by FSDP2.
+            squared = grad_norm_squared([grads for _, grads in per_group], self._global_grad_norm_squared)
             norm = squared.sqrt()
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device, non_blocking=True)
