@@ -50,4 +50,31 @@ TORCH_LIBRARY(regops, m) {
   // The L2 norm (or, squared=True, its square) of all tensors together as a
   // float32 scalar on their device, accumulated in float32 in one pass.
   m.def("multi_tensor_norm(Tensor[] tensors, bool squared=False) -> Tensor");
+
+  // Batch normalization (csrc/include/regops/batch_norm.h has the formulas).
+  // input is (N, C, ...), contiguous or channels_last / channels_last_3d;
+  // mean, invstd, weight, bias, running statistics and the per-channel sums
+  // are (C,) float32 (float64 for float64 inputs); relu fuses a ReLU after the
+  // affine transform, its backward mask recomputed from the forward value.
+  // The fused pair: training normalizes with the batch statistics and also
+  // returns the biased batch variance (the caller moves its running buffers
+  // towards save_mean and it, so momentum may be a traced tensor under
+  // torch.compile); eval normalizes with running_mean and running_var and
+  // returns batch_var empty. The backward is one reduction pass and one
+  // elementwise pass.
+  m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
+        "bool training, float eps, bool relu) -> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor batch_var)");
+  m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
+        "Tensor save_invstd, bool training, bool relu) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+  // The pieces of a synchronized batch norm, which sums per-rank statistics
+  // and gradient sums across ranks between them: mean and biased variance;
+  // the normalization; the per-channel gradient sums; and grad_input, where
+  // count is the element count per channel over all ranks.
+  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
+  m.def("batch_norm_elementwise(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "
+        "bool relu) -> Tensor");
+  m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+        "Tensor? bias, bool relu) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
+  m.def("batch_norm_backward_elementwise(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
+        "Tensor? bias, Tensor sum_dy, Tensor sum_dy_xmu, int count, bool relu) -> Tensor");
 }

@@ -183,3 +183,104 @@ def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:
     total = sum((t.float().square().sum(dtype=torch.float64) for t in tensors),
                 torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None))
     return (total if squared else total.sqrt()).float()
+
+
+# --- batch normalization ---------------------------------------------------------
+# The formulas of csrc/include/regops/batch_norm.h in plain torch, computed in
+# the accumulate dtype (float32, float64 for float64) and cast once.
+
+def batch_norm_accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def batch_norm_memory_format(x: torch.Tensor) -> torch.memory_format:
+    """The kernels' working (and output) layout: the input's when it is
+    contiguous or channels_last(_3d), else contiguous."""
+    if x.is_contiguous():
+        return torch.contiguous_format
+    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
+        return torch.channels_last_3d
+    return torch.contiguous_format
+
+
+def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A (C,) tensor shaped to broadcast against (N, C, ...) x."""
+    return t.reshape((1, -1) + (1,) * (x.dim() - 2))
+
+
+def _reduce_dims(x: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance."""
+    var, mean = torch.var_mean(x.to(batch_norm_accumulate_dtype(x.dtype)), _reduce_dims(x), correction=0)
+    return mean, var
+
+
+def _affine(x, mean, invstd, weight, bias):
+    """(x - mean) * invstd * weight + bias in the accumulate dtype, before the activation."""
+    y = (x.to(batch_norm_accumulate_dtype(x.dtype)) - _per_channel(mean, x)) * _per_channel(invstd, x)
+    if weight is not None:
+        y = y * _per_channel(weight.to(y.dtype), x)
+    if bias is not None:
+        y = y + _per_channel(bias.to(y.dtype), x)
+    return y
+
+
+def batch_norm_elementwise(x, mean, invstd, weight=None, bias=None, relu: bool = False) -> torch.Tensor:
+    y = _affine(x, mean, invstd, weight, bias)
+    return (torch.relu(y) if relu else y).to(x.dtype).contiguous(memory_format=batch_norm_memory_format(x))
+
+
+def _masked_grad(grad_out, x, mean, invstd, weight, bias, relu: bool) -> torch.Tensor:
+    """dy in the accumulate dtype, zero where the fused ReLU blocked the forward
+    value (torch's ReLU backward passes the gradient where y > 0, and NaN)."""
+    g = grad_out.to(batch_norm_accumulate_dtype(x.dtype))
+    if relu:
+        g = torch.where(_affine(x, mean, invstd, weight, bias) <= 0, torch.zeros_like(g), g)
+    return g
+
+
+def batch_norm_backward_reduce(grad_out, x, mean, invstd, weight=None, bias=None, relu: bool = False):
+    """Per-channel (sum(dy), sum(dy * (x - mean)))."""
+    g = _masked_grad(grad_out, x, mean, invstd, weight, bias, relu)
+    xmu = x.to(g.dtype) - _per_channel(mean, x)
+    dims = _reduce_dims(x)
+    return g.sum(dims), (g * xmu).sum(dims)
+
+
+def batch_norm_backward_elementwise(grad_out, x, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count: int,
+                                    relu: bool = False) -> torch.Tensor:
+    """(dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n) * invstd * weight."""
+    g = _masked_grad(grad_out, x, mean, invstd, weight, bias, relu)
+    xmu = x.to(g.dtype) - _per_channel(mean, x)
+    invstd_c = _per_channel(invstd, x)
+    scale = invstd_c if weight is None else invstd_c * _per_channel(weight.to(g.dtype), x)
+    dx = (g - _per_channel(sum_dy, x) / count - xmu * invstd_c * invstd_c * _per_channel(sum_dy_xmu, x) / count) * scale
+    return dx.to(x.dtype).contiguous(memory_format=batch_norm_memory_format(x))
+
+
+def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False, momentum: float = 0.1,
+               eps: float = 1e-5, *, activation: str | None = None) -> torch.Tensor:
+    """torch.nn.functional.batch_norm (plus the optional ReLU) from torch
+    primitives; differentiable by autograd. Updates the running buffers in place."""
+    acc = batch_norm_accumulate_dtype(x.dtype)
+    if training:
+        mean, var = batch_norm_stats(x)
+        count = x.numel() // max(1, x.shape[1])
+        if count > 0:
+            with torch.no_grad():
+                if running_mean is not None:
+                    running_mean.copy_((1 - momentum) * running_mean.to(acc) + momentum * mean.detach())
+                if running_var is not None:
+                    unbiased = var.detach() * (count / max(1, count - 1))
+                    running_var.copy_((1 - momentum) * running_var.to(acc) + momentum * unbiased)
+    else:
+        mean, var = running_mean.to(acc), running_var.to(acc)
+    y = _affine(x, mean, torch.rsqrt(var + eps), weight, bias)
+    if activation == "relu":
+        y = torch.relu(y)
+    return y.to(x.dtype)

@@ -88,9 +88,14 @@ class SeededDropout(torch.nn.Module):
 
 
 def _ddp_model() -> torch.nn.Module:
+    """Linear, regops batch norm fused with ReLU, regops dropout, Linear. The
+    DDP ranks convert the batch norm to SyncBatchNorm, so that it normalizes
+    over the global batch as the single process does. The first Linear has no
+    bias: batch norm cancels it, its gradient is rounding noise, and AdamW
+    would turn the noise's sign into full-size steps."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(6, 12), torch.nn.ReLU(), SeededDropout(0.3, seed=1234, features=12),
-                               torch.nn.Linear(12, 5))
+    return torch.nn.Sequential(torch.nn.Linear(6, 12, bias=False), regops.nn.BatchNorm1d(12, activation="relu"),
+                               SeededDropout(0.3, seed=1234, features=12), torch.nn.Linear(12, 5))
 
 
 def _batches(in_features: int, classes: int):
@@ -154,7 +159,8 @@ def _train_ddp(rank, world_size):
     local = GLOBAL_BATCH // world_size
     results = {}
     for optimizer_name, make_optimizer in OPTIMIZERS.items():
-        model = _ddp_model()
+        model = regops.nn.SyncBatchNorm.convert_sync_batchnorm(_ddp_model())
+        assert isinstance(model[1], regops.nn.SyncBatchNorm)
         ddp = DistributedDataParallel(model)
         norms = _train(model, make_optimizer(model.parameters()), batches, slice(rank * local, (rank + 1) * local),
                        wrapped=ddp)

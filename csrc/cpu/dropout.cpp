@@ -7,10 +7,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <sys/mman.h>
-
 #include <cstring>
 
+#include "regops/cpu_memory.h"
 #include "regops/dropout.h"
 #include "regops/philox.h"
 
@@ -111,21 +110,6 @@ void dropout_backward_kernel(const scalar_t* grad, const uint8_t* mask, scalar_t
       }
     }
   });
-}
-
-// A fresh output of many megabytes is otherwise faulted in 4 KiB pages on
-// first touch, which costs as much as the kernel itself. Asking for
-// transparent huge pages before the first write cuts the faults 512-fold.
-// Only advice: where the kernel says no, nothing changes.
-void advise_huge_pages(const at::Tensor& fresh) {
-  constexpr uintptr_t kHugePage = uintptr_t{2} << 20;
-  const uintptr_t begin = reinterpret_cast<uintptr_t>(fresh.data_ptr());
-  const uintptr_t end = begin + fresh.nbytes();
-  const uintptr_t aligned_begin = (begin + kHugePage - 1) & ~(kHugePage - 1);
-  const uintptr_t aligned_end = end & ~(kHugePage - 1);
-  if (aligned_end > aligned_begin) {
-    madvise(reinterpret_cast<void*>(aligned_begin), aligned_end - aligned_begin, MADV_HUGEPAGE);
-  }
 }
 
 // Writes dropout(input) into output (both contiguous, possibly the same).

@@ -1,0 +1,828 @@
+// Batch normalization on the CPU, both memory layouts without a transposing
+// copy (see BatchNormGeometry in regops/batch_norm.h):
+//
+// - spatial-inner (contiguous NCHW): a channel is N runs of S contiguous
+//   elements. Work is split by channel, and the fused forward and backward
+//   finish one channel (reduce, then the elementwise pass) before the next:
+//   a channel's N * S elements (100 KB at N 32, 28x28, float32) are still in
+//   L2 for the second pass, which then costs no memory traffic.
+// - channel-inner (channels_last, or S == 1): every row of C channels is
+//   contiguous. Rows are split into a fixed number of groups; each group keeps
+//   per-channel partials (Welford, or plain sums for the backward) and the
+//   innermost loops run along the channels, so they vectorize with no
+//   horizontal reduction. Groups are merged in a fixed order, so the result
+//   does not depend on the number of threads.
+//
+// Statistics: each run of elements (a row chunk, or a tile of rows for one
+// channel) is reduced in two vectorized passes, sum then squared deviations
+// from the run's mean, while it sits in L1/L2; runs are combined with the
+// Welford merge of regops/welford.h. The hot functions are compiled for
+// AVX-512 and AVX2 as well and the loader picks what the processor has.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+#include "regops/batch_norm.h"
+#include "regops/cpu_memory.h"
+#include "regops/welford.h"
+
+#define REGOPS_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
+#define REGOPS_ALWAYS_INLINE inline __attribute__((always_inline))
+
+namespace regops {
+namespace {
+
+// Spatial-inner runs longer than this are reduced in pieces, so that the
+// second pass of the two-pass run statistics reads L1 (16 KB of float32).
+constexpr int64_t kRunElements = 4096;
+// Channel-inner tiles: rows of about this many elements (64 KB of float32)
+// are reduced together, their second pass hitting L2.
+constexpr int64_t kTileElements = 16384;
+// Channel-inner reductions are split into at most this many row groups:
+// enough for any thread count here, few enough that merging them is free.
+constexpr int64_t kMaxGroups = 64;
+// Rows (of either layout) per parallel task of the elementwise passes.
+constexpr int64_t kElementsPerTask = 32768;
+
+template <typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE acc_t load(scalar_t value) {
+  return static_cast<acc_t>(value);
+}
+
+// float -> storage type. bfloat16 rounds to nearest even like c10, written
+// without branches so that the loops storing it vectorize.
+template <typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE scalar_t store(acc_t value) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    uint32_t bits;
+    std::memcpy(&bits, &value, sizeof(bits));
+    uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
+    rounded = value != value ? 0x7FC0u : rounded;
+    return c10::BFloat16(static_cast<uint16_t>(rounded), c10::BFloat16::from_bits());
+  } else {
+    return static_cast<scalar_t>(value);
+  }
+}
+
+// ---- runs of contiguous elements of one channel (spatial-inner) --------------
+
+// Independent accumulators per loop step: enough vector registers in
+// flight to hide the latency of the adds.
+constexpr int64_t kLanes = 32;
+
+// Welford partial of one run in a single pass: sums of (x - shift) and
+// (x - shift)^2 in kLanes independent lanes, with shift an estimate of the
+// mean (the channel's mean so far, or the run's first element). Shifting
+// keeps the squares small, so sum((x - s)^2) - sum(x - s)^2 / n does not
+// cancel catastrophically the way E[x^2] - E[x]^2 does.
+template <typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE Welford<acc_t> run_statistics(const scalar_t* __restrict__ x, int64_t n, acc_t shift) {
+  acc_t lane_sum[kLanes] = {}, lane_squares[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes) {
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const acc_t d = load<scalar_t, acc_t>(x[i + j]) - shift;
+      lane_sum[j] += d;
+      lane_squares[j] += d * d;
+    }
+  }
+  for (int64_t j = 0; i + j < n; ++j) {
+    const acc_t d = load<scalar_t, acc_t>(x[i + j]) - shift;
+    lane_sum[j] += d;
+    lane_squares[j] += d * d;
+  }
+  acc_t sum = 0, squares = 0;
+  for (int64_t j = 0; j < kLanes; ++j) {
+    sum += lane_sum[j];
+    squares += lane_squares[j];
+  }
+  const acc_t mean_offset = sum / static_cast<acc_t>(n);
+  return Welford<acc_t>{shift + mean_offset, std::max(acc_t(0), squares - sum * mean_offset), n};
+}
+
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION Welford<acc_t> channel_statistics(const scalar_t* x, BatchNormGeometry g, int64_t channel) {
+  Welford<acc_t> total = welford_empty<acc_t>();
+  for (int64_t n = 0; n < g.batch; ++n) {
+    const scalar_t* row = x + (n * g.channels + channel) * g.spatial;
+    for (int64_t start = 0; start < g.spatial; start += kRunElements) {
+      const acc_t shift = total.count > 0 ? total.mean : load<scalar_t, acc_t>(row[start]);
+      total = welford_merge(total, run_statistics<scalar_t, acc_t>(row + start, std::min(kRunElements, g.spatial - start), shift));
+    }
+  }
+  return total;
+}
+
+template <bool kRelu, typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE void normalize_run(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n,
+                                        BatchNormAffine<acc_t> affine) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    y[i] = store<scalar_t, acc_t>(batch_norm_normalize(load<scalar_t, acc_t>(x[i]), affine, kRelu));
+  }
+}
+
+// Normalizes the runs [first_row, end_row) of (n, c) rows.
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION void normalize_runs(const scalar_t* x, scalar_t* y, BatchNormGeometry g, int64_t first_row,
+                                        int64_t end_row, const BatchNormAffine<acc_t>* affine, bool relu) {
+  for (int64_t row = first_row; row < end_row; ++row) {
+    const int64_t offset = row * g.spatial;
+    const BatchNormAffine<acc_t> a = affine[row % g.channels];
+    if (relu) {
+      normalize_run<true>(x + offset, y + offset, g.spatial, a);
+    } else {
+      normalize_run<false>(x + offset, y + offset, g.spatial, a);
+    }
+  }
+}
+
+// Normalizes the N runs of one channel.
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION void normalize_channel(const scalar_t* x, scalar_t* y, BatchNormGeometry g, int64_t channel,
+                                           BatchNormAffine<acc_t> affine, bool relu) {
+  for (int64_t n = 0; n < g.batch; ++n) {
+    const int64_t offset = (n * g.channels + channel) * g.spatial;
+    if (relu) {
+      normalize_run<true>(x + offset, y + offset, g.spatial, affine);
+    } else {
+      normalize_run<false>(x + offset, y + offset, g.spatial, affine);
+    }
+  }
+}
+
+template <typename acc_t>
+struct GradientSums {
+  acc_t sum_dy;
+  acc_t sum_dy_xmu;
+};
+
+template <bool kRelu, typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE GradientSums<acc_t> run_gradient_sums(const scalar_t* __restrict__ dy,
+                                                           const scalar_t* __restrict__ x, int64_t n, acc_t mean,
+                                                           BatchNormAffine<acc_t> affine) {
+  acc_t sum_dy = 0, sum_dy_xmu = 0;
+#pragma omp simd reduction(+ : sum_dy, sum_dy_xmu)
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t xi = load<scalar_t, acc_t>(x[i]);
+    const acc_t g = batch_norm_masked_grad(load<scalar_t, acc_t>(dy[i]), xi, affine, kRelu);
+    sum_dy += g;
+    sum_dy_xmu += g * (xi - mean);
+  }
+  return GradientSums<acc_t>{sum_dy, sum_dy_xmu};
+}
+
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION GradientSums<acc_t> channel_gradient_sums(const scalar_t* dy, const scalar_t* x,
+                                                              BatchNormGeometry g, int64_t channel, acc_t mean,
+                                                              BatchNormAffine<acc_t> affine, bool relu) {
+  GradientSums<acc_t> total{0, 0};
+  for (int64_t n = 0; n < g.batch; ++n) {
+    const int64_t offset = (n * g.channels + channel) * g.spatial;
+    const GradientSums<acc_t> run = relu ? run_gradient_sums<true>(dy + offset, x + offset, g.spatial, mean, affine)
+                                         : run_gradient_sums<false>(dy + offset, x + offset, g.spatial, mean, affine);
+    total.sum_dy += run.sum_dy;
+    total.sum_dy_xmu += run.sum_dy_xmu;
+  }
+  return total;
+}
+
+// What the elementwise backward needs of a channel.
+template <typename acc_t>
+struct BackwardChannel {
+  acc_t mean;
+  BatchNormAffine<acc_t> affine;  // for the ReLU mask
+  BatchNormBackwardCoefficients<acc_t> k;
+};
+
+template <bool kRelu, typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE void grad_input_run(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                         scalar_t* __restrict__ dx, int64_t n, BackwardChannel<acc_t> ch) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const acc_t xi = load<scalar_t, acc_t>(x[i]);
+    const acc_t g = batch_norm_masked_grad(load<scalar_t, acc_t>(dy[i]), xi, ch.affine, kRelu);
+    dx[i] = store<scalar_t, acc_t>(batch_norm_grad_input(g, xi, ch.mean, ch.k));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION void grad_input_runs(const scalar_t* dy, const scalar_t* x, scalar_t* dx, BatchNormGeometry g,
+                                         int64_t first_row, int64_t end_row, const BackwardChannel<acc_t>* channels,
+                                         bool relu) {
+  for (int64_t row = first_row; row < end_row; ++row) {
+    const int64_t offset = row * g.spatial;
+    const BackwardChannel<acc_t> ch = channels[row % g.channels];
+    if (relu) {
+      grad_input_run<true>(dy + offset, x + offset, dx + offset, g.spatial, ch);
+    } else {
+      grad_input_run<false>(dy + offset, x + offset, dx + offset, g.spatial, ch);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION void grad_input_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, BatchNormGeometry g,
+                                            int64_t channel, BackwardChannel<acc_t> ch, bool relu) {
+  for (int64_t n = 0; n < g.batch; ++n) {
+    const int64_t offset = (n * g.channels + channel) * g.spatial;
+    if (relu) {
+      grad_input_run<true>(dy + offset, x + offset, dx + offset, g.spatial, ch);
+    } else {
+      grad_input_run<false>(dy + offset, x + offset, dx + offset, g.spatial, ch);
+    }
+  }
+}
+
+// ---- rows of C channels (channel-inner) ---------------------------------------
+
+// The row groups of a channel-inner reduction: fixed by the shape alone.
+struct RowGroups {
+  int64_t count;
+  int64_t rows_per_group;
+};
+
+inline RowGroups row_groups(const BatchNormGeometry& g) {
+  const int64_t rows = g.rows();
+  const int64_t tile_rows = std::max<int64_t>(1, kTileElements / std::max<int64_t>(1, g.channels));
+  const int64_t groups = std::max<int64_t>(1, std::min(kMaxGroups, (rows + tile_rows - 1) / tile_rows));
+  return RowGroups{groups, (rows + groups - 1) / groups};
+}
+
+// Per-channel Welford partials (mean, m2; count = the rows) of rows
+// [first_row, end_row): tiles of rows reduced in two passes along the
+// channels, merged tile by tile. scratch holds 2 * C values.
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION void group_statistics(const scalar_t* x, int64_t channels, int64_t first_row, int64_t end_row,
+                                          acc_t* __restrict__ mean, acc_t* __restrict__ m2,
+                                          acc_t* __restrict__ scratch) {
+  const int64_t tile_rows = std::max<int64_t>(1, kTileElements / channels);
+  acc_t* __restrict__ tile_mean = scratch;
+  acc_t* __restrict__ tile_m2 = scratch + channels;
+  int64_t count = 0;
+  for (int64_t c = 0; c < channels; ++c) mean[c] = m2[c] = 0;
+  for (int64_t tile = first_row; tile < end_row; tile += tile_rows) {
+    const int64_t rows = std::min(tile_rows, end_row - tile);
+    for (int64_t c = 0; c < channels; ++c) tile_mean[c] = tile_m2[c] = 0;
+    for (int64_t r = tile; r < tile + rows; ++r) {
+      const scalar_t* __restrict__ row = x + r * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) tile_mean[c] += load<scalar_t, acc_t>(row[c]);
+    }
+    const acc_t inverse_rows = acc_t(1) / static_cast<acc_t>(rows);
+    for (int64_t c = 0; c < channels; ++c) tile_mean[c] *= inverse_rows;
+    for (int64_t r = tile; r < tile + rows; ++r) {
+      const scalar_t* __restrict__ row = x + r * channels;
+#pragma omp simd
+      for (int64_t c = 0; c < channels; ++c) {
+        const acc_t d = load<scalar_t, acc_t>(row[c]) - tile_mean[c];
+        tile_m2[c] += d * d;
+      }
+    }
+    for (int64_t c = 0; c < channels; ++c) {
+      const Welford<acc_t> merged =
+          welford_merge(Welford<acc_t>{mean[c], m2[c], count}, Welford<acc_t>{tile_mean[c], tile_m2[c], rows});
+      mean[c] = merged.mean;
+      m2[c] = merged.m2;
+    }
+    count += rows;
+  }
+}
+
+template <bool kRelu, typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE void normalize_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t channels,
+                                        const acc_t* __restrict__ scale, const acc_t* __restrict__ shift) {
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    y[c] = store<scalar_t, acc_t>(
+        batch_norm_normalize(load<scalar_t, acc_t>(x[c]), BatchNormAffine<acc_t>{scale[c], shift[c]}, kRelu));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t first_row,
+                                        int64_t end_row, const acc_t* scale, const acc_t* shift, bool relu) {
+  for (int64_t r = first_row; r < end_row; ++r) {
+    if (relu) {
+      normalize_row<true>(x + r * channels, y + r * channels, channels, scale, shift);
+    } else {
+      normalize_row<false>(x + r * channels, y + r * channels, channels, scale, shift);
+    }
+  }
+}
+
+// Per-channel arrays of the channel-inner backward, so its loops read
+// contiguous coefficient vectors.
+template <typename acc_t>
+struct BackwardArrays {
+  std::vector<acc_t> mean, scale, shift, dy_scale, xmu_scale, constant;
+  explicit BackwardArrays(int64_t channels)
+      : mean(channels), scale(channels), shift(channels), dy_scale(channels), xmu_scale(channels), constant(channels) {}
+};
+
+template <bool kRelu, typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE void group_gradient_sums_impl(const scalar_t* dy, const scalar_t* x, int64_t channels,
+                                                   int64_t first_row, int64_t end_row, const acc_t* __restrict__ mean,
+                                                   const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                                                   acc_t* __restrict__ sum_dy, acc_t* __restrict__ sum_dy_xmu) {
+  for (int64_t r = first_row; r < end_row; ++r) {
+    const scalar_t* __restrict__ dy_row = dy + r * channels;
+    const scalar_t* __restrict__ x_row = x + r * channels;
+#pragma omp simd
+    for (int64_t c = 0; c < channels; ++c) {
+      const acc_t xi = load<scalar_t, acc_t>(x_row[c]);
+      const acc_t g =
+          batch_norm_masked_grad(load<scalar_t, acc_t>(dy_row[c]), xi, BatchNormAffine<acc_t>{scale[c], shift[c]}, kRelu);
+      sum_dy[c] += g;
+      sum_dy_xmu[c] += g * (xi - mean[c]);
+    }
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION void group_gradient_sums(const scalar_t* dy, const scalar_t* x, int64_t channels,
+                                             int64_t first_row, int64_t end_row, const acc_t* mean, const acc_t* scale,
+                                             const acc_t* shift, acc_t* sum_dy, acc_t* sum_dy_xmu, bool relu) {
+  for (int64_t c = 0; c < channels; ++c) sum_dy[c] = sum_dy_xmu[c] = 0;
+  if (relu) {
+    group_gradient_sums_impl<true>(dy, x, channels, first_row, end_row, mean, scale, shift, sum_dy, sum_dy_xmu);
+  } else {
+    group_gradient_sums_impl<false>(dy, x, channels, first_row, end_row, mean, scale, shift, sum_dy, sum_dy_xmu);
+  }
+}
+
+template <bool kRelu, typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE void grad_input_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                         scalar_t* __restrict__ dx, int64_t channels, const BackwardArrays<acc_t>& a) {
+  const acc_t* __restrict__ mean = a.mean.data();
+  const acc_t* __restrict__ scale = a.scale.data();
+  const acc_t* __restrict__ shift = a.shift.data();
+  const acc_t* __restrict__ dy_scale = a.dy_scale.data();
+  const acc_t* __restrict__ xmu_scale = a.xmu_scale.data();
+  const acc_t* __restrict__ constant = a.constant.data();
+#pragma omp simd
+  for (int64_t c = 0; c < channels; ++c) {
+    const acc_t xi = load<scalar_t, acc_t>(x[c]);
+    const acc_t g =
+        batch_norm_masked_grad(load<scalar_t, acc_t>(dy[c]), xi, BatchNormAffine<acc_t>{scale[c], shift[c]}, kRelu);
+    dx[c] = store<scalar_t, acc_t>(batch_norm_grad_input(
+        g, xi, mean[c], BatchNormBackwardCoefficients<acc_t>{dy_scale[c], xmu_scale[c], constant[c]}));
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION void grad_input_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t channels,
+                                         int64_t first_row, int64_t end_row, const BackwardArrays<acc_t>& arrays,
+                                         bool relu) {
+  for (int64_t r = first_row; r < end_row; ++r) {
+    const int64_t offset = r * channels;
+    if (relu) {
+      grad_input_row<true>(dy + offset, x + offset, dx + offset, channels, arrays);
+    } else {
+      grad_input_row<false>(dy + offset, x + offset, dx + offset, channels, arrays);
+    }
+  }
+}
+
+// ---- whole passes ------------------------------------------------------------------
+
+int64_t rows_per_task(const BatchNormGeometry& g) {
+  const int64_t row_length = g.channels_inner ? g.channels : g.spatial;
+  return std::max<int64_t>(1, kElementsPerTask / std::max<int64_t>(1, row_length));
+}
+
+// Per-channel Welford statistics of x (either layout).
+template <typename scalar_t, typename acc_t>
+std::vector<Welford<acc_t>> statistics(const scalar_t* x, const BatchNormGeometry& g) {
+  std::vector<Welford<acc_t>> result(g.channels, welford_empty<acc_t>());
+  if (!g.channels_inner) {
+    at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t c = begin; c < end; ++c) result[c] = channel_statistics<scalar_t, acc_t>(x, g, c);
+    });
+    return result;
+  }
+  const RowGroups groups = row_groups(g);
+  const int64_t rows = g.rows(), channels = g.channels;
+  std::vector<acc_t> partial(groups.count * 2 * channels);
+  at::parallel_for(0, groups.count, 1, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> scratch(2 * channels);
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * groups.rows_per_group, last = std::min(rows, first + groups.rows_per_group);
+      acc_t* out = partial.data() + group * 2 * channels;
+      if (first < last) group_statistics<scalar_t, acc_t>(x, channels, first, last, out, out + channels, scratch.data());
+    }
+  });
+  for (int64_t group = 0; group < groups.count; ++group) {
+    const int64_t first = group * groups.rows_per_group, last = std::min(rows, first + groups.rows_per_group);
+    if (first >= last) continue;
+    const acc_t* in = partial.data() + group * 2 * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      result[c] = welford_merge(result[c], Welford<acc_t>{in[c], in[channels + c], last - first});
+    }
+  }
+  return result;
+}
+
+template <typename scalar_t, typename acc_t>
+void normalize(const scalar_t* x, scalar_t* y, const BatchNormGeometry& g, const std::vector<BatchNormAffine<acc_t>>& affine,
+               bool relu) {
+  if (!g.channels_inner) {
+    at::parallel_for(0, g.rows(), rows_per_task(g), [&](int64_t begin, int64_t end) {
+      normalize_runs<scalar_t, acc_t>(x, y, g, begin, end, affine.data(), relu);
+    });
+    return;
+  }
+  std::vector<acc_t> scale(g.channels), shift(g.channels);
+  for (int64_t c = 0; c < g.channels; ++c) {
+    scale[c] = affine[c].scale;
+    shift[c] = affine[c].shift;
+  }
+  at::parallel_for(0, g.rows(), rows_per_task(g), [&](int64_t begin, int64_t end) {
+    normalize_rows<scalar_t, acc_t>(x, y, g.channels, begin, end, scale.data(), shift.data(), relu);
+  });
+}
+
+// Per-channel (sum_dy, sum_dy_xmu), channel-inner layout.
+template <typename scalar_t, typename acc_t>
+std::vector<GradientSums<acc_t>> gradient_sums_rows(const scalar_t* dy, const scalar_t* x, const BatchNormGeometry& g,
+                                                    const std::vector<acc_t>& mean,
+                                                    const std::vector<BatchNormAffine<acc_t>>& affine, bool relu) {
+  const int64_t channels = g.channels, rows = g.rows();
+  std::vector<acc_t> scale(channels), shift(channels);
+  for (int64_t c = 0; c < channels; ++c) {
+    scale[c] = affine[c].scale;
+    shift[c] = affine[c].shift;
+  }
+  const RowGroups groups = row_groups(g);
+  std::vector<acc_t> partial(groups.count * 2 * channels, acc_t(0));
+  at::parallel_for(0, groups.count, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t group = begin; group < end; ++group) {
+      const int64_t first = group * groups.rows_per_group, last = std::min(rows, first + groups.rows_per_group);
+      acc_t* out = partial.data() + group * 2 * channels;
+      if (first < last) {
+        group_gradient_sums<scalar_t, acc_t>(dy, x, channels, first, last, mean.data(), scale.data(), shift.data(), out,
+                                             out + channels, relu);
+      }
+    }
+  });
+  std::vector<GradientSums<acc_t>> result(channels, GradientSums<acc_t>{0, 0});
+  for (int64_t group = 0; group < groups.count; ++group) {
+    const acc_t* in = partial.data() + group * 2 * channels;
+    for (int64_t c = 0; c < channels; ++c) {
+      result[c].sum_dy += in[c];
+      result[c].sum_dy_xmu += in[channels + c];
+    }
+  }
+  return result;
+}
+
+template <typename scalar_t, typename acc_t>
+void grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const BatchNormGeometry& g,
+                const std::vector<BackwardChannel<acc_t>>& channels, bool relu) {
+  if (!g.channels_inner) {
+    at::parallel_for(0, g.rows(), rows_per_task(g), [&](int64_t begin, int64_t end) {
+      grad_input_runs<scalar_t, acc_t>(dy, x, dx, g, begin, end, channels.data(), relu);
+    });
+    return;
+  }
+  BackwardArrays<acc_t> arrays(g.channels);
+  for (int64_t c = 0; c < g.channels; ++c) {
+    arrays.mean[c] = channels[c].mean;
+    arrays.scale[c] = channels[c].affine.scale;
+    arrays.shift[c] = channels[c].affine.shift;
+    arrays.dy_scale[c] = channels[c].k.dy_scale;
+    arrays.xmu_scale[c] = channels[c].k.xmu_scale;
+    arrays.constant[c] = channels[c].k.constant;
+  }
+  at::parallel_for(0, g.rows(), rows_per_task(g), [&](int64_t begin, int64_t end) {
+    grad_input_rows<scalar_t, acc_t>(dy, x, dx, g.channels, begin, end, arrays, relu);
+  });
+}
+
+// ---- host glue --------------------------------------------------------------------
+
+// The input (and grad_out) in the layout the kernels run on.
+struct Prepared {
+  at::Tensor input;
+  at::MemoryFormat format;
+  BatchNormGeometry geometry;
+};
+
+// An output (or grad_input) in the working layout, huge-page backed.
+at::Tensor empty_output(const at::Tensor& like) {
+  at::Tensor out = at::empty_like(like);
+  advise_huge_pages(out);
+  return out;
+}
+
+Prepared prepare(const at::Tensor& input) {
+  const at::MemoryFormat format = batch_norm_memory_format(input);
+  at::Tensor work = input.contiguous(format);
+  return Prepared{work, format, batch_norm_geometry(work, format)};
+}
+
+template <typename acc_t>
+std::vector<acc_t> channel_values(const std::optional<at::Tensor>& tensor, int64_t channels, acc_t fill) {
+  std::vector<acc_t> values(channels, fill);
+  if (has_tensor(tensor)) {
+    const at::Tensor contiguous = tensor->contiguous();
+    std::copy_n(contiguous.const_data_ptr<acc_t>(), channels, values.begin());
+  }
+  return values;
+}
+
+template <typename acc_t>
+std::vector<acc_t> channel_values(const at::Tensor& tensor, int64_t channels) {
+  return channel_values<acc_t>(std::optional<at::Tensor>(tensor), channels, acc_t(0));
+}
+
+template <typename acc_t>
+at::Tensor to_tensor(const std::vector<acc_t>& values, const at::TensorOptions& options) {
+  at::Tensor out = at::empty({static_cast<int64_t>(values.size())}, options);
+  std::copy(values.begin(), values.end(), out.mutable_data_ptr<acc_t>());
+  return out;
+}
+
+template <typename acc_t>
+std::vector<BatchNormAffine<acc_t>> affines(const std::vector<acc_t>& mean, const std::vector<acc_t>& invstd,
+                                            const std::vector<acc_t>& weight, const std::vector<acc_t>& bias) {
+  std::vector<BatchNormAffine<acc_t>> result(mean.size());
+  for (size_t c = 0; c < mean.size(); ++c) result[c] = batch_norm_affine(mean[c], invstd[c], weight[c], bias[c]);
+  return result;
+}
+
+at::TensorOptions accumulate_options(const at::Tensor& input) {
+  return input.options().dtype(batch_norm_accumulate_type(input.scalar_type()));
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
+  check_batch_norm_input(input, "batch_norm_stats");
+  const Prepared p = prepare(input);
+  at::Tensor mean, var;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_stats_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto stats = statistics<scalar_t, acc_t>(p.input.const_data_ptr<scalar_t>(), p.geometry);
+    std::vector<acc_t> m(stats.size()), v(stats.size());
+    for (size_t c = 0; c < stats.size(); ++c) {
+      m[c] = stats[c].mean;
+      v[c] = welford_variance(stats[c]);
+    }
+    mean = to_tensor(m, accumulate_options(input));
+    var = to_tensor(v, accumulate_options(input));
+  });
+  return {mean, var};
+}
+
+at::Tensor batch_norm_elementwise_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                      bool relu) {
+  const char* op = "batch_norm_elementwise";
+  check_batch_norm_input(input, op);
+  check_channel_tensor(mean, input, "mean", op);
+  check_channel_tensor(invstd, input, "invstd", op);
+  check_optional_channel_tensor(weight, input, "weight", op);
+  check_optional_channel_tensor(bias, input, "bias", op);
+  const Prepared p = prepare(input);
+  at::Tensor output = empty_output(p.input);
+  if (input.numel() == 0) return output;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_elementwise_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t channels = p.geometry.channels;
+    const auto affine = affines(channel_values<acc_t>(mean, channels), channel_values<acc_t>(invstd, channels),
+                                channel_values<acc_t>(weight, channels, acc_t(1)),
+                                channel_values<acc_t>(bias, channels, acc_t(0)));
+    normalize<scalar_t, acc_t>(p.input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), p.geometry,
+                               affine, relu);
+  });
+  return output;
+}
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                                                  const at::Tensor& mean, const at::Tensor& invstd,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias, bool relu) {
+  const char* op = "batch_norm_backward_reduce";
+  check_batch_norm_input(input, op);
+  check_grad_output(grad_out, input, op);
+  check_channel_tensor(mean, input, "mean", op);
+  check_channel_tensor(invstd, input, "invstd", op);
+  check_optional_channel_tensor(weight, input, "weight", op);
+  check_optional_channel_tensor(bias, input, "bias", op);
+  const Prepared p = prepare(input);
+  const at::Tensor dy = grad_out.contiguous(p.format);
+  at::Tensor sum_dy, sum_dy_xmu;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_reduce_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BatchNormGeometry& g = p.geometry;
+    const auto mean_values = channel_values<acc_t>(mean, g.channels);
+    const auto affine = affines(mean_values, channel_values<acc_t>(invstd, g.channels),
+                                channel_values<acc_t>(weight, g.channels, acc_t(1)),
+                                channel_values<acc_t>(bias, g.channels, acc_t(0)));
+    const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    std::vector<GradientSums<acc_t>> sums(g.channels, GradientSums<acc_t>{0, 0});
+    if (input.numel() > 0) {
+      if (g.channels_inner) {
+        sums = gradient_sums_rows<scalar_t, acc_t>(dy_data, x, g, mean_values, affine, relu);
+      } else {
+        at::parallel_for(0, g.channels, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            sums[c] = channel_gradient_sums<scalar_t, acc_t>(dy_data, x, g, c, mean_values[c], affine[c], relu);
+          }
+        });
+      }
+    }
+    std::vector<acc_t> a(g.channels), b(g.channels);
+    for (int64_t c = 0; c < g.channels; ++c) {
+      a[c] = sums[c].sum_dy;
+      b[c] = sums[c].sum_dy_xmu;
+    }
+    sum_dy = to_tensor(a, accumulate_options(input));
+    sum_dy_xmu = to_tensor(b, accumulate_options(input));
+  });
+  return {sum_dy, sum_dy_xmu};
+}
+
+at::Tensor batch_norm_backward_elementwise_cpu(const at::Tensor& grad_out, const at::Tensor& input,
+                                               const at::Tensor& mean, const at::Tensor& invstd,
+                                               const std::optional<at::Tensor>& weight,
+                                               const std::optional<at::Tensor>& bias, const at::Tensor& sum_dy,
+                                               const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
+  const char* op = "batch_norm_backward_elementwise";
+  check_batch_norm_input(input, op);
+  check_grad_output(grad_out, input, op);
+  check_channel_tensor(mean, input, "mean", op);
+  check_channel_tensor(invstd, input, "invstd", op);
+  check_optional_channel_tensor(weight, input, "weight", op);
+  check_optional_channel_tensor(bias, input, "bias", op);
+  check_channel_tensor(sum_dy, input, "sum_dy", op);
+  check_channel_tensor(sum_dy_xmu, input, "sum_dy_xmu", op);
+  TORCH_CHECK(count > 0, "regops ", op, ": count must be positive, got ", count);
+  const Prepared p = prepare(input);
+  const at::Tensor dy = grad_out.contiguous(p.format);
+  at::Tensor grad_input_tensor = empty_output(p.input);
+  if (input.numel() == 0) return grad_input_tensor;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_elementwise_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const BatchNormGeometry& g = p.geometry;
+    const auto mean_values = channel_values<acc_t>(mean, g.channels);
+    const auto invstd_values = channel_values<acc_t>(invstd, g.channels);
+    const auto weight_values = channel_values<acc_t>(weight, g.channels, acc_t(1));
+    const auto affine = affines(mean_values, invstd_values, weight_values, channel_values<acc_t>(bias, g.channels, acc_t(0)));
+    const auto a = channel_values<acc_t>(sum_dy, g.channels);
+    const auto b = channel_values<acc_t>(sum_dy_xmu, g.channels);
+    std::vector<BackwardChannel<acc_t>> channels(g.channels);
+    for (int64_t c = 0; c < g.channels; ++c) {
+      channels[c] = BackwardChannel<acc_t>{
+          mean_values[c], affine[c],
+          batch_norm_backward_coefficients(invstd_values[c], weight_values[c], a[c], b[c], static_cast<acc_t>(count), true)};
+    }
+    grad_input<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), p.input.const_data_ptr<scalar_t>(),
+                                grad_input_tensor.mutable_data_ptr<scalar_t>(), g, channels, relu);
+  });
+  return grad_input_tensor;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
+    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
+    double eps, bool relu) {
+  const char* op = "batch_norm_forward";
+  check_batch_norm_input(input, op);
+  check_optional_channel_tensor(weight, input, "weight", op);
+  check_optional_channel_tensor(bias, input, "bias", op);
+  check_optional_channel_tensor(running_mean, input, "running_mean", op);
+  check_optional_channel_tensor(running_var, input, "running_var", op);
+  TORCH_CHECK(training || (has_tensor(running_mean) && has_tensor(running_var)), "regops ", op,
+              ": running_mean and running_var must be given in eval mode (training=False)");
+  const Prepared p = prepare(input);
+  const BatchNormGeometry& g = p.geometry;
+  TORCH_CHECK(!training || g.count_per_channel() != 1, "regops ", op,
+              ": expected more than 1 value per channel when training, got input size ", input.sizes());
+  at::Tensor output = empty_output(p.input);
+  const at::TensorOptions options = accumulate_options(input);
+  at::Tensor save_mean, save_invstd, batch_var = at::empty({0}, options);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_forward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t channels = g.channels;
+    const auto weight_values = channel_values<acc_t>(weight, channels, acc_t(1));
+    const auto bias_values = channel_values<acc_t>(bias, channels, acc_t(0));
+    const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+    scalar_t* y = output.mutable_data_ptr<scalar_t>();
+    std::vector<acc_t> mean(channels), invstd(channels);
+    if (!training) {
+      mean = channel_values<acc_t>(*running_mean, channels);
+      const auto var = channel_values<acc_t>(*running_var, channels);
+      for (int64_t c = 0; c < channels; ++c) invstd[c] = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));
+      if (input.numel() > 0) normalize<scalar_t, acc_t>(x, y, g, affines(mean, invstd, weight_values, bias_values), relu);
+    } else {
+      std::vector<acc_t> var(channels, acc_t(0));
+      if (g.channels_inner) {
+        const auto stats = statistics<scalar_t, acc_t>(x, g);
+        for (int64_t c = 0; c < channels; ++c) {
+          mean[c] = stats[c].mean;
+          var[c] = welford_variance(stats[c]);
+          invstd[c] = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));
+        }
+        if (input.numel() > 0) normalize<scalar_t, acc_t>(x, y, g, affines(mean, invstd, weight_values, bias_values), relu);
+      } else {
+        // Statistics and normalization of one channel back to back: its
+        // elements are still in L2 for the second pass.
+        at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+          for (int64_t c = begin; c < end; ++c) {
+            const Welford<acc_t> stats = channel_statistics<scalar_t, acc_t>(x, g, c);
+            mean[c] = stats.mean;
+            var[c] = welford_variance(stats);
+            invstd[c] = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));
+            const BatchNormAffine<acc_t> affine = batch_norm_affine(mean[c], invstd[c], weight_values[c], bias_values[c]);
+            normalize_channel<scalar_t, acc_t>(x, y, g, c, affine, relu);
+          }
+        });
+      }
+      batch_var = to_tensor(var, options);
+    }
+    save_mean = to_tensor(mean, options);
+    save_invstd = to_tensor(invstd, options);
+  });
+  return {output, save_mean, save_invstd, batch_var};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
+    bool relu) {
+  const char* op = "batch_norm_backward";
+  check_batch_norm_input(input, op);
+  check_grad_output(grad_out, input, op);
+  check_optional_channel_tensor(weight, input, "weight", op);
+  check_optional_channel_tensor(bias, input, "bias", op);
+  check_channel_tensor(save_mean, input, "save_mean", op);
+  check_channel_tensor(save_invstd, input, "save_invstd", op);
+  const Prepared p = prepare(input);
+  const BatchNormGeometry& g = p.geometry;
+  const at::Tensor dy = grad_out.contiguous(p.format);
+  at::Tensor dx = empty_output(p.input);
+  const at::TensorOptions options = accumulate_options(input);
+  at::Tensor grad_weight, grad_bias;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const int64_t channels = g.channels;
+    const auto mean = channel_values<acc_t>(save_mean, channels);
+    const auto invstd = channel_values<acc_t>(save_invstd, channels);
+    const auto weight_values = channel_values<acc_t>(weight, channels, acc_t(1));
+    const auto affine = affines(mean, invstd, weight_values, channel_values<acc_t>(bias, channels, acc_t(0)));
+    const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+    const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
+    const acc_t count = static_cast<acc_t>(std::max<int64_t>(1, g.count_per_channel()));
+    std::vector<GradientSums<acc_t>> sums(channels, GradientSums<acc_t>{0, 0});
+    auto channel_for = [&](int64_t c) {
+      return BackwardChannel<acc_t>{mean[c], affine[c],
+                                    batch_norm_backward_coefficients(invstd[c], weight_values[c], sums[c].sum_dy,
+                                                                     sums[c].sum_dy_xmu, count, training)};
+    };
+    if (input.numel() > 0 && g.channels_inner) {
+      sums = gradient_sums_rows<scalar_t, acc_t>(dy_data, x, g, mean, affine, relu);
+      std::vector<BackwardChannel<acc_t>> per_channel(channels);
+      for (int64_t c = 0; c < channels; ++c) per_channel[c] = channel_for(c);
+      grad_input<scalar_t, acc_t>(dy_data, x, dx_data, g, per_channel, relu);
+    } else if (input.numel() > 0) {
+      // Sums and grad_input of one channel back to back, as in the forward.
+      at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
+        for (int64_t c = begin; c < end; ++c) {
+          sums[c] = channel_gradient_sums<scalar_t, acc_t>(dy_data, x, g, c, mean[c], affine[c], relu);
+          grad_input_channel<scalar_t, acc_t>(dy_data, x, dx_data, g, c, channel_for(c), relu);
+        }
+      });
+    }
+    std::vector<acc_t> gw(channels), gb(channels);
+    for (int64_t c = 0; c < channels; ++c) {
+      gw[c] = sums[c].sum_dy_xmu * invstd[c];
+      gb[c] = sums[c].sum_dy;
+    }
+    grad_weight = to_tensor(gw, options);
+    grad_bias = to_tensor(gb, options);
+  });
+  return {dx, grad_weight, grad_bias};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(regops, CPU, m) {
+  m.impl("batch_norm_forward", &batch_norm_forward_cpu);
+  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
+  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
+  m.impl("batch_norm_elementwise", &batch_norm_elementwise_cpu);
+  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
+  m.impl("batch_norm_backward_elementwise", &batch_norm_backward_elementwise_cpu);
+}
+
+}  // namespace regops

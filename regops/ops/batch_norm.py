@@ -1,0 +1,310 @@
+"""Batch normalization, optionally fused with ReLU, and the building blocks of
+a synchronized batch norm.
+
+Semantics of ``torch.nn.functional.batch_norm``: training normalizes with the
+biased batch variance and updates the running statistics in place
+(running = (1 - momentum) * running + momentum * batch, the unbiased variance
+going into ``running_var``); eval normalizes with the running statistics. The
+formulas are written once in csrc/include/regops/batch_norm.h.
+
+Inputs are (N, C, ...) float32, float16 or bfloat16 (float64 too), contiguous
+or channels_last / channels_last_3d, handled without a transposing copy; the
+output keeps the input's memory format. Statistics, weight and bias are
+float32 (float64 for float64 inputs); parameters and buffers of the input's
+own dtype (a model moved with ``.to(torch.bfloat16)``) are accepted too.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import torch
+
+from regops import reference
+from regops._backend import _TRITON_IMPORTABLE, backend_for
+from regops.ops._common import check_tensor
+
+if _TRITON_IMPORTABLE:
+    from regops.triton import batch_norm as _triton_batch_norm  # noqa: F401  (registers the triton ops)
+
+_native = torch.ops.regops
+_INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+ACTIVATIONS = (None, "relu")
+
+
+def _op(backend: str, name: str):
+    if backend == "triton":
+        return getattr(_native, f"triton_{name}").default
+    return getattr(_native, name).default
+
+
+def accumulate_dtype(input: torch.Tensor) -> torch.dtype:
+    return reference.batch_norm_accumulate_dtype(input.dtype)
+
+
+def memory_format(input: torch.Tensor) -> torch.memory_format:
+    """The layout the kernels work in and return: the input's own when it is
+    contiguous or channels_last(_3d), else contiguous."""
+    return reference.batch_norm_memory_format(input)
+
+
+def check_activation(activation) -> str | None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be None or 'relu', got {activation!r}")
+    return activation
+
+
+def _check_input(input) -> torch.Tensor:
+    check_tensor(input, "input")
+    if input.dim() < 2:
+        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    if input.dtype not in _INPUT_DTYPES:
+        raise TypeError(f"input must be float32, float16, bfloat16 or float64, got {input.dtype}")
+    return input
+
+
+def _check_real(value, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name} must be a real number, got {value!r}")
+    return float(value)
+
+
+def _check_momentum(value):
+    """A real number, or a one-element tensor (a module with momentum=None
+    passes 1 / num_batches_tracked as a tensor, so that torch.compile traces it)."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"momentum must be a real number or a one-element floating-point tensor, "
+                             f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        return value
+    return _check_real(value, "momentum")
+
+
+def _channel_tensor(tensor, name: str, input: torch.Tensor, *, optional: bool = True):
+    """A (C,) tensor on the input's device, in the accumulate dtype: a tensor
+    of the input's own dtype is converted (differentiably), anything else is
+    an error naming the argument."""
+    if tensor is None:
+        if optional:
+            return None
+        raise ValueError(f"{name} must be a tensor, got None")
+    check_tensor(tensor, name)
+    channels = input.shape[1]
+    if tuple(tensor.shape) != (channels,):
+        raise ValueError(f"{name} must have shape ({channels},), one value per channel of input "
+                         f"(input shape {tuple(input.shape)}), got {tuple(tensor.shape)}")
+    if tensor.device != input.device:
+        raise ValueError(f"{name} is on {tensor.device} but input is on {input.device}")
+    wanted = accumulate_dtype(input)
+    if tensor.dtype == wanted:
+        return tensor
+    if tensor.dtype == input.dtype:
+        return tensor.to(wanted)
+    raise ValueError(f"{name} must be {wanted} (or {input.dtype} like input), got {tensor.dtype}")
+
+
+def _check_count(input: torch.Tensor) -> None:
+    """torch's rule: training needs more than one value per channel."""
+    values = input.shape[0]
+    for size in input.shape[2:]:
+        values *= size
+    if values == 1:
+        raise ValueError(f"Expected more than 1 value per channel when training, got input size {input.size()}")
+
+
+def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
+               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
+               momentum: float = 0.1, eps: float = 1e-5, *, activation: str | None = None) -> torch.Tensor:
+    """Drop-in for ``torch.nn.functional.batch_norm``; ``activation="relu"``
+    fuses a ReLU into the forward and the backward (whose mask is recomputed,
+    not stored). In training the running buffers are updated in place."""
+    _check_input(input)
+    relu = check_activation(activation) == "relu"
+    momentum = _check_momentum(momentum)
+    eps = _check_real(eps, "eps")
+    if eps < 0:
+        raise ValueError(f"eps must be non-negative, got {eps}")
+    w = _channel_tensor(weight, "weight", input)
+    b = _channel_tensor(bias, "bias", input)
+    rm = _channel_tensor(running_mean, "running_mean", input)
+    rv = _channel_tensor(running_var, "running_var", input)
+    if not training and (running_mean is None or running_var is None):
+        raise ValueError("running_mean and running_var must be given when training=False")
+    if training:
+        _check_count(input)
+    backend = backend_for(input)
+    if backend == "reference":
+        return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
+                                    activation=activation)
+    forward = _op(backend, "batch_norm_forward")
+    if not training:
+        return forward(input, w, b, rm, rv, False, eps, relu)[0]
+    output, batch_mean, _, batch_var = forward(input, w, b, None, None, True, eps, relu)
+    _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum)
+    return output
+
+
+def _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum) -> None:
+    """running = (1 - momentum) * running + momentum * batch, in place, with
+    the unbiased variance; an empty batch changes nothing (as in torch)."""
+    count = input.numel() // max(1, input.shape[1])
+    if count == 0:
+        return
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.copy_(running_mean.to(batch_mean.dtype) * (1 - momentum) + batch_mean.detach() * momentum)
+        if running_var is not None:
+            unbiased = batch_var * (count / max(1, count - 1))
+            running_var.copy_(running_var.to(batch_var.dtype) * (1 - momentum) + unbiased * momentum)
+
+
+# --- the building blocks of a synchronized batch norm ------------------------------
+
+def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and biased variance of (N, C, ...) ``input`` (Welford,
+    float32; float64 for float64 input)."""
+    _check_input(input)
+    backend = backend_for(input)
+    if backend == "reference":
+        return reference.batch_norm_stats(input)
+    return _op(backend, "batch_norm_stats")(input)
+
+
+def batch_norm_elementwise(input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                           weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                           activation: str | None = None) -> torch.Tensor:
+    """act((input - mean) * invstd * weight + bias) per channel, in the input's memory format."""
+    _check_input(input)
+    relu = check_activation(activation) == "relu"
+    args = (input, _channel_tensor(mean, "mean", input, optional=False),
+            _channel_tensor(invstd, "invstd", input, optional=False),
+            _channel_tensor(weight, "weight", input), _channel_tensor(bias, "bias", input), relu)
+    backend = backend_for(input)
+    if backend == "reference":
+        return reference.batch_norm_elementwise(*args)
+    return _op(backend, "batch_norm_elementwise")(*args)
+
+
+def batch_norm_backward_reduce(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
+                               weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, *,
+                               activation: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel ``(sum(dy), sum(dy * (x - mean)))``; with the ReLU, dy is
+    masked where the recomputed forward output is not positive."""
+    _check_input(input)
+    _check_grad_out(grad_out, input)
+    relu = check_activation(activation) == "relu"
+    args = (grad_out, input, _channel_tensor(mean, "mean", input, optional=False),
+            _channel_tensor(invstd, "invstd", input, optional=False),
+            _channel_tensor(weight, "weight", input), _channel_tensor(bias, "bias", input), relu)
+    backend = backend_for(input)
+    if backend == "reference":
+        return reference.batch_norm_backward_reduce(*args)
+    return _op(backend, "batch_norm_backward_reduce")(*args)
+
+
+def batch_norm_backward_elementwise(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor,
+                                    invstd: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
+                                    sum_dy: torch.Tensor, sum_dy_xmu: torch.Tensor, count: int, *,
+                                    activation: str | None = None) -> torch.Tensor:
+    """grad_input of training-mode batch norm from the per-channel sums;
+    ``count`` is the number of elements per channel the sums cover (over all
+    ranks, after an all-reduce)."""
+    _check_input(input)
+    _check_grad_out(grad_out, input)
+    relu = check_activation(activation) == "relu"
+    if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count <= 0:
+        raise ValueError(f"count must be a positive integer, got {count!r}")
+    args = (grad_out, input, _channel_tensor(mean, "mean", input, optional=False),
+            _channel_tensor(invstd, "invstd", input, optional=False),
+            _channel_tensor(weight, "weight", input), _channel_tensor(bias, "bias", input),
+            _channel_tensor(sum_dy, "sum_dy", input, optional=False),
+            _channel_tensor(sum_dy_xmu, "sum_dy_xmu", input, optional=False), int(count), relu)
+    backend = backend_for(input)
+    if backend == "reference":
+        return reference.batch_norm_backward_elementwise(*args)
+    return _op(backend, "batch_norm_backward_elementwise")(*args)
+
+
+def _check_grad_out(grad_out, input: torch.Tensor) -> None:
+    check_tensor(grad_out, "grad_out")
+    if grad_out.shape != input.shape or grad_out.dtype != input.dtype or grad_out.device != input.device:
+        raise ValueError(f"grad_out must match input (shape {tuple(input.shape)}, {input.dtype}, {input.device}), "
+                         f"got shape {tuple(grad_out.shape)}, {grad_out.dtype}, {grad_out.device}")
+
+
+# --- fake kernels and autograd -------------------------------------------------------
+
+def _channels_like(input: torch.Tensor, channels: int | None = None) -> torch.Tensor:
+    return input.new_empty((input.shape[1] if channels is None else channels,), dtype=accumulate_dtype(input))
+
+
+def _output_like(input: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(input, memory_format=memory_format(input))
+
+
+def _check_fake_channels(input, *tensors) -> None:
+    for tensor in tensors:
+        if tensor is not None:
+            torch._check(tensor.shape == (input.shape[1],), lambda: "per-channel tensors must have shape (C,)")
+
+
+def _register_fakes() -> None:
+    @torch.library.register_fake("regops::batch_norm_forward")
+    def _forward_fake(input, weight, bias, running_mean, running_var, training, eps, relu):
+        _check_fake_channels(input, weight, bias, running_mean, running_var)
+        batch_var = _channels_like(input, None if training else 0)
+        return _output_like(input), _channels_like(input), _channels_like(input), batch_var
+
+    @torch.library.register_fake("regops::batch_norm_backward")
+    def _backward_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu):
+        _check_fake_channels(input, weight, bias, save_mean, save_invstd)
+        return _output_like(input), _channels_like(input), _channels_like(input)
+
+    @torch.library.register_fake("regops::batch_norm_stats")
+    def _stats_fake(input):
+        return _channels_like(input), _channels_like(input)
+
+    @torch.library.register_fake("regops::batch_norm_elementwise")
+    def _elementwise_fake(input, mean, invstd, weight, bias, relu):
+        _check_fake_channels(input, mean, invstd, weight, bias)
+        return _output_like(input)
+
+    @torch.library.register_fake("regops::batch_norm_backward_reduce")
+    def _backward_reduce_fake(grad_out, input, mean, invstd, weight, bias, relu):
+        _check_fake_channels(input, mean, invstd, weight, bias)
+        return _channels_like(input), _channels_like(input)
+
+    @torch.library.register_fake("regops::batch_norm_backward_elementwise")
+    def _backward_elementwise_fake(grad_out, input, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count, relu):
+        _check_fake_channels(input, mean, invstd, weight, bias, sum_dy, sum_dy_xmu)
+        return _output_like(input)
+
+
+def _register_autograd(backend: str) -> None:
+    forward = _op(backend, "batch_norm_forward")
+    backward = _op(backend, "batch_norm_backward")
+
+    def setup_context(ctx, inputs, output):
+        input, weight, bias, _, _, training, _, relu = inputs
+        _, save_mean, save_invstd, _ = output
+        ctx.training, ctx.relu = training, relu
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        # The ReLU mask is recomputed from x, so only the relu case keeps bias.
+        ctx.save_for_backward(input, weight, bias if relu else None, save_mean, save_invstd)
+
+    def backward_fn(ctx, grad_output, *_unused):
+        input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
+        grad_input, grad_weight, grad_bias = backward(grad_output, input, weight, bias, save_mean, save_invstd,
+                                                      ctx.training, ctx.relu)
+        return (grad_input if ctx.needs_input_grad[0] else None,
+                grad_weight if ctx.has_weight and ctx.needs_input_grad[1] else None,
+                grad_bias if ctx.has_bias and ctx.needs_input_grad[2] else None,
+                None, None, None, None, None)
+
+    torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+
+
+_register_fakes()
+_register_autograd("cpu")
+if _TRITON_IMPORTABLE:
+    _register_autograd("triton")
