@@ -33,8 +33,8 @@ from regops.ops.batch_norm import (accumulate_dtype, batch_norm_backward_element
 
 def _all_gather_rows(local: torch.Tensor, process_group, world_size: int) -> torch.Tensor:
     """(world_size, n): row r is rank r's ``local`` (n,), in one collective."""
-    if dist.get_backend(process_group) == dist.Backend.GLOO:
-        # gloo has no all_gather_into_tensor.
+    if local.device.type == "cpu" or dist.get_backend(process_group) == dist.Backend.GLOO:
+        # gloo, which serves CPU tensors, has no all_gather_into_tensor.
         rows = [torch.empty_like(local) for _ in range(world_size)]
         dist.all_gather(rows, local, group=process_group)
         return torch.stack(rows)

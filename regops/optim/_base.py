@@ -73,8 +73,9 @@ class PenalizedOptimizer(Optimizer):
         """Squared L2 norm of all gradients (local tensors, as stored: still
         multiplied by GradScaler's scale when it passes one), a float32 scalar
         on the device of the first gradient; one multi_tensor_norm pass per
-        (device, dtype), no host synchronization. A sharded subclass
-        all-reduces (sums) this result across ranks."""
+        (device, dtype), no host synchronization. For FSDP2's sharded
+        DTensor gradients regops.distributed.grad_norm_squared calls this on
+        the local shards and all-reduces (sums) the result across ranks."""
         buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for grads in grads_by_group:
             for grad in grads:
