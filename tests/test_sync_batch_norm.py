@@ -4,6 +4,8 @@ concatenated batch (unequal and empty local batches included), with one
 all-gather per forward and one all-reduce per backward; the single-process
 fallback and convert_sync_batchnorm."""
 
+import contextlib
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -28,7 +30,12 @@ CASES = {
              affine=False, momentum=None, track=True),
         dict(sizes=[2, 5], sample=(3, 7), layout=torch.contiguous_format, dtype=torch.float16, activation="relu",
              affine=True, momentum=0.2, track=True),
-    ],
+        # The same building blocks on the other backends.
+        dict(sizes=[3, 2], sample=(3, 2, 3), layout=torch.channels_last, dtype=torch.float32, activation="relu",
+             affine=True, momentum=0.1, track=True, backend="reference"),
+    ] + ([dict(sizes=[2, 3], sample=(3, 5), layout=torch.contiguous_format, dtype=torch.float32, activation="relu",
+               affine=True, momentum=0.1, track=True, backend="triton")]
+         if "triton" in regops.available_backends() else []),
     3: [
         dict(sizes=[2, 0, 5], sample=(3, 4), layout=torch.contiguous_format, dtype=torch.float32,
              activation="relu", affine=True, momentum=0.1, track=True),
@@ -95,21 +102,29 @@ def _run_sync_batch_norm(rank, world_size):
                 module.bias.copy_(bias)
         start = sum(case["sizes"][:rank])
         rows = slice(start, start + case["sizes"][rank])
-        per_step = []
-        for x, grad in steps:
-            local = _layout(x[rows].clone(), case["layout"]).requires_grad_()
-            before = dict(counts)
-            output = module(local)
-            output.backward(_layout(grad[rows].clone(), case["layout"]))
-            collectives = {name: counts[name] - before[name] for name in counts}
-            per_step.append(dict(output=output.detach(), grad_input=local.grad,
-                                 grad_weight=None if module.weight is None else module.weight.grad.clone(),
-                                 grad_bias=None if module.bias is None else module.bias.grad.clone(),
-                                 collectives=collectives, output_is_channels_last=output.is_contiguous(
-                                     memory_format=case["layout"])))
-            module.zero_grad()
+        backend = regops.use_backend(case["backend"]) if "backend" in case else contextlib.nullcontext()
+        with backend:
+            per_step = _steps(module, steps, rows, case, counts)
         results.append(dict(steps=per_step, buffers={name: value.clone() for name, value in module.named_buffers()}))
     return results
+
+
+def _steps(module, steps, rows, case, counts):
+    """Forward and backward of every step on this rank's ``rows``."""
+    per_step = []
+    for x, grad in steps:
+        local = _layout(x[rows].clone(), case["layout"]).requires_grad_()
+        before = dict(counts)
+        output = module(local)
+        output.backward(_layout(grad[rows].clone(), case["layout"]))
+        collectives = {name: counts[name] - before[name] for name in counts}
+        per_step.append(dict(output=output.detach(), grad_input=local.grad,
+                             grad_weight=None if module.weight is None else module.weight.grad.clone(),
+                             grad_bias=None if module.bias is None else module.bias.grad.clone(),
+                             collectives=collectives,
+                             output_keeps_layout=output.is_contiguous(memory_format=case["layout"])))
+        module.zero_grad()
+    return per_step
 
 
 def _reference(case: dict, index: int):
@@ -160,7 +175,7 @@ def test_sync_batch_norm_matches_batch_norm_over_the_global_batch(world_size):
                        torch.float32 if dtype == torch.float32 else dtype)
             for rank, r in enumerate(per_rank):
                 assert r["collectives"] == {"all_gather": 1, "all_reduce": 1}, (name, rank, r["collectives"])
-                assert r["output_is_channels_last"], (name, rank)
+                assert r["output_keeps_layout"], (name, rank)
         for rank, result in enumerate(results):
             buffers = result[index]["buffers"]
             if case["track"]:
