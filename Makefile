@@ -11,8 +11,12 @@ export CUDA_HOME
 # Where gpu-check writes its report (the device tool collects $OUT).
 OUT         ?= benchmarks/results
 PYTEST_ARGS ?=
+# The tests `make test` also runs against the ASan + UBSan build of the C++
+# CPU kernels (`make sanitize-quick`); empty skips that step. `make sanitize`
+# runs every CPU test there instead.
+SANITIZE_SUBSET ?= tests/test_dropout.py tests/test_hostile.py tests/test_properties.py -k "not triton"
 
-.PHONY: all venv build test demo bench bench-quick gpu-check sanitize clean
+.PHONY: all venv build test demo bench bench-quick gpu-check sanitize sanitize-quick clean
 
 all: test
 
@@ -33,6 +37,18 @@ build: venv
 test: build
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
 	$(PYTHON) benchmarks/run.py --quick --no-record
+ifneq ($(strip $(SANITIZE_SUBSET)),)
+	$(MAKE) sanitize-quick
+endif
+
+# The C++ CPU kernels built with AddressSanitizer + UBSan into build/sanitize
+# (the normal build is untouched), then the CPU tests run against them; any
+# report aborts with a stack trace. See tests/sanitize.sh.
+sanitize: venv
+	PYTHON=$(PYTHON) bash tests/sanitize.sh
+
+sanitize-quick: venv
+	PYTHON=$(PYTHON) bash tests/sanitize.sh $(SANITIZE_SUBSET)
 
 demo: build
 	$(PYTHON) benchmarks/bench_dropout.py --sizes 1M,4M,16M --dtypes float32

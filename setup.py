@@ -55,12 +55,17 @@ def _extension():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = [os.path.join(ROOT, "csrc", "include")]
     cxx_flags = ["-O3", "-fopenmp"]  # torch picks the C++ standard its headers need
+    link_flags = ["-fopenmp"]
     if os.environ.get("REGOPS_SANITIZE"):
-        cxx_flags += ["-fsanitize=address,undefined", "-fno-omit-frame-pointer", "-O1"]
+        # tests/sanitize.sh (make sanitize). Linking with the flags too makes
+        # the library depend on the UBSan runtime, whose handlers it calls.
+        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+        cxx_flags += sanitize + ["-fno-omit-frame-pointer", "-O1", "-g"]
+        link_flags += sanitize
     if not _want_cuda():
         return cpp_extension.CppExtension(
             "regops._C", cpu_sources, include_dirs=include_dirs,
-            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"],
+            extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         )
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
     cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
@@ -72,7 +77,7 @@ def _extension():
             "cxx": cxx_flags,
             "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
         },
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_flags,
     )
 
 

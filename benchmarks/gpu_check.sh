@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # One visit to a GPU machine proves everything (`make gpu-check`): build for
 # the local GPU, run the whole test suite there (cuda and triton backends),
-# compute-sanitizer memcheck over a short CUDA subset (racecheck over the
+# compute-sanitizer memcheck over every op's CUDA tests (racecheck over the
 # kernels that use shared memory), then the benchmark suite. Writes one
 # markdown report, $OUT/gpu-check.md, and exits non-zero on any failure.
 # Uses the machine's own python3 and torch: no venv, no network.
@@ -50,14 +50,28 @@ grep -E "passed|failed|error" "$OUT/pytest.log" | tail -n 3 > "$OUT/pytest.tail"
 grep -E "^(FAILED|ERROR)" "$OUT/pytest.log" | head -n 30 >> "$OUT/pytest.tail"
 fence "$OUT/pytest.tail"
 
-# Sanitizers: a short subset, since every access is instrumented.
-SANITIZE_TESTS=${SANITIZE_TESTS:-"tests/test_dropout.py -k cuda-cuda"}
-step "compute-sanitizer memcheck" "$OUT/memcheck.log" 240 \
-  compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" -m pytest -q -x -p no:cacheprovider $SANITIZE_TESTS
+# Sanitizers: the CUDA tests of every op (compile tests left out: they spend
+# their time in Inductor, not in our kernels), since every access is
+# instrumented. memcheck: out-of-bounds and misaligned accesses; racecheck:
+# shared-memory hazards, so only the ops whose kernels use shared memory.
+# SANITIZE_TESTS / RACECHECK_TESTS (pytest arguments without -k) and
+# SANITIZE_K / RACECHECK_K override the defaults; RACECHECK_TESTS="" skips it.
+op_tests() { for f in "$@"; do [ -e "$f" ] && printf '%s ' "$f"; done; }
+SANITIZE_TESTS=${SANITIZE_TESTS:-$(op_tests tests/test_dropout.py tests/test_batch_norm.py tests/test_optim*.py tests/test_hostile.py)}
+SANITIZE_K=${SANITIZE_K:-"cuda and not compile"}
+RACECHECK_TESTS=${RACECHECK_TESTS-$(op_tests tests/test_batch_norm.py)}
+RACECHECK_K=${RACECHECK_K:-"cuda and not compile"}
+export HYPOTHESIS_PROFILE=${HYPOTHESIS_PROFILE:-ci}
+# shellcheck disable=SC2086  # the test lists are meant to split into words
+step "compute-sanitizer memcheck" "$OUT/memcheck.log" 300 \
+  compute-sanitizer --tool memcheck --error-exitcode 1 "$PYTHON" -m pytest -q -x -p no:cacheprovider \
+  $SANITIZE_TESTS -k "$SANITIZE_K"
 grep -E "ERROR SUMMARY|passed|failed" "$OUT/memcheck.log" | tail -n 4 > "$OUT/memcheck.tail"; fence "$OUT/memcheck.tail"
-if [ -n "${RACECHECK_TESTS:-}" ]; then
+if [ -n "${RACECHECK_TESTS// /}" ]; then
+  # shellcheck disable=SC2086
   step "compute-sanitizer racecheck" "$OUT/racecheck.log" 240 \
-    compute-sanitizer --tool racecheck --error-exitcode 1 "$PYTHON" -m pytest -q -x -p no:cacheprovider $RACECHECK_TESTS
+    compute-sanitizer --tool racecheck --error-exitcode 1 "$PYTHON" -m pytest -q -x \
+    -p no:cacheprovider $RACECHECK_TESTS -k "$RACECHECK_K"
   grep -E "RACECHECK SUMMARY|ERROR SUMMARY|passed|failed" "$OUT/racecheck.log" | tail -n 4 > "$OUT/racecheck.tail"
   fence "$OUT/racecheck.tail"
 fi

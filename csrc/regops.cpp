@@ -50,7 +50,6 @@ TORCH_LIBRARY(regops, m) {
   // The L2 norm (or, squared=True, its square) of all tensors together as a
   // float32 scalar on their device, accumulated in float32 in one pass.
   m.def("multi_tensor_norm(Tensor[] tensors, bool squared=False) -> Tensor");
-
   // Batch normalization (csrc/include/regops/batch_norm.h has the formulas).
   // input is (N, C, ...), contiguous or channels_last / channels_last_3d;
   // mean, invstd, weight, bias, running statistics and the per-channel sums

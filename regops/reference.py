@@ -184,7 +184,6 @@ def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:
                 torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None))
     return (total if squared else total.sqrt()).float()
 
-
 # --- batch normalization ---------------------------------------------------------
 # The formulas of csrc/include/regops/batch_norm.h in plain torch, computed in
 # the accumulate dtype (float32, float64 for float64) and cast once.

@@ -13,8 +13,22 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
 
 import regops  # noqa: E402
+
+# Hypothesis profiles (tests/test_properties.py, tests/test_hostile.py), chosen
+# with HYPOTHESIS_PROFILE. "ci", the default, is bounded and derandomized: the
+# same examples every run, so a CI failure replays anywhere. "dev" draws fresh
+# random examples each run and prints a reproduction blob on failure
+# (@reproduce_failure); "thorough" is for a long local hunt.
+_SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
+settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
+                          suppress_health_check=_SLOW_OK)
+settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK)
+settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True,
+                          suppress_health_check=_SLOW_OK)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
 

@@ -41,6 +41,13 @@ def _check_seed_offset(seed, offset) -> None:
         raise ValueError(f"offset must be an integer in [0, 2**62), got {offset!r}")
 
 
+def _check_same_device(tensor: torch.Tensor, name: str, other: torch.Tensor, other_name: str) -> None:
+    # Not only a nicer message: a meta tensor next to CPU tensors would
+    # dispatch to the fake kernel, which returns uninitialized memory.
+    if tensor.device != other.device:
+        raise ValueError(f"{name} must be on {other_name}'s device ({other.device}), got {tensor.device}")
+
+
 def _seed_tensor(seed, device: torch.device) -> torch.Tensor:
     """The seed as a one-element int64 tensor on ``device``. A None seed is
     drawn from torch's default generator for that device, on the device, so a
@@ -109,6 +116,7 @@ def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.
     if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != expected:
         raise ValueError(f"mask must be a flat uint8 tensor of {expected} bytes for a grad of {grad.numel()} "
                          f"elements, got dtype {mask.dtype} and shape {tuple(mask.shape)}")
+    _check_same_device(mask, "mask", grad, "grad")
     backend = backend_for(grad)
     if backend == "reference":
         return reference.dropout_backward(grad, mask, p)
@@ -137,6 +145,7 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         raise ValueError(f"counter must be an int64 tensor of shape (N, 4), got {counter.dtype} {tuple(counter.shape)}")
     if key.dtype != torch.int64 or key.shape != (counter.shape[0], 2):
         raise ValueError(f"key must be an int64 tensor of shape ({counter.shape[0]}, 2), got {key.dtype} {tuple(key.shape)}")
+    _check_same_device(key, "key", counter, "counter")
     backend = backend_for(counter)
     if backend == "reference":
         return torch.stack(reference.philox4x32_10(list(counter.unbind(1)), (key[:, 0], key[:, 1])), dim=1)
@@ -147,14 +156,24 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
 
 # --- fake kernels and autograd -------------------------------------------------
 
+# These also serve as the Meta kernels, which the dispatcher picks whenever any
+# argument is a meta tensor: the device checks below turn a meta tensor mixed
+# with real ones into an error instead of an uninitialized real output.
+def _check_seed_device(seed, input):
+    torch._check(seed.device == input.device or seed.device.type == "cpu",
+                 lambda: f"seed must be on the input's device ({input.device}) or the CPU, got {seed.device}")
+
+
 @torch.library.register_fake("regops::philox4x32_10")
 def _philox_fake(counter, key):
+    torch._check(key.device == counter.device, lambda: "counter and key must be on one device")
     return torch.empty_like(counter)
 
 
 @torch.library.register_fake("regops::dropout_forward")
 def _dropout_forward_fake(input, p, seed, offset, store_mask):
     torch._check(seed.numel() == 1, lambda: "seed must be a one-element int64 tensor")
+    _check_seed_device(seed, input)
     output = torch.empty_like(input, memory_format=torch.contiguous_format)
     mask = input.new_empty((reference.mask_bytes(input.numel()) if store_mask else 0,), dtype=torch.uint8)
     return output, mask
@@ -162,12 +181,14 @@ def _dropout_forward_fake(input, p, seed, offset, store_mask):
 
 @torch.library.register_fake("regops::dropout_forward_")
 def _dropout_forward_inplace_fake(input, p, seed, offset, store_mask):
+    _check_seed_device(seed, input)
     return input.new_empty((reference.mask_bytes(input.numel()) if store_mask else 0,), dtype=torch.uint8)
 
 
 @torch.library.register_fake("regops::dropout_backward")
 def _dropout_backward_fake(grad, mask, p):
     torch._check(mask.dtype == torch.uint8, lambda: "mask must be uint8")
+    torch._check(mask.device == grad.device, lambda: f"mask is on {mask.device} but grad is on {grad.device}")
     return torch.empty_like(grad, memory_format=torch.contiguous_format)
 
 
