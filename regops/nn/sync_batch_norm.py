@@ -80,7 +80,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
                 new_var = running_var.double() * (1 - momentum) + unbiased * momentum
                 running_var.copy_(torch.where(updated, new_var, running_var.double()))
 
-        ctx.process_group, ctx.world_size, ctx.activation, ctx.count = process_group, world_size, activation, count
+        ctx.process_group, ctx.activation, ctx.count = process_group, activation, count
         ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         # The fused ReLU's backward recomputes its mask, which needs the bias.
