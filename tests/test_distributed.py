@@ -61,7 +61,9 @@ def test_harness_reraises_a_rank_exception_with_its_traceback():
 
 def test_harness_kills_ranks_that_run_past_the_timeout():
     start = time.monotonic()
-    with pytest.raises(TimeoutError, match=r"ranks \[1\] were still running"):
+    # Rank 0 returns at once; on a very loaded machine it may still be
+    # finishing when the deadline passes.
+    with pytest.raises(TimeoutError, match=r"ranks \[(0, )?1\] were still running"):
         run_distributed(_never_finish_on_rank_one, 2, timeout=4)
     assert time.monotonic() - start < 30
 
