@@ -215,8 +215,10 @@ def _reduce_dims(x: torch.Tensor) -> list[int]:
 
 def batch_norm_stats(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance."""
-    var, mean = torch.var_mean(x.to(batch_norm_accumulate_dtype(x.dtype)), _reduce_dims(x), correction=0)
-    return mean, var
+    xf = x.to(batch_norm_accumulate_dtype(x.dtype))
+    dims = _reduce_dims(x)
+    mean = xf.mean(dims)
+    return mean, (xf - _per_channel(mean, x)).square().mean(dims)
 
 
 def _affine(x, mean, invstd, weight, bias):

@@ -27,6 +27,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <immintrin.h>
 #include <type_traits>
 #include <vector>
 
@@ -70,6 +71,54 @@ REGOPS_ALWAYS_INLINE scalar_t store(acc_t value) {
   } else {
     return static_cast<scalar_t>(value);
   }
+}
+
+// The float -> bfloat16 rounding above costs more than the memory traffic of
+// an elementwise pass; AVX512-BF16 processors round 16 values in one
+// instruction (VCVTNEPS2BF16: nearest even like c10, NaN kept quiet; it
+// treats float denormals as zero, far below anything batch norm produces).
+bool cpu_has_avx512_bf16() {
+  static const bool has = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx512bf16") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512vl");
+  }();
+  return has;
+}
+
+__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw")))
+void store_bfloat16_avx512(const float* in, c10::BFloat16* out, int64_t n) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m256bh rounded = _mm512_cvtneps_pbh(_mm512_loadu_ps(in + i));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), reinterpret_cast<__m256i>(rounded));
+  }
+  for (; i < n; ++i) out[i] = store<c10::BFloat16, float>(in[i]);
+}
+
+// Elements per staging buffer of compute_and_store: 1 KB of float, in L1.
+constexpr int64_t kStageElements = 256;
+
+// out[i] = compute(i) for i < n, cast to the storage type: straight in a
+// vectorized loop, or for bfloat16 on AVX512-BF16 processors through a float
+// staging buffer rounded 16 values per instruction.
+template <typename scalar_t, typename acc_t, typename Compute>
+REGOPS_ALWAYS_INLINE void compute_and_store(scalar_t* __restrict__ out, int64_t n, bool fast_bfloat16,
+                                            Compute compute) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (fast_bfloat16) {
+      float staged[kStageElements];
+      for (int64_t start = 0; start < n; start += kStageElements) {
+        const int64_t count = std::min(kStageElements, n - start);
+#pragma omp simd
+        for (int64_t i = 0; i < count; ++i) staged[i] = compute(start + i);
+        store_bfloat16_avx512(staged, out + start, count);
+      }
+      return;
+    }
+  }
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) out[i] = store<scalar_t, acc_t>(compute(i));
 }
 
 // ---- runs of contiguous elements of one channel (spatial-inner) --------------
@@ -124,10 +173,9 @@ REGOPS_MULTIVERSION Welford<acc_t> channel_statistics(const scalar_t* x, BatchNo
 template <bool kRelu, typename scalar_t, typename acc_t>
 REGOPS_ALWAYS_INLINE void normalize_run(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t n,
                                         BatchNormAffine<acc_t> affine) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
-    y[i] = store<scalar_t, acc_t>(batch_norm_normalize(load<scalar_t, acc_t>(x[i]), affine, kRelu));
-  }
+  compute_and_store<scalar_t, acc_t>(y, n, cpu_has_avx512_bf16(), [=](int64_t i) {
+    return batch_norm_normalize(load<scalar_t, acc_t>(x[i]), affine, kRelu);
+  });
 }
 
 // Normalizes the runs [first_row, end_row) of (n, c) rows.
@@ -206,12 +254,11 @@ struct BackwardChannel {
 template <bool kRelu, typename scalar_t, typename acc_t>
 REGOPS_ALWAYS_INLINE void grad_input_run(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                          scalar_t* __restrict__ dx, int64_t n, BackwardChannel<acc_t> ch) {
-#pragma omp simd
-  for (int64_t i = 0; i < n; ++i) {
+  compute_and_store<scalar_t, acc_t>(dx, n, cpu_has_avx512_bf16(), [=](int64_t i) {
     const acc_t xi = load<scalar_t, acc_t>(x[i]);
     const acc_t g = batch_norm_masked_grad(load<scalar_t, acc_t>(dy[i]), xi, ch.affine, kRelu);
-    dx[i] = store<scalar_t, acc_t>(batch_norm_grad_input(g, xi, ch.mean, ch.k));
-  }
+    return batch_norm_grad_input(g, xi, ch.mean, ch.k);
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -300,11 +347,9 @@ REGOPS_MULTIVERSION void group_statistics(const scalar_t* x, int64_t channels, i
 template <bool kRelu, typename scalar_t, typename acc_t>
 REGOPS_ALWAYS_INLINE void normalize_row(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, int64_t channels,
                                         const acc_t* __restrict__ scale, const acc_t* __restrict__ shift) {
-#pragma omp simd
-  for (int64_t c = 0; c < channels; ++c) {
-    y[c] = store<scalar_t, acc_t>(
-        batch_norm_normalize(load<scalar_t, acc_t>(x[c]), BatchNormAffine<acc_t>{scale[c], shift[c]}, kRelu));
-  }
+  compute_and_store<scalar_t, acc_t>(y, channels, cpu_has_avx512_bf16(), [=](int64_t c) {
+    return batch_norm_normalize(load<scalar_t, acc_t>(x[c]), BatchNormAffine<acc_t>{scale[c], shift[c]}, kRelu);
+  });
 }
 
 template <typename scalar_t, typename acc_t>
@@ -368,14 +413,13 @@ REGOPS_ALWAYS_INLINE void grad_input_row(const scalar_t* __restrict__ dy, const 
   const acc_t* __restrict__ dy_scale = a.dy_scale.data();
   const acc_t* __restrict__ xmu_scale = a.xmu_scale.data();
   const acc_t* __restrict__ constant = a.constant.data();
-#pragma omp simd
-  for (int64_t c = 0; c < channels; ++c) {
+  compute_and_store<scalar_t, acc_t>(dx, channels, cpu_has_avx512_bf16(), [=](int64_t c) {
     const acc_t xi = load<scalar_t, acc_t>(x[c]);
     const acc_t g =
         batch_norm_masked_grad(load<scalar_t, acc_t>(dy[c]), xi, BatchNormAffine<acc_t>{scale[c], shift[c]}, kRelu);
-    dx[c] = store<scalar_t, acc_t>(batch_norm_grad_input(
-        g, xi, mean[c], BatchNormBackwardCoefficients<acc_t>{dy_scale[c], xmu_scale[c], constant[c]}));
-  }
+    return batch_norm_grad_input(g, xi, mean[c],
+                                 BatchNormBackwardCoefficients<acc_t>{dy_scale[c], xmu_scale[c], constant[c]});
+  });
 }
 
 template <typename scalar_t, typename acc_t>
