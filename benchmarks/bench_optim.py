@@ -11,7 +11,8 @@ minute).
 Providers: regops (the backends this machine offers), torch for-loop
 (foreach=False), foreach and fused. The regularized case compares
 regops.optim.AdamW(l1=..., max_grad_norm=...) with the torch way of getting
-the same update: the L1 gradient added with foreach ops, clip_grad_norm_,
+the same update: clip_grad_norm_ (regops clips the loss gradient; penalties
+come after, like weight decay), the L1 subgradient added with foreach ops,
 then the fastest torch AdamW (fused).
 
 Bytes per parameter, the same minimal formula for every provider (element
@@ -115,8 +116,8 @@ def _providers(case: str, device: torch.device):
         grads = [p.grad for p in ps]
 
         def step():
-            torch._foreach_add_(grads, torch._foreach_sign([p.detach() for p in ps]), alpha=L1)
             torch.nn.utils.clip_grad_norm_(ps, MAX_NORM, foreach=True)
+            torch._foreach_add_(grads, torch._foreach_sign([p.detach() for p in ps]), alpha=L1)
             optimizer.step()
         return step
     providers.append(("torch-way", None, torch_way))
@@ -132,21 +133,31 @@ def _reference_result(case, params):
         torch.optim.AdamW(copies, **OPTIONS["adamw"], foreach=False).step()
     else:
         with torch.no_grad():
+            # The clip coefficient from a float64 norm: the oracle should not
+            # inherit float32 accumulation error over 25M terms.
+            norm = torch.sqrt(sum(p.grad.double().square().sum() for p in copies))
+            coef = torch.clamp(MAX_NORM / (norm + 1e-6), max=1.0).float()
             for p in copies:
-                p.grad.add_(torch.sign(p), alpha=L1)
-        torch.nn.utils.clip_grad_norm_(copies, MAX_NORM, foreach=False)
+                p.grad.mul_(coef).add_(torch.sign(p), alpha=L1)
         torch.optim.AdamW(copies, **OPTIONS["adamw"], foreach=False).step()
     return [c.detach() for c in copies]
 
 
-def _check(provider, step, params, expected, dtype):
+def _check(provider, case, step, params, expected, dtype):
+    """One step must match the oracle. In the regularized case a few
+    elements may not: where the clipped gradient and l1 * sign(p) nearly
+    cancel, Adam's normalized step amplifies a last-bit difference of the
+    norm (torch's float32 norm of 25M terms is off by ~1e-5 relative)."""
     step()
-    tolerance = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    atol, rtol = (1e-5, 1e-4) if dtype == torch.float32 else (2e-2, 2e-2)
+    allowed = 1e-4 if case == "adamw+l1+clip" else 0.0
+    bad = total = 0
     for p, e in zip(params, expected):
-        try:
-            torch.testing.assert_close(p.detach().float(), e.float(), **tolerance)
-        except AssertionError as error:
-            raise AssertionError(f"{provider}: one step differs from the reference") from error
+        actual, wanted = p.detach().float(), e.float()
+        bad += int(((actual - wanted).abs() > atol + rtol * wanted.abs()).sum())
+        total += actual.numel()
+    if bad > allowed * total:
+        raise AssertionError(f"{provider}: one step of {case} differs from the reference in {bad} of {total} elements")
 
 
 def run(device, sets: dict[str, list[tuple[int, ...]]], dtypes: list[str], cases=("sgd", "adamw", "adamw+l1+clip")):
@@ -166,7 +177,7 @@ def run(device, sets: dict[str, list[tuple[int, ...]]], dtypes: list[str], cases
                     params = _clone(base)
                     with regops.use_backend(backend):
                         step = make(params)
-                        _check(provider, step, params, expected, dtype)
+                        _check(provider, case, step, params, expected, dtype)
                         ms = time_fn(step, device)
                     rows.append(Row("optim", case, size, dtype_name, provider, ms, BYTES_PER_PARAM[case] * e * numel,
                                     device=device.type,

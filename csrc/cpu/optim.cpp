@@ -28,6 +28,9 @@ namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task: ~1 MiB of traffic for AdamW float32
 constexpr int64_t kBlock = 512;      // 16-bit path: five float32 lists of 512 stay in L1
+// Below this many elements in all, a call runs on the calling thread: waking
+// the pool costs more than the work.
+constexpr int64_t kSerialBelow = 1 << 16;
 
 // --- vectorizable loops --------------------------------------------------------
 // Compiled for AVX-512 and AVX2 as well; the loader picks the best the
@@ -153,6 +156,23 @@ struct Chunk {
   int64_t end;
 };
 
+// at::parallel_for over chunks, or inline for little work.
+template <typename Body>
+void for_chunks(const std::vector<Chunk>& chunks, int64_t total, const Body& body) {
+  const int64_t count = static_cast<int64_t>(chunks.size());
+  if (total < kSerialBelow) {
+    body(0, count);
+  } else {
+    at::parallel_for(0, count, 1, body);
+  }
+}
+
+int64_t total_numel(at::TensorList tensors) {
+  int64_t total = 0;
+  for (const at::Tensor& t : tensors) total += t.numel();
+  return total;
+}
+
 std::vector<Chunk> make_chunks(at::TensorList tensors) {
   std::vector<Chunk> chunks;
   for (size_t t = 0; t < tensors.size(); ++t) {
@@ -175,7 +195,7 @@ void apply_blocks(const std::array<at::TensorList, kLists>& lists, BlockFn block
   for (int l = 0; l < kLists; ++l) {
     for (const at::Tensor& t : lists[l]) pointers[l].push_back(static_cast<scalar_t*>(t.data_ptr()));
   }
-  at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+  for_chunks(chunks, total_numel(lists[0]), [&](int64_t first, int64_t last) {
     float buffers[kLists][kBlock];
     for (int64_t index = first; index < last; ++index) {
       const Chunk& chunk = chunks[index];
@@ -339,7 +359,7 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, bool squared) {
   std::vector<double> partials(chunks.size(), 0.0);
   dispatch_optimizer_dtype("multi_tensor_norm", tensors[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    at::parallel_for(0, static_cast<int64_t>(chunks.size()), 1, [&](int64_t first, int64_t last) {
+    for_chunks(chunks, total_numel(dense), [&](int64_t first, int64_t last) {
       float buffer[kBlock];
       for (int64_t index = first; index < last; ++index) {
         const Chunk& chunk = chunks[index];
