@@ -15,6 +15,7 @@ from regops.ops.dropout import dropout, dropout_backward, dropout_with_mask, phi
 from regops.ops.optim import multi_tensor_norm
 from regops import nn, optim  # noqa: E402
 from regops.convert import convert  # noqa: E402
+from regops import distributed  # noqa: E402
 
 __version__ = "0.1.0"
 
@@ -27,6 +28,7 @@ __all__ = [
     "batch_norm_elementwise",
     "batch_norm_stats",
     "convert",
+    "distributed",
     "dropout",
     "dropout_backward",
     "dropout_with_mask",

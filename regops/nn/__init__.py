@@ -2,5 +2,6 @@
 
 from regops.nn.batch_norm import BatchNorm1d, BatchNorm2d, BatchNorm3d, _BatchNorm
 from regops.nn.dropout import Dropout
+from regops.nn.sync_batch_norm import SyncBatchNorm
 
-__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Dropout"]
+__all__ = ["BatchNorm1d", "BatchNorm2d", "BatchNorm3d", "Dropout", "SyncBatchNorm"]

@@ -16,6 +16,7 @@ import numbers
 import torch
 from torch.optim import Optimizer
 
+from regops.distributed import grad_norm_squared, local_tensor
 from regops.ops.optim import multi_tensor_norm
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -79,16 +80,17 @@ class PenalizedOptimizer(Optimizer):
 
     @staticmethod
     def _local(tensor: torch.Tensor) -> torch.Tensor:
-        """The tensor the kernel updates for a parameter, gradient or state.
-        A DTensor subclass would return ``tensor.to_local()`` here."""
-        return tensor
+        """The tensor the kernel updates for a parameter, gradient or state:
+        a DTensor's local shard (FSDP2), any other tensor itself."""
+        return local_tensor(tensor)
 
     def _global_grad_norm_squared(self, grads_by_group: list[list[torch.Tensor]]) -> torch.Tensor:
         """Squared L2 norm of all gradients (local tensors, as stored: still
         multiplied by GradScaler's scale when it passes one), a float32 scalar
         on the device of the first gradient; one multi_tensor_norm pass per
-        (device, dtype), no host synchronization. A sharded subclass
-        all-reduces (sums) this result across ranks."""
+        (device, dtype), no host synchronization. For FSDP2's sharded
+        DTensor gradients regops.distributed.grad_norm_squared calls this on
+        the local shards and all-reduces (sums) the result across ranks."""
         buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for grads in grads_by_group:
             for grad in grads:
@@ -166,7 +168,8 @@ class PenalizedOptimizer(Optimizer):
                     self._check_group(group)
         norm = None
         if any(group["max_grad_norm"] is not None for group in self.param_groups):
-            squared = self._global_grad_norm_squared([[self._local(g) for g in grads] for _, grads in per_group])
+            # Summed across ranks for DTensor gradients sharded by FSDP2.
+            squared = grad_norm_squared([grads for _, grads in per_group], self._global_grad_norm_squared)
             norm = squared.sqrt()
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device, non_blocking=True)
