@@ -31,10 +31,8 @@ def _fail_on_rank_one(rank, world_size):
     dist.barrier()  # never completes: the harness must stop this rank
 
 
-def _never_finish_on_rank_one(rank, world_size):
-    if rank == 1:
-        time.sleep(3600)
-    return rank
+def _never_finish(rank, world_size):
+    time.sleep(3600)
 
 
 def _rank_and_sum(rank, world_size):
@@ -61,11 +59,9 @@ def test_harness_reraises_a_rank_exception_with_its_traceback():
 
 def test_harness_kills_ranks_that_run_past_the_timeout():
     start = time.monotonic()
-    # Rank 0 returns at once; on a very loaded machine it may still be
-    # finishing when the deadline passes.
-    with pytest.raises(TimeoutError, match=r"ranks \[(0, )?1\] were still running"):
-        run_distributed(_never_finish_on_rank_one, 2, timeout=4)
-    assert time.monotonic() - start < 30
+    with pytest.raises(TimeoutError, match=r"did not finish in 4 s; ranks \[0, 1\] were still running"):
+        run_distributed(_never_finish, 2, timeout=4)
+    assert time.monotonic() - start < 60
 
 
 # --- models and data shared by the ranks and the single-process reference ------------
