@@ -104,3 +104,42 @@ def test_dropout_past_2_31_elements(dtype):
     assert out is y
     twice = reference.dropout_apply(reference.dropout_apply(samples, keep, p), keep, p)
     assert torch.equal(y[indices], twice)
+
+
+def test_batch_norm_past_2_31_elements():
+    """(N=2, C=1, L=2^30 + 9): one channel of 2^31 + 18 values, so the
+    element count per channel and every index past the first image exceed
+    int32. Statistics against float64 sums taken in chunks, a sample of the
+    output against the normalization formula."""
+    if not hasattr(regops, "batch_norm"):
+        pytest.skip("regops.batch_norm is not in this build")
+    _needs_memory(10)
+    length = 2**30 + 9
+    # A random tile repeated (cheap to build), with a different tail per image.
+    tile = torch.randn(4096, generator=torch.Generator().manual_seed(3)).to(torch.bfloat16)
+    x = torch.empty(2, 1, length, dtype=torch.bfloat16)
+    for n in range(2):
+        flat = x[n, 0]
+        whole = length // 4096 * 4096
+        flat[:whole].view(-1, 4096).copy_(tile * (n + 1))
+        flat[whole:] = 5.0 * (n + 1)
+    total, total_sq, count = 0.0, 0.0, x.numel()
+    for chunk in x.view(-1).split(1 << 27):
+        c = chunk.double()
+        total += c.sum().item()
+        total_sq += c.square().sum().item()
+    mean = total / count
+    var = total_sq / count - mean * mean
+    running_mean, running_var = torch.zeros(1), torch.ones(1)
+    with regops.use_backend("cpu"):
+        y = regops.batch_norm(x, running_mean, running_var, None, None, True, 1.0, 1e-5)
+    assert y.shape == x.shape and y.dtype == torch.bfloat16
+    torch.testing.assert_close(running_mean.double(), torch.tensor([mean], dtype=torch.float64), atol=1e-4, rtol=1e-4)
+    unbiased = var * count / (count - 1)
+    torch.testing.assert_close(running_var.double(), torch.tensor([unbiased], dtype=torch.float64), atol=1e-4,
+                               rtol=1e-4)
+    indices = sample_indices(x.numel())
+    flat_x, flat_y = x.view(-1)[indices].double(), y.view(-1)[indices].double()
+    expected = (flat_x - mean) / (var + 1e-5) ** 0.5
+    # bfloat16 output: 2^-8 relative, plus the float32 statistics.
+    torch.testing.assert_close(flat_y, expected, atol=2e-2, rtol=1e-2)

@@ -252,6 +252,10 @@ def _check_fake_channels(input, *tensors) -> None:
     for tensor in tensors:
         if tensor is not None:
             torch._check(tensor.shape == (input.shape[1],), lambda: "per-channel tensors must have shape (C,)")
+            # These fakes are also the Meta kernels: a meta tensor mixed with
+            # real ones would otherwise return uninitialized real memory.
+            torch._check(tensor.device == input.device,
+                         lambda: f"per-channel tensors must be on the input's device ({input.device}), got {tensor.device}")
 
 
 def _register_fakes() -> None:

@@ -72,7 +72,11 @@ REGOPS_INLINE BatchNormBackwardCoefficients<acc_t> batch_norm_backward_coefficie
 template <typename acc_t>
 REGOPS_INLINE acc_t batch_norm_grad_input(acc_t masked_dy, acc_t x, acc_t mean,
                                           BatchNormBackwardCoefficients<acc_t> k) {
-  return masked_dy * k.dy_scale + (x - mean) * k.xmu_scale + k.constant;
+  // A zero xmu_scale (always in eval) skips its term rather than adding
+  // (x - mean) * 0: torch's eval backward is dy * invstd * weight, so a NaN or
+  // inf input element (or a NaN running mean) must not turn its gradient NaN.
+  const acc_t xmu_term = k.xmu_scale != acc_t(0) ? (x - mean) * k.xmu_scale : acc_t(0);
+  return masked_dy * k.dy_scale + xmu_term + k.constant;
 }
 
 // ---- host side ---------------------------------------------------------------
