@@ -20,14 +20,6 @@ import regops.nn as regops_nn
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
-def _regops_batch_norm_class(module: nn.Module) -> type:
-    name = type(module).__name__
-    cls = getattr(regops_nn, name, None)
-    if cls is None:
-        raise RuntimeError(f"regops.convert: this build of regops has no regops.nn.{name}")
-    return cls
-
-
 def _take_over_state(old: nn.Module, new: nn.Module) -> nn.Module:
     """Hands old's parameters and buffers (the same tensor objects) to new."""
     for kind in ("_parameters", "_buffers"):
@@ -46,7 +38,7 @@ def _convert_dropout(module: nn.Dropout) -> nn.Module:
 
 
 def _convert_batch_norm(module: nn.Module, activation: str | None) -> nn.Module:
-    cls = _regops_batch_norm_class(module)
+    cls = getattr(regops_nn, type(module).__name__)  # BatchNorm1d -> regops.nn.BatchNorm1d
     # Built on the meta device: its own tensors are replaced by module's at once.
     new = cls(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
               track_running_stats=module.track_running_stats, device="meta", activation=activation)

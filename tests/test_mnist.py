@@ -23,12 +23,6 @@ if ROOT not in sys.path:
 
 from benchmarks import mnist  # noqa: E402
 
-HAS_BATCH_NORM = hasattr(regops.nn, "BatchNorm2d")
-HAS_OPTIM = hasattr(regops, "optim")
-needs_batch_norm = pytest.mark.skipif(not HAS_BATCH_NORM, reason="regops.nn.BatchNorm* not in this tree yet")
-needs_regops_training = pytest.mark.skipif(not (HAS_BATCH_NORM and HAS_OPTIM),
-                                           reason="regops batch norm and optimizers not in this tree yet")
-
 
 # --- IDX reader ------------------------------------------------------------------
 
@@ -279,7 +273,6 @@ def test_convert_dropout_trains_like_regops_dropout():
     assert torch.equal(out, expected)
 
 
-@needs_batch_norm
 @pytest.mark.parametrize("fuse", [False, True], ids=["plain", "fused"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_convert_nested_model_eval_outputs(fuse, dtype):
@@ -320,21 +313,22 @@ def test_convert_nested_model_eval_outputs(fuse, dtype):
     assert net.state_dict().keys() == reference.state_dict().keys()
 
 
-@needs_batch_norm
 def test_convert_fuse_bn_relu_trains_like_unfused():
     torch.manual_seed(1)
-    plain = nn.Sequential(nn.Conv2d(3, 5, 3), nn.BatchNorm2d(5), nn.ReLU(), nn.BatchNorm2d(5), nn.ReLU(inplace=True))
+    plain = nn.Sequential(nn.Conv2d(3, 5, 3, bias=False), nn.BatchNorm2d(5), nn.ReLU(),
+                          nn.Conv2d(5, 4, 3, bias=False), nn.BatchNorm2d(4), nn.ReLU(inplace=True))
     fused = regops.convert(copyable(plain), fuse_bn_relu=True)
-    assert [type(m) for m in fused] == [nn.Conv2d, regops.nn.BatchNorm2d, nn.Identity, regops.nn.BatchNorm2d,
-                                        nn.Identity]
+    assert [type(m) for m in fused] == [nn.Conv2d, regops.nn.BatchNorm2d, nn.Identity, nn.Conv2d,
+                                        regops.nn.BatchNorm2d, nn.Identity]
     x = torch.randn(4, 3, 9, 8)
+    weights = torch.randn(4, 4, 5, 4)  # a loss whose gradient BatchNorm does not cancel
     expected = plain(x)
     out = fused(x)
     torch.testing.assert_close(out, expected)
-    expected.square().sum().backward()
-    out.square().sum().backward()
+    (expected * weights).sum().backward()
+    (out * weights).sum().backward()
     for (name, p), q in zip(plain.named_parameters(), fused.parameters()):
-        torch.testing.assert_close(q.grad, p.grad, msg=name)
+        torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-5 * float(p.grad.abs().max()), msg=name)
     for a, b in zip(plain.buffers(), fused.buffers()):
         torch.testing.assert_close(b, a)
 
@@ -345,7 +339,6 @@ def copyable(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
 
 
-@needs_batch_norm
 def test_convert_shared_modules():
     norm, relu = nn.BatchNorm1d(6), nn.ReLU()
     model = nn.Sequential(nn.Linear(6, 6), norm, relu, nn.Linear(6, 6), norm, relu)
@@ -359,7 +352,6 @@ def test_convert_shared_modules():
     assert twice[0] is twice[1] and type(twice[0][0]) is regops.nn.BatchNorm1d and type(twice[0][1]) is nn.Identity
 
 
-@needs_batch_norm
 def test_convert_root_batch_norm_and_subclasses():
     bn = nn.BatchNorm2d(3, momentum=None, affine=False, track_running_stats=True, eps=1e-3)
     new = regops.convert(bn)
@@ -389,25 +381,24 @@ def test_replay_dropout_uses_the_regops_mask():
     assert torch.equal(x.grad, (expected != 0).float() * 2)
 
 
-@needs_regops_training
-@pytest.mark.parametrize("name", list(mnist.VARIANTS))
+@pytest.mark.parametrize("name", ["reg", "sgd-l1", "adamw-l1"])  # noreg: plain SGD, see tests/test_optim.py
 def test_parity_on_default_data(mnist_tensors, name):
-    check = mnist.parity(mnist.VARIANTS[name], mnist_tensors, 10, steps=50, seed=0, device=torch.device("cpu"))
+    check = mnist.parity(mnist.VARIANTS[name], mnist_tensors, 10, steps=50, seed=0, device=torch.device("cpu"),
+                         free_running=False)
     assert check["steps"] == 50
     assert check["max_relative_loss_diff"] <= mnist.PARITY_LOSS_RTOL, check["max_relative_loss_diff"]
-    assert check["weights"]["max_relative"] <= mnist.PARITY_WEIGHT_RTOL, check["weights"]
+    assert check["max_relative_update_diff"] <= mnist.PARITY_UPDATE_RTOL, check["max_relative_update_diff"]
     assert check["passed"]
 
 
-@needs_regops_training
 def test_parity_check_detects_other_masks(mnist_tensors, monkeypatch):
     """Without the replayed masks the two runs must not pass: the check can fail."""
     monkeypatch.setattr(mnist, "replay_dropouts", lambda model: model)
-    check = mnist.parity(mnist.VARIANTS["reg"], mnist_tensors, 10, steps=5, seed=0, device=torch.device("cpu"))
+    check = mnist.parity(mnist.VARIANTS["reg"], mnist_tensors, 10, steps=5, seed=0, device=torch.device("cpu"),
+                         free_running=False)
     assert check["max_relative_loss_diff"] > 1e-3 and not check["passed"]
 
 
-@needs_regops_training
 def test_one_epoch_reaches_90_percent(mnist_tensors):
     # The regularized model with AdamW (+ L1): 63 steps of plain SGD at lr 0.01
     # are too few for 90% on 4,000 images, see README "MNIST validation".
@@ -417,7 +408,6 @@ def test_one_epoch_reaches_90_percent(mnist_tensors):
         assert len(results[implementation]["losses"]) == 63
 
 
-@needs_regops_training
 def test_demo_command(tmp_path):
     out = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "mnist.py"), "--epochs", "1", "--models",
                           "sgd-l1", "--parity-steps", "3", "--out", str(tmp_path)],
