@@ -412,7 +412,10 @@ def test_batch_norm_module_matches_torch_module(case, steps, momentum):
         if step == steps:
             ours.eval()
             theirs.eval()
-        torch.testing.assert_close(ours(x + step), theirs(x + step), atol=1e-4, rtol=1e-4)
+        # atol: two nearly equal values in a channel leave (x - mean) with a
+        # float32 rounding error that invstd (up to 1 / sqrt(eps)) magnifies;
+        # torch's CPU module accumulates in float64 (found by the dev profile).
+        torch.testing.assert_close(ours(x + step), theirs(x + step), atol=1e-3, rtol=1e-4)
     for key, value in theirs.state_dict().items():
         torch.testing.assert_close(ours.state_dict()[key], value, atol=1e-4, rtol=1e-4)
 
