@@ -539,7 +539,21 @@ def test_batch_norm_nan_inf_like_torch(backend_device, training, layout):
         assert torch.equal(torch.isposinf(got), torch.isposinf(want)), name
         assert torch.equal(torch.isneginf(got), torch.isneginf(want)), name
         finite = torch.isfinite(want)
-        torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=1e-4, msg=name)
+        atol = 1e-4
+        if name == "grad_weight" and training:
+            # sum(dy * x_hat) cancels to ~0 (dy is ones); channel 4's 1e4
+            # outlier makes its float32 terms large, and either summation
+            # order may lose up to n * eps * sum|dy * x_hat| (plus the same
+            # through the mean): the float32 bound per channel, not 1e-4.
+            x64 = x.double()
+            dims = [0] + list(range(2, x.dim()))
+            x_hat = (x64 - x64.mean(dims, keepdim=True)) / (x64.var(dims, unbiased=False, keepdim=True) + 1e-5).sqrt()
+            n = x.numel() // x.shape[1]
+            bound = 2 * n * torch.finfo(torch.float32).eps * x_hat.abs().sum(dims)
+            atol = torch.maximum(bound.float(), torch.full_like(bound.float(), 1e-4))[finite]
+            assert ((got[finite] - want[finite]).abs() <= atol + 1e-4 * want[finite].abs()).all(), (name, got, want)
+            continue
+        torch.testing.assert_close(got[finite], want[finite], atol=atol, rtol=1e-4, msg=name)
 
 
 @needs_batch_norm

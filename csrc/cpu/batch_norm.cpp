@@ -197,7 +197,7 @@ REGOPS_ALWAYS_INLINE Welford<acc_t> run_statistics(const scalar_t* __restrict__ 
       float sum, squares;
       bfloat16_shifted_sums_avx512(x, n, shift, &sum, &squares);
       const float mean_offset = sum / static_cast<float>(n);
-      return Welford<acc_t>{shift + mean_offset, std::max(0.0f, squares - sum * mean_offset), n};
+      return Welford<acc_t>{shift + mean_offset, clamp_m2(squares - sum * mean_offset), n};
     }
   }
   acc_t lane_sum[kLanes] = {}, lane_squares[kLanes] = {};
@@ -220,7 +220,7 @@ REGOPS_ALWAYS_INLINE Welford<acc_t> run_statistics(const scalar_t* __restrict__ 
     squares += lane_squares[j];
   }
   const acc_t mean_offset = sum / static_cast<acc_t>(n);
-  return Welford<acc_t>{shift + mean_offset, std::max(acc_t(0), squares - sum * mean_offset), n};
+  return Welford<acc_t>{shift + mean_offset, clamp_m2(squares - sum * mean_offset), n};
 }
 
 template <typename scalar_t, typename acc_t>
@@ -409,7 +409,7 @@ REGOPS_MULTIVERSION void group_statistics(const scalar_t* x, int64_t channels, i
     for (int64_t c = 0; c < channels; ++c) {
       const acc_t mean_offset = tile_sum[c] * inverse_rows;
       const Welford<acc_t> tile_stats{shift[c] + mean_offset,
-                                      std::max(acc_t(0), tile_squares[c] - tile_sum[c] * mean_offset), rows};
+                                      clamp_m2(tile_squares[c] - tile_sum[c] * mean_offset), rows};
       const Welford<acc_t> merged = welford_merge(Welford<acc_t>{mean[c], m2[c], count}, tile_stats);
       mean[c] = merged.mean;
       m2[c] = merged.m2;

@@ -56,4 +56,13 @@ REGOPS_INLINE acc_t welford_variance(Welford<acc_t> w) {
   return w.count > 0 ? w.m2 / static_cast<acc_t>(w.count) : acc_t(0);
 }
 
+// The sum of squared deviations recovered from shifted sums,
+// sum((x - s)^2) - sum(x - s) * mean_offset, can round slightly below zero;
+// clamp that to zero but keep a NaN (from a NaN or inf input) so that it
+// propagates into the variance as in torch. std::max(0, NaN) would return 0.
+template <typename acc_t>
+REGOPS_INLINE acc_t clamp_m2(acc_t m2) {
+  return m2 < acc_t(0) ? acc_t(0) : m2;
+}
+
 }  // namespace regops
