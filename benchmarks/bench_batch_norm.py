@@ -185,7 +185,11 @@ def main(argv=None) -> None:
     parser.add_argument("--cases", default=",".join(CASES))
     parser.add_argument("--quick", action="store_true", help="a tiny shape, to check the script runs")
     parser.add_argument("--no-record", action="store_true", help="do not append rows to benchmarks/results/")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="CPU threads (torch.set_num_threads); on a shared machine 1 gives steadier times")
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     shapes = [_parse_shape(s) for s in args.shapes.split(",")] if args.shapes else default_shapes(device, args.quick)
     rows = run(device, shapes, args.dtypes.split(","), args.layouts.split(","), tuple(args.cases.split(",")))

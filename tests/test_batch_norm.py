@@ -254,6 +254,22 @@ def test_empty_batch_leaves_running_stats(backend_device):
     assert torch.equal(rm, rm0) and torch.equal(rv, rv0)
 
 
+def test_nan_propagates_like_torch(backend_device):
+    """A NaN poisons its channel's statistics, and the fused ReLU keeps NaN (torch.relu does)."""
+    _, device = backend_device
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(2, 3, 4, 5).contiguous(memory_format=layout)
+        x[1, 2, 3, 1] = float("nan")
+        x = x.to(device)
+        for activation in (None, "relu"):
+            y = regops.batch_norm(x, None, None, training=True, activation=activation)
+            expected = F.batch_norm(x, None, None, training=True)
+            if activation:
+                expected = torch.relu(expected)
+            assert torch.equal(torch.isnan(y), torch.isnan(expected))
+            assert torch.isnan(y[:, 2]).all() and not torch.isnan(y[:, :2]).any()
+
+
 def test_thread_count_does_not_change_the_result():
     gen = torch.Generator().manual_seed(6)
     threads = torch.get_num_threads()

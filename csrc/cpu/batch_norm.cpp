@@ -13,11 +13,13 @@
 //   horizontal reduction. Groups are merged in a fixed order, so the result
 //   does not depend on the number of threads.
 //
-// Statistics: each run of elements (a row chunk, or a tile of rows for one
-// channel) is reduced in two vectorized passes, sum then squared deviations
-// from the run's mean, while it sits in L1/L2; runs are combined with the
-// Welford merge of regops/welford.h. The hot functions are compiled for
-// AVX-512 and AVX2 as well and the loader picks what the processor has.
+// Statistics: each run of elements (a row chunk, or a tile of rows for each
+// channel) is reduced in one vectorized pass of shifted sums, sum(x - s) and
+// sum((x - s)^2) with s the mean so far (which keeps the squares from
+// cancelling); runs are combined with the Welford merge of regops/welford.h.
+// The hot functions are compiled for AVX-512 and AVX2 as well and the loader
+// picks what the processor has; bfloat16 has AVX512-BF16 paths (rounding 16
+// values per instruction) where the processor offers them.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -41,11 +43,11 @@
 namespace regops {
 namespace {
 
-// Spatial-inner runs longer than this are reduced in pieces, so that the
-// second pass of the two-pass run statistics reads L1 (16 KB of float32).
+// Spatial-inner runs longer than this are reduced in pieces, each shifted by
+// the mean of the pieces before it.
 constexpr int64_t kRunElements = 4096;
-// Channel-inner tiles: rows of about this many elements (64 KB of float32)
-// are reduced together, their second pass hitting L2.
+// Channel-inner tiles: rows of about this many elements are reduced with one
+// shift per channel before their partial is merged and the shift updated.
 constexpr int64_t kTileElements = 16384;
 // Channel-inner reductions are split into at most this many row groups:
 // enough for any thread count here, few enough that merging them is free.
@@ -96,6 +98,62 @@ void store_bfloat16_avx512(const float* in, c10::BFloat16* out, int64_t n) {
   for (; i < n; ++i) out[i] = store<c10::BFloat16, float>(in[i]);
 }
 
+// GCC 12's own AVX-512 headers trip its uninitialized-value warnings.
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+
+// bfloat16 runs of the spatial-inner forward, written with 512-bit
+// intrinsics (GCC's auto-vectorizer stops at 256 bits for generic tuning):
+// the statistics pass and the normalize pass of the hard case, bfloat16 NCHW.
+__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw")))
+inline __m512 load_bfloat16x16(const c10::BFloat16* in) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Shifted sums of a run as in run_statistics: (sum(x - shift), sum((x - shift)^2)).
+__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw")))
+void bfloat16_shifted_sums_avx512(const c10::BFloat16* x, int64_t n, float shift, float* sum_out, float* squares_out) {
+  const __m512 s = _mm512_set1_ps(shift);
+  __m512 sum0 = _mm512_setzero_ps(), sum1 = _mm512_setzero_ps();
+  __m512 sq0 = _mm512_setzero_ps(), sq1 = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512 d0 = _mm512_sub_ps(load_bfloat16x16(x + i), s);
+    const __m512 d1 = _mm512_sub_ps(load_bfloat16x16(x + i + 16), s);
+    sum0 = _mm512_add_ps(sum0, d0);
+    sum1 = _mm512_add_ps(sum1, d1);
+    sq0 = _mm512_fmadd_ps(d0, d0, sq0);
+    sq1 = _mm512_fmadd_ps(d1, d1, sq1);
+  }
+  float sum = _mm512_reduce_add_ps(_mm512_add_ps(sum0, sum1));
+  float squares = _mm512_reduce_add_ps(_mm512_add_ps(sq0, sq1));
+  for (; i < n; ++i) {
+    const float d = static_cast<float>(x[i]) - shift;
+    sum += d;
+    squares += d * d;
+  }
+  *sum_out = sum;
+  *squares_out = squares;
+}
+
+__attribute__((target("avx512f,avx512bf16,avx512vl,avx512bw")))
+void bfloat16_normalize_avx512(const c10::BFloat16* x, c10::BFloat16* y, int64_t n, float scale, float shift,
+                               bool relu) {
+  const __m512 a = _mm512_set1_ps(scale), b = _mm512_set1_ps(shift), zero = _mm512_setzero_ps();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    __m512 v = _mm512_fmadd_ps(load_bfloat16x16(x + i), a, b);
+    if (relu) v = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(v, zero, _CMP_LT_OQ), v, zero);  // keeps NaN
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(y + i), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+  }
+  const BatchNormAffine<float> affine{scale, shift};
+  for (; i < n; ++i) y[i] = store<c10::BFloat16, float>(batch_norm_normalize(static_cast<float>(x[i]), affine, relu));
+}
+
+#pragma GCC diagnostic pop
+
 // Elements per staging buffer of compute_and_store: 1 KB of float, in L1.
 constexpr int64_t kStageElements = 256;
 
@@ -134,6 +192,14 @@ constexpr int64_t kLanes = 32;
 // cancel catastrophically the way E[x^2] - E[x]^2 does.
 template <typename scalar_t, typename acc_t>
 REGOPS_ALWAYS_INLINE Welford<acc_t> run_statistics(const scalar_t* __restrict__ x, int64_t n, acc_t shift) {
+  if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+    if (cpu_has_avx512_bf16()) {
+      float sum, squares;
+      bfloat16_shifted_sums_avx512(x, n, shift, &sum, &squares);
+      const float mean_offset = sum / static_cast<float>(n);
+      return Welford<acc_t>{shift + mean_offset, std::max(0.0f, squares - sum * mean_offset), n};
+    }
+  }
   acc_t lane_sum[kLanes] = {}, lane_squares[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
@@ -199,6 +265,12 @@ REGOPS_MULTIVERSION void normalize_channel(const scalar_t* x, scalar_t* y, Batch
                                            BatchNormAffine<acc_t> affine, bool relu) {
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t offset = (n * g.channels + channel) * g.spatial;
+    if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (cpu_has_avx512_bf16()) {
+        bfloat16_normalize_avx512(x + offset, y + offset, g.spatial, affine.scale, affine.shift, relu);
+        continue;
+      }
+    }
     if (relu) {
       normalize_run<true>(x + offset, y + offset, g.spatial, affine);
     } else {
@@ -305,40 +377,43 @@ inline RowGroups row_groups(const BatchNormGeometry& g) {
 }
 
 // Per-channel Welford partials (mean, m2; count = the rows) of rows
-// [first_row, end_row): tiles of rows reduced in two passes along the
-// channels, merged tile by tile. scratch holds 2 * C values.
+// [first_row, end_row): tiles of rows reduced in one pass along the channels
+// as shifted sums (shift = the group's mean so far, first the first row),
+// merged tile by tile. scratch holds 3 * C values.
 template <typename scalar_t, typename acc_t>
 REGOPS_MULTIVERSION void group_statistics(const scalar_t* x, int64_t channels, int64_t first_row, int64_t end_row,
                                           acc_t* __restrict__ mean, acc_t* __restrict__ m2,
                                           acc_t* __restrict__ scratch) {
   const int64_t tile_rows = std::max<int64_t>(1, kTileElements / channels);
-  acc_t* __restrict__ tile_mean = scratch;
-  acc_t* __restrict__ tile_m2 = scratch + channels;
+  acc_t* __restrict__ tile_sum = scratch;
+  acc_t* __restrict__ tile_squares = scratch + channels;
+  acc_t* __restrict__ shift = scratch + 2 * channels;
   int64_t count = 0;
-  for (int64_t c = 0; c < channels; ++c) mean[c] = m2[c] = 0;
+  for (int64_t c = 0; c < channels; ++c) {
+    mean[c] = m2[c] = 0;
+    shift[c] = load<scalar_t, acc_t>(x[first_row * channels + c]);
+  }
   for (int64_t tile = first_row; tile < end_row; tile += tile_rows) {
     const int64_t rows = std::min(tile_rows, end_row - tile);
-    for (int64_t c = 0; c < channels; ++c) tile_mean[c] = tile_m2[c] = 0;
-    for (int64_t r = tile; r < tile + rows; ++r) {
-      const scalar_t* __restrict__ row = x + r * channels;
-#pragma omp simd
-      for (int64_t c = 0; c < channels; ++c) tile_mean[c] += load<scalar_t, acc_t>(row[c]);
-    }
-    const acc_t inverse_rows = acc_t(1) / static_cast<acc_t>(rows);
-    for (int64_t c = 0; c < channels; ++c) tile_mean[c] *= inverse_rows;
+    for (int64_t c = 0; c < channels; ++c) tile_sum[c] = tile_squares[c] = 0;
     for (int64_t r = tile; r < tile + rows; ++r) {
       const scalar_t* __restrict__ row = x + r * channels;
 #pragma omp simd
       for (int64_t c = 0; c < channels; ++c) {
-        const acc_t d = load<scalar_t, acc_t>(row[c]) - tile_mean[c];
-        tile_m2[c] += d * d;
+        const acc_t d = load<scalar_t, acc_t>(row[c]) - shift[c];
+        tile_sum[c] += d;
+        tile_squares[c] += d * d;
       }
     }
+    const acc_t inverse_rows = acc_t(1) / static_cast<acc_t>(rows);
     for (int64_t c = 0; c < channels; ++c) {
-      const Welford<acc_t> merged =
-          welford_merge(Welford<acc_t>{mean[c], m2[c], count}, Welford<acc_t>{tile_mean[c], tile_m2[c], rows});
+      const acc_t mean_offset = tile_sum[c] * inverse_rows;
+      const Welford<acc_t> tile_stats{shift[c] + mean_offset,
+                                      std::max(acc_t(0), tile_squares[c] - tile_sum[c] * mean_offset), rows};
+      const Welford<acc_t> merged = welford_merge(Welford<acc_t>{mean[c], m2[c], count}, tile_stats);
       mean[c] = merged.mean;
       m2[c] = merged.m2;
+      shift[c] = merged.mean;
     }
     count += rows;
   }
@@ -457,7 +532,7 @@ std::vector<Welford<acc_t>> statistics(const scalar_t* x, const BatchNormGeometr
   const int64_t rows = g.rows(), channels = g.channels;
   std::vector<acc_t> partial(groups.count * 2 * channels);
   at::parallel_for(0, groups.count, 1, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> scratch(2 * channels);
+    std::vector<acc_t> scratch(3 * channels);
     for (int64_t group = begin; group < end; ++group) {
       const int64_t first = group * groups.rows_per_group, last = std::min(rows, first + groups.rows_per_group);
       acc_t* out = partial.data() + group * 2 * channels;

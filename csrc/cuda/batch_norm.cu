@@ -128,16 +128,17 @@ __global__ void reduce_spatial_inner_kernel(Reducer reducer, typename Reducer::S
   const int64_t end = min(count, begin + per_block);
   const auto ctx = reducer.context(channel);
   State state = reducer.identity();
-  // (n, s) of this thread's element, advanced without a division per step.
+  // (n, s) of this thread's element, advanced without a division per step
+  // when runs are longer than the block (one division per run crossed otherwise).
   int64_t r = begin + threadIdx.x;
   int64_t n = r / spatial;
   int64_t s = r - n * spatial;
   for (; r < end; r += blockDim.x) {
     reducer.add(state, (n * channels + channel) * spatial + s, ctx);
     s += blockDim.x;
-    while (s >= spatial) {
-      s -= spatial;
-      ++n;
+    if (s >= spatial) {
+      n += s / spatial;
+      s %= spatial;
     }
   }
   __shared__ State warp_states[kThreads / 32];

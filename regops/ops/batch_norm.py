@@ -32,10 +32,16 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ACTIVATIONS = (None, "relu")
 
 
+_OPS: dict[tuple[str, str], torch._ops.OpOverload] = {}
+
+
 def _op(backend: str, name: str):
-    if backend == "triton":
-        return getattr(_native, f"triton_{name}").default
-    return getattr(_native, name).default
+    """The registered operator `name` of a compiled backend (cached: looking
+    up torch.ops costs more than the checks of a small call)."""
+    key = (backend == "triton", name)
+    if key not in _OPS:
+        _OPS[key] = getattr(_native, f"triton_{name}" if key[0] else name).default
+    return _OPS[key]
 
 
 def accumulate_dtype(input: torch.Tensor) -> torch.dtype:
@@ -145,17 +151,17 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
 
 
 def _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum) -> None:
-    """running = (1 - momentum) * running + momentum * batch, in place, with
-    the unbiased variance; an empty batch changes nothing (as in torch)."""
+    """running = (1 - momentum) * running + momentum * batch, in place (as a
+    lerp: two small ops per buffer), with the unbiased variance; an empty
+    batch changes nothing (as in torch)."""
     count = input.numel() // max(1, input.shape[1])
     if count == 0:
         return
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.copy_(running_mean.to(batch_mean.dtype) * (1 - momentum) + batch_mean.detach() * momentum)
+            running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
         if running_var is not None:
-            unbiased = batch_var * (count / max(1, count - 1))
-            running_var.copy_(running_var.to(batch_var.dtype) * (1 - momentum) + unbiased * momentum)
+            running_var.lerp_((batch_var * (count / max(1, count - 1))).to(running_var.dtype), momentum)
 
 
 # --- the building blocks of a synchronized batch norm ------------------------------

@@ -27,68 +27,86 @@ namespace regops {
 REGOPS_INLINE float sign_of(float x) { return static_cast<float>((x > 0.0f) - (x < 0.0f)); }
 
 // The proximal operator of lr * l1 * |p|: soft-thresholding. Exact zeros for
-// |p| <= threshold; copysign keeps it branch-free.
+// |p| <= threshold; copysign keeps it branch-free; a NaN stays NaN.
 REGOPS_INLINE float soft_threshold(float p, float threshold) {
   const float shrunk = fabsf(p) - threshold;
-  return copysignf(shrunk > 0.0f ? shrunk : 0.0f, p);
+  return copysignf(shrunk < 0.0f ? 0.0f : shrunk, p);
 }
 
-// torch.lerp(start, end, weight) as ATen computes it (aten/src/ATen/native/Lerp.h),
-// so exp_avg matches torch's exp_avg.lerp_(grad, 1 - beta1) to the last bit.
-REGOPS_INLINE float lerp_like_torch(float start, float end, float weight) {
-  return fabsf(weight) < 0.5f ? start + weight * (end - start) : end - (end - start) * (1.0f - weight);
+// torch.lerp(start, end, weight) as ATen computes it (aten/src/ATen/native/Lerp.h:
+// start + weight * (end - start) for |weight| < 0.5, else
+// end - (end - start) * (1 - weight)), so exp_avg matches torch's
+// exp_avg.lerp_(grad, 1 - beta1). The choice depends only on the weight, so
+// it is made once per call (LerpWeight) and the element formula is
+// base + factor * (end - start) with base selected from loaded values;
+// weight - 1 == -(1 - weight) exactly.
+struct LerpWeight {
+  float factor;     // weight, or weight - 1
+  bool from_start;  // |weight| < 0.5
+};
+
+REGOPS_INLINE LerpWeight lerp_weight(float weight) {
+  const bool from_start = fabsf(weight) < 0.5f;
+  return {from_start ? weight : weight - 1.0f, from_start};
 }
+
+REGOPS_INLINE float lerp_like_torch(float start, float end, LerpWeight w) {
+  return (w.from_start ? start : end) + w.factor * (end - start);
+}
+
+// Options are folded into arithmetic (maximize into the sign of
+// grad_factor, a disabled proximal step into a threshold of 0, which returns
+// p bit for bit) or are compile-time constants in the CPU loops (momentum,
+// first_step, nesterov, amsgrad, the lerp formula): a select on a
+// loop-invariant bool, or a branch around floating-point code, keeps GCC
+// from vectorizing those loops.
 
 // Gradient penalties and options shared by both optimizers; per call
 // (per param group), the same for every element.
 struct GradientTransform {
-  float grad_factor;  // 1 / grad_scale * clip coefficient; 1 without either
+  float grad_factor;  // 1 / grad_scale * clip coefficient (1 without either), negated for maximize
   float coupled_l2;   // SGD weight_decay, AdamW l2
   float l1_subgradient;  // l1 in subgradient mode, else 0
-  bool maximize;
 };
 
 REGOPS_INLINE float transformed_gradient(float g, float p, const GradientTransform& t) {
   g *= t.grad_factor;
-  if (t.maximize) g = -g;
   return g + t.coupled_l2 * p + t.l1_subgradient * sign_of(p);
 }
 
 struct SGDCoefficients {
   GradientTransform gradient;
   float lr;
-  float momentum;      // 0: no momentum buffer
+  float momentum;
+  bool has_momentum;   // momentum != 0: there is a momentum buffer
   float one_minus_dampening;
-  float l1_threshold;  // lr * l1 in proximal mode, else 0 (soft-thresholding by 0 changes nothing but -0)
+  float l1_threshold;  // lr * l1 in proximal mode, else 0 (soft-thresholding by 0 returns p exactly)
   bool nesterov;
   bool first_step;     // the momentum buffer takes the gradient as is (torch's buf = grad.clone())
-  bool proximal;
 };
 
 // One element of SGD. buffer is ignored when momentum == 0.
 REGOPS_INLINE void sgd_update(float& p, float grad, float& buffer, const SGDCoefficients& c) {
   float g = transformed_gradient(grad, p, c.gradient);
-  if (c.momentum != 0.0f) {
+  if (c.has_momentum) {
     buffer = c.first_step ? g : buffer * c.momentum + c.one_minus_dampening * g;
     g = c.nesterov ? g + c.momentum * buffer : buffer;
   }
-  p = p - c.lr * g;
-  if (c.proximal) p = soft_threshold(p, c.l1_threshold);
+  p = soft_threshold(p - c.lr * g, c.l1_threshold);
 }
 
 struct AdamWCoefficients {
   GradientTransform gradient;
   float lr;
-  float one_minus_beta1;  // 1 - beta1 and 1 - beta2 rounded once from double, as torch passes them
+  LerpWeight exp_avg_weight;  // of 1 - beta1; 1 - beta1 and 1 - beta2 rounded once from double, as torch passes them
   float beta2;
   float one_minus_beta2;
   float eps;
   float decay_factor;           // 1 - lr * weight_decay (decoupled decay)
   float step_size;              // lr / (1 - beta1^step)
   float bias_correction2_sqrt;  // sqrt(1 - beta2^step)
-  float l1_threshold;           // lr * l1 in proximal mode
+  float l1_threshold;           // lr * l1 in proximal mode, else 0
   bool amsgrad;
-  bool proximal;
 };
 
 // Per-tensor factors from the step count (after this step's increment), in
@@ -104,16 +122,15 @@ REGOPS_INLINE void adamw_update(float& p, float grad, float& exp_avg, float& exp
                                 const AdamWCoefficients& c) {
   const float g = transformed_gradient(grad, p, c.gradient);
   p = p * c.decay_factor;
-  exp_avg = lerp_like_torch(exp_avg, g, c.one_minus_beta1);
+  exp_avg = lerp_like_torch(exp_avg, g, c.exp_avg_weight);
   exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * g * g;  // torch's mul_(beta2).addcmul_(g, g, 1 - beta2)
   float second = exp_avg_sq;
-  if (c.amsgrad) {
+  if (c.amsgrad) {  // constant in the CPU loops, which are compiled with and without amsgrad
     max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
     second = max_exp_avg_sq;
   }
   const float denom = sqrtf(second) / c.bias_correction2_sqrt + c.eps;
-  p = p - c.step_size * (exp_avg / denom);
-  if (c.proximal) p = soft_threshold(p, c.l1_threshold);
+  p = soft_threshold(p - c.step_size * (exp_avg / denom), c.l1_threshold);
 }
 
 }  // namespace regops

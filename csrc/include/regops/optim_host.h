@@ -91,10 +91,9 @@ inline void check_hyperparameters(const char* op, double lr, double weight_decay
 // the device): penalties and flags.
 inline GradientTransform make_gradient_transform(double coupled_l2, double l1, bool proximal, bool maximize) {
   GradientTransform t;
-  t.grad_factor = 1.0f;
+  t.grad_factor = maximize ? -1.0f : 1.0f;
   t.coupled_l2 = static_cast<float>(coupled_l2);
   t.l1_subgradient = proximal ? 0.0f : static_cast<float>(l1);
-  t.maximize = maximize;
   return t;
 }
 
@@ -105,11 +104,11 @@ inline SGDCoefficients make_sgd_coefficients(double lr, double momentum, double 
   c.gradient = make_gradient_transform(weight_decay, l1, proximal, maximize);
   c.lr = static_cast<float>(lr);
   c.momentum = static_cast<float>(momentum);
+  c.has_momentum = momentum != 0.0;
   c.one_minus_dampening = static_cast<float>(1.0 - dampening);
-  c.l1_threshold = static_cast<float>(lr * l1);
+  c.l1_threshold = proximal ? static_cast<float>(lr * l1) : 0.0f;
   c.nesterov = nesterov;
   c.first_step = first_step;
-  c.proximal = proximal;
   return c;
 }
 
@@ -120,15 +119,14 @@ inline AdamWCoefficients make_adamw_coefficients(double lr, double beta1, double
   AdamWCoefficients c;
   c.gradient = make_gradient_transform(l2, l1, proximal, maximize);
   c.lr = static_cast<float>(lr);
-  c.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  c.exp_avg_weight = lerp_weight(static_cast<float>(1.0 - beta1));
   c.beta2 = static_cast<float>(beta2);
   c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
   c.eps = static_cast<float>(eps);
   c.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
   adamw_bias_corrections(lr, beta1, beta2, step, c.step_size, c.bias_correction2_sqrt);
-  c.l1_threshold = static_cast<float>(lr * l1);
+  c.l1_threshold = proximal ? static_cast<float>(lr * l1) : 0.0f;
   c.amsgrad = amsgrad;
-  c.proximal = proximal;
   return c;
 }
 
