@@ -22,7 +22,7 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS_DIR, Row, copy_bandwidth, device_name, emit, parse_size
+from benchmarks.common import RESULTS_DIR, Row, copy_bandwidth, device_name, emit
 
 # Op benchmarks in the order they run; each module defines suite(device, quick).
 SUITES = ["bench_dropout", "bench_batch_norm", "bench_optim", "mnist"]
@@ -39,11 +39,13 @@ def plot(rows: list[Row], op: str, path: str) -> None:
     for ax, (case, dtype) in zip(axes[0], cases):
         selected = [r for r in rows if (r.case, r.dtype) == (case, dtype)]
         for provider in sorted({r.provider for r in selected}):
-            points = sorted((parse_size(r.size), r.gbps) for r in selected if r.provider == provider)
+            # Bytes moved per call, not the size label: labels differ per op
+            # ("16M", "32x64x28x28", "resnet50 25.6M/161").
+            points = sorted((r.bytes_moved, r.gbps) for r in selected if r.provider == provider)
             if points:
                 ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=provider)
         ax.set_xscale("log", base=2)
-        ax.set_xlabel("elements")
+        ax.set_xlabel("bytes moved per call")
         ax.set_ylabel("GB/s")
         ax.set_title(f"{op} {case} {dtype}")
         ax.legend(fontsize=7)

@@ -18,6 +18,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 
 #include "regops/macros.h"
 
@@ -69,13 +70,24 @@ struct GradientTransform {
   float l1_subgradient;  // l1 in subgradient mode, else 0
 };
 
+// value where keep is true, else +0 (also for a NaN or inf value), without
+// a branch or a floating-point select: an AND of the bits.
+REGOPS_INLINE float keep_if(float value, bool keep) {
+  uint32_t bits;
+  memcpy(&bits, &value, sizeof(bits));
+  bits &= keep ? 0xffffffffu : 0u;
+  memcpy(&value, &bits, sizeof(value));
+  return value;
+}
+
 REGOPS_INLINE float transformed_gradient(float g, float p, const GradientTransform& t) {
   g *= t.grad_factor;
-  // A zero coefficient skips its term, as torch skips weight_decay == 0: with
+  // A zero coefficient drops its term, as torch skips weight_decay == 0: with
   // 0 * p an inf parameter would turn the gradient (and the momentum buffer)
-  // into NaN where torch keeps the parameter at inf.
-  if (t.coupled_l2 != 0.0f) g += t.coupled_l2 * p;
-  if (t.l1_subgradient != 0.0f) g += t.l1_subgradient * sign_of(p);
+  // into NaN where torch keeps the parameter at inf. The term is masked with
+  // bits rather than skipped with a branch, which keeps the loops vectorized.
+  g += keep_if(t.coupled_l2 * p, t.coupled_l2 != 0.0f);
+  g += keep_if(t.l1_subgradient * sign_of(p), t.l1_subgradient != 0.0f);
   return g;
 }
 
