@@ -704,11 +704,7 @@ at::Tensor batch_norm_elementwise_cpu(const at::Tensor& input, const at::Tensor&
                                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                       bool relu) {
   const char* op = "batch_norm_elementwise";
-  check_batch_norm_input(input, op);
-  check_channel_tensor(mean, input, "mean", op);
-  check_channel_tensor(invstd, input, "invstd", op);
-  check_optional_channel_tensor(weight, input, "weight", op);
-  check_optional_channel_tensor(bias, input, "bias", op);
+  check_elementwise_arguments(input, mean, invstd, weight, bias, op);
   const Prepared p = prepare(input);
   at::Tensor output = empty_output(p.input);
   if (input.numel() == 0) return output;
@@ -729,12 +725,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tens
                                                                   const std::optional<at::Tensor>& weight,
                                                                   const std::optional<at::Tensor>& bias, bool relu) {
   const char* op = "batch_norm_backward_reduce";
-  check_batch_norm_input(input, op);
-  check_grad_output(grad_out, input, op);
-  check_channel_tensor(mean, input, "mean", op);
-  check_channel_tensor(invstd, input, "invstd", op);
-  check_optional_channel_tensor(weight, input, "weight", op);
-  check_optional_channel_tensor(bias, input, "bias", op);
+  check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
   const Prepared p = prepare(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor sum_dy, sum_dy_xmu;
@@ -776,12 +767,7 @@ at::Tensor batch_norm_backward_elementwise_cpu(const at::Tensor& grad_out, const
                                                const std::optional<at::Tensor>& bias, const at::Tensor& sum_dy,
                                                const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
   const char* op = "batch_norm_backward_elementwise";
-  check_batch_norm_input(input, op);
-  check_grad_output(grad_out, input, op);
-  check_channel_tensor(mean, input, "mean", op);
-  check_channel_tensor(invstd, input, "invstd", op);
-  check_optional_channel_tensor(weight, input, "weight", op);
-  check_optional_channel_tensor(bias, input, "bias", op);
+  check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
   check_channel_tensor(sum_dy, input, "sum_dy", op);
   check_channel_tensor(sum_dy_xmu, input, "sum_dy_xmu", op);
   TORCH_CHECK(count > 0, "regops ", op, ": count must be positive, got ", count);
@@ -815,11 +801,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cp
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
     double eps, bool relu) {
   const char* op = "batch_norm_forward";
-  check_batch_norm_input(input, op);
-  check_optional_channel_tensor(weight, input, "weight", op);
-  check_optional_channel_tensor(bias, input, "bias", op);
-  check_optional_channel_tensor(running_mean, input, "running_mean", op);
-  check_optional_channel_tensor(running_var, input, "running_var", op);
+  check_forward_arguments(input, weight, bias, running_mean, running_var, op);
   TORCH_CHECK(training || (has_tensor(running_mean) && has_tensor(running_var)), "regops ", op,
               ": running_mean and running_var must be given in eval mode (training=False)");
   const Prepared p = prepare(input);
@@ -879,12 +861,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
     bool relu) {
   const char* op = "batch_norm_backward";
-  check_batch_norm_input(input, op);
-  check_grad_output(grad_out, input, op);
-  check_optional_channel_tensor(weight, input, "weight", op);
-  check_optional_channel_tensor(bias, input, "bias", op);
-  check_channel_tensor(save_mean, input, "save_mean", op);
-  check_channel_tensor(save_invstd, input, "save_invstd", op);
+  check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, op);
   const Prepared p = prepare(input);
   const BatchNormGeometry& g = p.geometry;
   const at::Tensor dy = grad_out.contiguous(p.format);

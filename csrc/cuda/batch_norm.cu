@@ -467,11 +467,7 @@ at::Tensor batch_norm_elementwise_cuda(const at::Tensor& input, const at::Tensor
                                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
                                        bool relu) {
   const char* op = "batch_norm_elementwise";
-  check_batch_norm_input(input, op);
-  check_channel_tensor(mean, input, "mean", op);
-  check_channel_tensor(invstd, input, "invstd", op);
-  check_optional_channel_tensor(weight, input, "weight", op);
-  check_optional_channel_tensor(bias, input, "bias", op);
+  check_elementwise_arguments(input, mean, invstd, weight, bias, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const Prepared p = prepare(input);
   at::Tensor output = at::empty_like(p.input);
@@ -488,12 +484,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias, bool relu) {
   const char* op = "batch_norm_backward_reduce";
-  check_batch_norm_input(input, op);
-  check_grad_output(grad_out, input, op);
-  check_channel_tensor(mean, input, "mean", op);
-  check_channel_tensor(invstd, input, "invstd", op);
-  check_optional_channel_tensor(weight, input, "weight", op);
-  check_optional_channel_tensor(bias, input, "bias", op);
+  check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const Prepared p = prepare(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
@@ -513,12 +504,7 @@ at::Tensor batch_norm_backward_elementwise_cuda(const at::Tensor& grad_out, cons
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& sum_dy,
                                                 const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
   const char* op = "batch_norm_backward_elementwise";
-  check_batch_norm_input(input, op);
-  check_grad_output(grad_out, input, op);
-  check_channel_tensor(mean, input, "mean", op);
-  check_channel_tensor(invstd, input, "invstd", op);
-  check_optional_channel_tensor(weight, input, "weight", op);
-  check_optional_channel_tensor(bias, input, "bias", op);
+  check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
   check_channel_tensor(sum_dy, input, "sum_dy", op);
   check_channel_tensor(sum_dy_xmu, input, "sum_dy_xmu", op);
   TORCH_CHECK(count > 0, "regops ", op, ": count must be positive, got ", count);
@@ -542,11 +528,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cu
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
     double eps, bool relu) {
   const char* op = "batch_norm_forward";
-  check_batch_norm_input(input, op);
-  check_optional_channel_tensor(weight, input, "weight", op);
-  check_optional_channel_tensor(bias, input, "bias", op);
-  check_optional_channel_tensor(running_mean, input, "running_mean", op);
-  check_optional_channel_tensor(running_var, input, "running_var", op);
+  check_forward_arguments(input, weight, bias, running_mean, running_var, op);
   TORCH_CHECK(training || (has_tensor(running_mean) && has_tensor(running_var)), "regops ", op,
               ": running_mean and running_var must be given in eval mode (training=False)");
   const c10::cuda::CUDAGuard guard(input.device());
@@ -578,12 +560,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
     bool relu) {
   const char* op = "batch_norm_backward";
-  check_batch_norm_input(input, op);
-  check_grad_output(grad_out, input, op);
-  check_optional_channel_tensor(weight, input, "weight", op);
-  check_optional_channel_tensor(bias, input, "bias", op);
-  check_channel_tensor(save_mean, input, "save_mean", op);
-  check_channel_tensor(save_invstd, input, "save_invstd", op);
+  check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, op);
   const c10::cuda::CUDAGuard guard(input.device());
   const Prepared p = prepare(input);
   const at::Tensor dy = grad_out.contiguous(p.format);

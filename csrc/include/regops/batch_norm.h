@@ -151,6 +151,48 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& i
               " but input is on ", input.device());
 }
 
+// The argument checks of each batch norm entry point, shared by the CPU and
+// CUDA implementations so both reject the same inputs with the same words.
+inline void check_elementwise_arguments(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const char* op) {
+  check_batch_norm_input(input, op);
+  check_channel_tensor(mean, input, "mean", op);
+  check_channel_tensor(invstd, input, "invstd", op);
+  check_optional_channel_tensor(weight, input, "weight", op);
+  check_optional_channel_tensor(bias, input, "bias", op);
+}
+
+inline void check_backward_reduce_arguments(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                            const at::Tensor& invstd, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                            const char* op) {
+  check_batch_norm_input(input, op);
+  check_grad_output(grad_out, input, op);
+  check_channel_tensor(mean, input, "mean", op);
+  check_channel_tensor(invstd, input, "invstd", op);
+  check_optional_channel_tensor(weight, input, "weight", op);
+  check_optional_channel_tensor(bias, input, "bias", op);
+}
+
+inline void check_forward_arguments(const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, const char* op) {
+  check_batch_norm_input(input, op);
+  check_optional_channel_tensor(weight, input, "weight", op);
+  check_optional_channel_tensor(bias, input, "bias", op);
+  check_optional_channel_tensor(running_mean, input, "running_mean", op);
+  check_optional_channel_tensor(running_var, input, "running_var", op);
+}
+
+inline void check_backward_arguments(const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+                                     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                     const char* op) {
+  check_batch_norm_input(input, op);
+  check_grad_output(grad_out, input, op);
+  check_optional_channel_tensor(weight, input, "weight", op);
+  check_optional_channel_tensor(bias, input, "bias", op);
+  check_channel_tensor(save_mean, input, "save_mean", op);
+  check_channel_tensor(save_invstd, input, "save_invstd", op);
+}
+
 // A per-channel tensor that may be absent, as contiguous data or a constant.
 inline at::Tensor channel_tensor_or(const std::optional<at::Tensor>& tensor, const at::Tensor& input, double fill) {
   if (tensor.has_value() && tensor->defined()) return tensor->contiguous();
