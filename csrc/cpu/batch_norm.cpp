@@ -1,5 +1,5 @@
 // Batch normalization on the CPU, both memory layouts without a transposing
-// copy (see BatchNormGeometry in regops/batch_norm.h):
+// copy (see BatchNormGeometry in regops/batch_norm_host.h):
 //
 // - spatial-inner (contiguous NCHW): a channel is N runs of S contiguous
 //   elements. Work is split by channel, and the fused forward and backward
@@ -33,7 +33,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "regops/batch_norm.h"
+#include "regops/batch_norm_host.h"
 #include "regops/cpu_memory.h"
 #include "regops/welford.h"
 
@@ -628,24 +628,11 @@ void grad_input(const scalar_t* dy, const scalar_t* x, scalar_t* dx, const Batch
 
 // ---- host glue --------------------------------------------------------------------
 
-// The input (and grad_out) in the layout the kernels run on.
-struct Prepared {
-  at::Tensor input;
-  at::MemoryFormat format;
-  BatchNormGeometry geometry;
-};
-
 // An output (or grad_input) in the working layout, huge-page backed.
 at::Tensor empty_output(const at::Tensor& like) {
   at::Tensor out = at::empty_like(like);
   advise_huge_pages(out);
   return out;
-}
-
-Prepared prepare(const at::Tensor& input) {
-  const at::MemoryFormat format = batch_norm_memory_format(input);
-  at::Tensor work = input.contiguous(format);
-  return Prepared{work, format, batch_norm_geometry(work, format)};
 }
 
 template <typename acc_t>
@@ -678,13 +665,9 @@ std::vector<BatchNormAffine<acc_t>> affines(const std::vector<acc_t>& mean, cons
   return result;
 }
 
-at::TensorOptions accumulate_options(const at::Tensor& input) {
-  return input.options().dtype(batch_norm_accumulate_type(input.scalar_type()));
-}
-
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
   check_batch_norm_input(input, "batch_norm_stats");
-  const Prepared p = prepare(input);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   at::Tensor mean, var;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -705,7 +688,7 @@ at::Tensor batch_norm_elementwise_cpu(const at::Tensor& input, const at::Tensor&
                                       bool relu) {
   const char* op = "batch_norm_elementwise";
   check_elementwise_arguments(input, mean, invstd, weight, bias, op);
-  const Prepared p = prepare(input);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   at::Tensor output = empty_output(p.input);
   if (input.numel() == 0) return output;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_elementwise_cpu", [&] {
@@ -726,7 +709,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tens
                                                                   const std::optional<at::Tensor>& bias, bool relu) {
   const char* op = "batch_norm_backward_reduce";
   check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
-  const Prepared p = prepare(input);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor sum_dy, sum_dy_xmu;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_reduce_cpu", [&] {
@@ -767,11 +750,8 @@ at::Tensor batch_norm_backward_elementwise_cpu(const at::Tensor& grad_out, const
                                                const std::optional<at::Tensor>& bias, const at::Tensor& sum_dy,
                                                const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
   const char* op = "batch_norm_backward_elementwise";
-  check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
-  check_channel_tensor(sum_dy, input, "sum_dy", op);
-  check_channel_tensor(sum_dy_xmu, input, "sum_dy_xmu", op);
-  TORCH_CHECK(count > 0, "regops ", op, ": count must be positive, got ", count);
-  const Prepared p = prepare(input);
+  check_backward_elementwise_arguments(grad_out, input, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count, op);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor grad_input_tensor = empty_output(p.input);
   if (input.numel() == 0) return grad_input_tensor;
@@ -801,13 +781,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cp
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
     double eps, bool relu) {
   const char* op = "batch_norm_forward";
-  check_forward_arguments(input, weight, bias, running_mean, running_var, op);
-  TORCH_CHECK(training || (has_tensor(running_mean) && has_tensor(running_var)), "regops ", op,
-              ": running_mean and running_var must be given in eval mode (training=False)");
-  const Prepared p = prepare(input);
+  check_forward_arguments(input, weight, bias, running_mean, running_var, training, op);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   const BatchNormGeometry& g = p.geometry;
-  TORCH_CHECK(!training || g.count_per_channel() != 1, "regops ", op,
-              ": expected more than 1 value per channel when training, got input size ", input.sizes());
   at::Tensor output = empty_output(p.input);
   const at::TensorOptions options = accumulate_options(input);
   at::Tensor save_mean, save_invstd, batch_var = at::empty({0}, options);
@@ -862,7 +838,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     bool relu) {
   const char* op = "batch_norm_backward";
   check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, op);
-  const Prepared p = prepare(input);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   const BatchNormGeometry& g = p.geometry;
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor dx = empty_output(p.input);

@@ -23,7 +23,7 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
-#include "regops/batch_norm.h"
+#include "regops/batch_norm_host.h"
 #include "regops/cuda_utils.cuh"
 #include "regops/welford.h"
 
@@ -296,19 +296,7 @@ __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_
 
 // ---- host side ----------------------------------------------------------------------------
 
-struct Prepared {
-  at::Tensor input;
-  at::MemoryFormat format;
-  BatchNormGeometry geometry;
-};
-
-Prepared prepare(const at::Tensor& input) {
-  const at::MemoryFormat format = batch_norm_memory_format(input);
-  at::Tensor work = input.contiguous(format);
-  return Prepared{work, format, batch_norm_geometry(work, format)};
-}
-
-ElementwiseShape elementwise_shape(const Prepared& p) {
+ElementwiseShape elementwise_shape(const BatchNormInput& p) {
   const BatchNormGeometry& g = p.geometry;
   return ElementwiseShape{p.input.numel(), std::max<int64_t>(1, g.channels), g.channels_inner ? 1 : std::max<int64_t>(1, g.spatial)};
 }
@@ -318,14 +306,10 @@ const acc_t* optional_pointer(const std::optional<at::Tensor>& tensor) {
   return has_tensor(tensor) ? tensor->const_data_ptr<acc_t>() : nullptr;
 }
 
-at::TensorOptions accumulate_options(const at::Tensor& input) {
-  return input.options().dtype(batch_norm_accumulate_type(input.scalar_type()));
-}
-
 // Runs the partial kernel of `reducer` over the prepared input and returns
 // the partials (C x splits states) and the number of splits.
 template <typename Reducer>
-std::pair<at::Tensor, int64_t> reduce_partials(const Reducer& reducer, const Prepared& p) {
+std::pair<at::Tensor, int64_t> reduce_partials(const Reducer& reducer, const BatchNormInput& p) {
   using State = typename Reducer::State;
   const BatchNormGeometry& g = p.geometry;
   const auto stream = at::cuda::getCurrentCUDAStream();
@@ -365,7 +349,7 @@ std::pair<at::Tensor, int64_t> reduce_partials(const Reducer& reducer, const Pre
 
 // mean, biased var and (with eps >= 0) invstd of every channel.
 template <typename scalar_t>
-void compute_statistics(const Prepared& p, at::Tensor& mean, at::Tensor& var, at::Tensor* invstd, double eps) {
+void compute_statistics(const BatchNormInput& p, at::Tensor& mean, at::Tensor& var, at::Tensor* invstd, double eps) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = p.geometry.channels;
   if (channels == 0) return;
@@ -385,8 +369,9 @@ void compute_statistics(const Prepared& p, at::Tensor& mean, at::Tensor& var, at
 }
 
 template <typename scalar_t>
-void compute_gradient_sums(const Prepared& p, const at::Tensor& dy, const ChannelParams<at::opmath_type<scalar_t>>& params,
-                           bool relu, at::Tensor& sum_dy, at::Tensor& sum_dy_xmu) {
+void compute_gradient_sums(const BatchNormInput& p, const at::Tensor& dy,
+                           const ChannelParams<at::opmath_type<scalar_t>>& params, bool relu, at::Tensor& sum_dy,
+                           at::Tensor& sum_dy_xmu) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = p.geometry.channels;
   if (channels == 0) return;
@@ -414,8 +399,8 @@ bool can_vectorize(std::initializer_list<const void*> pointers) {
 }
 
 template <typename scalar_t>
-void launch_normalize(const Prepared& p, at::Tensor& output, const ChannelParams<at::opmath_type<scalar_t>>& params,
-                      bool relu) {
+void launch_normalize(const BatchNormInput& p, at::Tensor& output,
+                      const ChannelParams<at::opmath_type<scalar_t>>& params, bool relu) {
   const int64_t numel = p.input.numel();
   if (numel == 0) return;
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
@@ -427,7 +412,7 @@ void launch_normalize(const Prepared& p, at::Tensor& output, const ChannelParams
 }
 
 template <typename scalar_t>
-void launch_grad_input(const Prepared& p, const at::Tensor& dy, at::Tensor& dx,
+void launch_grad_input(const BatchNormInput& p, const at::Tensor& dy, at::Tensor& dx,
                        const BackwardParams<at::opmath_type<scalar_t>>& params) {
   const int64_t numel = p.input.numel();
   if (numel == 0) return;
@@ -454,7 +439,7 @@ std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& te
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
   check_batch_norm_input(input, "batch_norm_stats");
   const c10::cuda::CUDAGuard guard(input.device());
-  const Prepared p = prepare(input);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   at::Tensor mean = at::empty({input.size(1)}, accumulate_options(input));
   at::Tensor var = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_stats_cuda", [&] {
@@ -469,7 +454,7 @@ at::Tensor batch_norm_elementwise_cuda(const at::Tensor& input, const at::Tensor
   const char* op = "batch_norm_elementwise";
   check_elementwise_arguments(input, mean, invstd, weight, bias, op);
   const c10::cuda::CUDAGuard guard(input.device());
-  const Prepared p = prepare(input);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   at::Tensor output = at::empty_like(p.input);
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
   const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
@@ -486,7 +471,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
   const char* op = "batch_norm_backward_reduce";
   check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
   const c10::cuda::CUDAGuard guard(input.device());
-  const Prepared p = prepare(input);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor sum_dy = at::empty({input.size(1)}, accumulate_options(input));
   at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
@@ -504,12 +489,9 @@ at::Tensor batch_norm_backward_elementwise_cuda(const at::Tensor& grad_out, cons
                                                 const std::optional<at::Tensor>& bias, const at::Tensor& sum_dy,
                                                 const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
   const char* op = "batch_norm_backward_elementwise";
-  check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
-  check_channel_tensor(sum_dy, input, "sum_dy", op);
-  check_channel_tensor(sum_dy_xmu, input, "sum_dy_xmu", op);
-  TORCH_CHECK(count > 0, "regops ", op, ": count must be positive, got ", count);
+  check_backward_elementwise_arguments(grad_out, input, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count, op);
   const c10::cuda::CUDAGuard guard(input.device());
-  const Prepared p = prepare(input);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor dx = at::empty_like(p.input);
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous(), a = sum_dy.contiguous(), c = sum_dy_xmu.contiguous();
@@ -528,13 +510,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cu
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
     double eps, bool relu) {
   const char* op = "batch_norm_forward";
-  check_forward_arguments(input, weight, bias, running_mean, running_var, op);
-  TORCH_CHECK(training || (has_tensor(running_mean) && has_tensor(running_var)), "regops ", op,
-              ": running_mean and running_var must be given in eval mode (training=False)");
+  check_forward_arguments(input, weight, bias, running_mean, running_var, training, op);
   const c10::cuda::CUDAGuard guard(input.device());
-  const Prepared p = prepare(input);
-  TORCH_CHECK(!training || p.geometry.count_per_channel() != 1, "regops ", op,
-              ": expected more than 1 value per channel when training, got input size ", input.sizes());
+  const BatchNormInput p = prepare_batch_norm_input(input);
   const at::TensorOptions options = accumulate_options(input);
   at::Tensor output = at::empty_like(p.input);
   at::Tensor mean, invstd, batch_var;
@@ -562,7 +540,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   const char* op = "batch_norm_backward";
   check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, op);
   const c10::cuda::CUDAGuard guard(input.device());
-  const Prepared p = prepare(input);
+  const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor dx = at::empty_like(p.input);
   const at::TensorOptions options = accumulate_options(input);
