@@ -220,30 +220,47 @@ struct ElementwiseShape {
   __device__ __forceinline__ int64_t channel(int64_t i) const { return (i / stride_c) % channels; }
 };
 
-template <typename scalar_t, typename acc_t>
-__global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelParams<acc_t> params,
-                                 ElementwiseShape shape, bool relu, bool vectorized) {
+// Elements first + [0, kVec): f(element index, input values in acc_t...).
+template <typename scalar_t, typename acc_t, int kVec, typename F, typename... Inputs>
+__device__ __forceinline__ AlignedVector<scalar_t, kVec> map_vector(int64_t first, const F& f,
+                                                                    AlignedVector<Inputs, kVec>... in) {
+  AlignedVector<scalar_t, kVec> out;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) out.value[e] = static_cast<scalar_t>(f(first + e, static_cast<acc_t>(in.value[e])...));
+  return out;
+}
+
+// out[i] = f(i, inputs[i]...) for i in [0, numel), in acc_t: a grid-stride
+// loop over vectors of 16 bytes, each read and written with one load per
+// input and one store where every pointer is aligned (`vectorized`), else
+// element by element, as is the tail of numel.
+template <typename scalar_t, typename acc_t, typename F, typename... Inputs>
+__device__ __forceinline__ void map_elements(scalar_t* __restrict__ out, int64_t numel, bool vectorized, const F& f,
+                                             const Inputs* __restrict__... inputs) {
   constexpr int kVec = vector_size<scalar_t>();
   using Vec = AlignedVector<scalar_t, kVec>;
-  const int64_t vectors = (shape.numel + kVec - 1) / kVec;
+  const int64_t vectors = (numel + kVec - 1) / kVec;
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors; v += step) {
     const int64_t first = v * kVec;
-    if (vectorized && first + kVec <= shape.numel) {
-      const Vec in = *reinterpret_cast<const Vec*>(x + first);
-      Vec out;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        out.value[e] = static_cast<scalar_t>(
-            batch_norm_normalize(static_cast<acc_t>(in.value[e]), params.affine(shape.channel(first + e)), relu));
-      }
-      *reinterpret_cast<Vec*>(y + first) = out;
+    if (vectorized && first + kVec <= numel) {
+      const Vec result = map_vector<scalar_t, acc_t, kVec>(
+          first, f, *reinterpret_cast<const AlignedVector<Inputs, kVec>*>(inputs + first)...);
+      *reinterpret_cast<Vec*>(out + first) = result;
     } else {
-      for (int64_t i = first; i < min(shape.numel, first + kVec); ++i) {
-        y[i] = static_cast<scalar_t>(batch_norm_normalize(static_cast<acc_t>(x[i]), params.affine(shape.channel(i)), relu));
+      for (int64_t i = first; i < min(numel, first + kVec); ++i) {
+        out[i] = static_cast<scalar_t>(f(i, static_cast<acc_t>(inputs[i])...));
       }
     }
   }
+}
+
+template <typename scalar_t, typename acc_t>
+__global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelParams<acc_t> params,
+                                 ElementwiseShape shape, bool relu, bool vectorized) {
+  map_elements<scalar_t, acc_t>(
+      y, shape.numel, vectorized,
+      [=](int64_t i, acc_t xi) { return batch_norm_normalize(xi, params.affine(shape.channel(i)), relu); }, x);
 }
 
 template <typename acc_t>
@@ -269,29 +286,9 @@ template <typename scalar_t, typename acc_t>
 __global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
                                   scalar_t* __restrict__ dx, BackwardParams<acc_t> params, ElementwiseShape shape,
                                   bool vectorized) {
-  constexpr int kVec = vector_size<scalar_t>();
-  using Vec = AlignedVector<scalar_t, kVec>;
-  const int64_t vectors = (shape.numel + kVec - 1) / kVec;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors; v += step) {
-    const int64_t first = v * kVec;
-    if (vectorized && first + kVec <= shape.numel) {
-      const Vec x_in = *reinterpret_cast<const Vec*>(x + first);
-      const Vec dy_in = *reinterpret_cast<const Vec*>(dy + first);
-      Vec out;
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) {
-        out.value[e] = static_cast<scalar_t>(params.grad_input(
-            static_cast<acc_t>(dy_in.value[e]), static_cast<acc_t>(x_in.value[e]), shape.channel(first + e)));
-      }
-      *reinterpret_cast<Vec*>(dx + first) = out;
-    } else {
-      for (int64_t i = first; i < min(shape.numel, first + kVec); ++i) {
-        dx[i] = static_cast<scalar_t>(
-            params.grad_input(static_cast<acc_t>(dy[i]), static_cast<acc_t>(x[i]), shape.channel(i)));
-      }
-    }
-  }
+  map_elements<scalar_t, acc_t>(
+      dx, shape.numel, vectorized,
+      [=](int64_t i, acc_t dyi, acc_t xi) { return params.grad_input(dyi, xi, shape.channel(i)); }, dy, x);
 }
 
 // ---- host side ----------------------------------------------------------------------------
