@@ -170,10 +170,7 @@ def batch_norm_stats(input: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-channel mean and biased variance of (N, C, ...) ``input`` (Welford,
     float32; float64 for float64 input)."""
     _check_input(input)
-    backend = backend_for(input)
-    if backend == "reference":
-        return reference.batch_norm_stats(input)
-    return _op(backend, "batch_norm_stats")(input)
+    return _run("batch_norm_stats", input, input)
 
 
 def batch_norm_elementwise(input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
@@ -182,13 +179,8 @@ def batch_norm_elementwise(input: torch.Tensor, mean: torch.Tensor, invstd: torc
     """act((input - mean) * invstd * weight + bias) per channel, in the input's memory format."""
     _check_input(input)
     relu = check_activation(activation) == "relu"
-    args = (input, _channel_tensor(mean, "mean", input, optional=False),
-            _channel_tensor(invstd, "invstd", input, optional=False),
-            _channel_tensor(weight, "weight", input), _channel_tensor(bias, "bias", input), relu)
-    backend = backend_for(input)
-    if backend == "reference":
-        return reference.batch_norm_elementwise(*args)
-    return _op(backend, "batch_norm_elementwise")(*args)
+    return _run("batch_norm_elementwise", input, input, *_normalization_tensors(input, mean, invstd, weight, bias),
+                relu)
 
 
 def batch_norm_backward_reduce(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor, invstd: torch.Tensor,
@@ -199,13 +191,8 @@ def batch_norm_backward_reduce(grad_out: torch.Tensor, input: torch.Tensor, mean
     _check_input(input)
     _check_grad_out(grad_out, input)
     relu = check_activation(activation) == "relu"
-    args = (grad_out, input, _channel_tensor(mean, "mean", input, optional=False),
-            _channel_tensor(invstd, "invstd", input, optional=False),
-            _channel_tensor(weight, "weight", input), _channel_tensor(bias, "bias", input), relu)
-    backend = backend_for(input)
-    if backend == "reference":
-        return reference.batch_norm_backward_reduce(*args)
-    return _op(backend, "batch_norm_backward_reduce")(*args)
+    return _run("batch_norm_backward_reduce", input, grad_out, input,
+                *_normalization_tensors(input, mean, invstd, weight, bias), relu)
 
 
 def batch_norm_backward_elementwise(grad_out: torch.Tensor, input: torch.Tensor, mean: torch.Tensor,
@@ -220,15 +207,26 @@ def batch_norm_backward_elementwise(grad_out: torch.Tensor, input: torch.Tensor,
     relu = check_activation(activation) == "relu"
     if isinstance(count, bool) or not isinstance(count, numbers.Integral) or count <= 0:
         raise ValueError(f"count must be a positive integer, got {count!r}")
-    args = (grad_out, input, _channel_tensor(mean, "mean", input, optional=False),
+    return _run("batch_norm_backward_elementwise", input, grad_out, input,
+                *_normalization_tensors(input, mean, invstd, weight, bias),
+                _channel_tensor(sum_dy, "sum_dy", input, optional=False),
+                _channel_tensor(sum_dy_xmu, "sum_dy_xmu", input, optional=False), int(count), relu)
+
+
+def _normalization_tensors(input: torch.Tensor, mean, invstd, weight, bias) -> tuple:
+    """The checked per-channel (mean, invstd, weight, bias) of an elementwise pass."""
+    return (_channel_tensor(mean, "mean", input, optional=False),
             _channel_tensor(invstd, "invstd", input, optional=False),
-            _channel_tensor(weight, "weight", input), _channel_tensor(bias, "bias", input),
-            _channel_tensor(sum_dy, "sum_dy", input, optional=False),
-            _channel_tensor(sum_dy_xmu, "sum_dy_xmu", input, optional=False), int(count), relu)
+            _channel_tensor(weight, "weight", input), _channel_tensor(bias, "bias", input))
+
+
+def _run(name: str, input: torch.Tensor, *args):
+    """Op `name` on `args`, run by the backend chosen for `input`: the
+    function of the same name in regops.reference, or the registered operator."""
     backend = backend_for(input)
     if backend == "reference":
-        return reference.batch_norm_backward_elementwise(*args)
-    return _op(backend, "batch_norm_backward_elementwise")(*args)
+        return getattr(reference, name)(*args)
+    return _op(backend, name)(*args)
 
 
 def _check_grad_out(grad_out, input: torch.Tensor) -> None:
