@@ -48,6 +48,23 @@ def backend_devices() -> list[tuple[str, str]]:
     return pairs
 
 
+def compile_backend_devices() -> list[tuple[str, str]]:
+    """The (backend, device) pairs of the torch.compile tests. Inductor cannot
+    compile Triton kernels for CPU tensors: on the CPU the compiled path is the
+    C++ backend; on a GPU, cuda and triton."""
+    pairs = [("cpu", "cpu")]
+    if HAS_CUDA:
+        pairs += [(b, "cuda") for b in ("cuda", "triton") if b in regops.available_backends()]
+    return pairs
+
+
+# opcheck's test_utils for the triton ops: all of them on a GPU; under the
+# interpreter, which runs the kernel even on fake tensors, only the schema and
+# autograd registration checks.
+TRITON_OPCHECK_UTILS = (("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+                        if HAS_CUDA else ("test_schema", "test_autograd_registration"))
+
+
 def _pair_id(pair):
     return f"{pair[0]}-{pair[1]}"
 

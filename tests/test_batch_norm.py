@@ -10,7 +10,7 @@ from torch.library import opcheck
 
 import regops
 from regops import reference
-from conftest import HAS_CUDA, triton_interpreted
+from conftest import HAS_CUDA, TRITON_OPCHECK_UTILS, compile_backend_devices, triton_interpreted
 
 # (dtype, atol, rtol) of outputs and gradients: float32 and float64 agree to
 # rounding; 16-bit outputs are one rounding of a float32 result.
@@ -405,11 +405,8 @@ def test_opcheck_triton_ops():
     if "triton" not in regops.available_backends():
         pytest.skip("triton backend not available")
     device = "cuda" if HAS_CUDA else "cpu"
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if not HAS_CUDA:
-        utils = ("test_schema", "test_autograd_registration")
     for name, args in _opcheck_args(device):
-        opcheck(getattr(torch.ops.regops, f"triton_{name}").default, args, test_utils=utils)
+        opcheck(getattr(torch.ops.regops, f"triton_{name}").default, args, test_utils=TRITON_OPCHECK_UTILS)
 
 
 class _ConvBlock(torch.nn.Module):
@@ -423,16 +420,7 @@ class _ConvBlock(torch.nn.Module):
         return self.norm2(self.norm(self.conv(x)))
 
 
-def _compile_devices():
-    # Inductor cannot compile Triton kernels for CPU tensors: on the CPU the
-    # compiled path is the C++ backend; on a GPU, cuda and triton.
-    pairs = [("cpu", "cpu")]
-    if HAS_CUDA:
-        pairs += [(b, "cuda") for b in ("cuda", "triton") if b in regops.available_backends()]
-    return pairs
-
-
-@pytest.mark.parametrize("backend,device", _compile_devices())
+@pytest.mark.parametrize("backend,device", compile_backend_devices())
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
 def test_torch_compile_fullgraph_matches_eager(backend, device, layout):
     torch._dynamo.reset()

@@ -9,7 +9,8 @@ from torch.library import opcheck
 
 import regops
 from regops import reference
-from conftest import HAS_CUDA, backend_devices, triton_interpreted
+from conftest import (HAS_CUDA, TRITON_OPCHECK_UTILS, backend_devices, compile_backend_devices,
+                      triton_interpreted)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Sizes that are not multiples of 4, 8 or 16, around the CPU block (128) and
@@ -318,12 +319,9 @@ def test_opcheck_triton_ops():
     if "triton" not in regops.available_backends():
         pytest.skip("triton backend not available")
     device = "cuda" if HAS_CUDA else "cpu"
-    utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    if not HAS_CUDA:
-        utils = ("test_schema", "test_autograd_registration")
     for name, args in _opcheck_args():
         args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-        opcheck(getattr(torch.ops.regops, f"triton_{name}").default, args, test_utils=utils)
+        opcheck(getattr(torch.ops.regops, f"triton_{name}").default, args, test_utils=TRITON_OPCHECK_UTILS)
 
 
 class _SeededDropoutNet(torch.nn.Module):
@@ -335,16 +333,7 @@ class _SeededDropoutNet(torch.nn.Module):
         return regops.dropout(torch.relu(self.linear(x)), 0.5, seed=1234, offset=2)
 
 
-def _compile_devices():
-    # Inductor cannot compile Triton kernels for CPU tensors: on the CPU the
-    # compiled path is the C++ backend; on a GPU, cuda and triton.
-    pairs = [("cpu", "cpu")]
-    if HAS_CUDA:
-        pairs += [(b, "cuda") for b in ("cuda", "triton") if b in regops.available_backends()]
-    return pairs
-
-
-@pytest.mark.parametrize("backend,device", _compile_devices())
+@pytest.mark.parametrize("backend,device", compile_backend_devices())
 def test_torch_compile_fullgraph_matches_eager(backend, device):
     torch._dynamo.reset()
     with regops.use_backend(backend):
@@ -359,7 +348,7 @@ def test_torch_compile_fullgraph_matches_eager(backend, device):
     torch.testing.assert_close(grad, eager_grad)
 
 
-@pytest.mark.parametrize("backend,device", _compile_devices())
+@pytest.mark.parametrize("backend,device", compile_backend_devices())
 def test_torch_compile_dropout_module(backend, device):
     """regops.nn.Dropout with a fresh seed each call compiles without graph
     breaks; each output element is 0 or x / (1 - p), and its gradient agrees."""
