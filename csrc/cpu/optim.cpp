@@ -76,7 +76,8 @@ REGOPS_ALWAYS_INLINE void store_element(Bits16* data, int64_t i, float value) {
 // (penalties, see regops/optim.h) is a template argument, constant-folded in
 // the loop body. select_variant turns the runtime flags into the function.
 
-template <typename T, bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1>
+template <typename T, bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient,
+          bool kL1Proximal>
 REGOPS_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buffer, int64_t n,
                              const SGDCoefficients& coefficients) {
   SGDCoefficients c = coefficients;
@@ -86,7 +87,7 @@ REGOPS_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __re
   for (int64_t i = 0; i < n; ++i) {
     float param = load_element(p, i);
     float buf = kMomentum && !kFirstStep ? load_element(buffer, i) : 0.0f;
-    sgd_update<kCoupledL2, kL1>(param, load_element(g, i), buf, c);
+    sgd_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), buf, c);
     store_element(p, i, param);
     if (kMomentum) store_element(buffer, i, buf);
   }
@@ -95,7 +96,7 @@ REGOPS_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __re
 template <typename T>
 using SGDBlock = void (*)(T*, const T*, T*, int64_t, const SGDCoefficients&);
 
-template <typename T, bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1>
+template <typename T, bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
 REGOPS_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ exp_avg,
                                T* __restrict__ exp_avg_sq, T* __restrict__ max_exp_avg_sq, int64_t n,
                                const AdamWCoefficients& coefficients) {
@@ -105,7 +106,7 @@ REGOPS_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T* __
   for (int64_t i = 0; i < n; ++i) {
     float param = load_element(p, i), m = load_element(exp_avg, i), v = load_element(exp_avg_sq, i);
     float v_max = kAmsgrad ? load_element(max_exp_avg_sq, i) : 0.0f;
-    adamw_update<kCoupledL2, kL1>(param, load_element(g, i), m, v, v_max, c);
+    adamw_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), m, v, v_max, c);
     store_element(p, i, param);
     store_element(exp_avg, i, m);
     store_element(exp_avg_sq, i, v);
@@ -128,19 +129,16 @@ auto select_variant(const Variants& variants, bool flag, Rest... rest) {
               : select_variant<Variants, kChosen..., false>(variants, rest...);
 }
 
-// The L1 terms are on when either mode has a nonzero coefficient.
-bool uses_l1(const GradientTransform& gradient, float l1_threshold) {
-  return gradient.l1_subgradient != 0.0f || l1_threshold != 0.0f;
-}
-
+// The L1 subgradient and the soft-threshold (l1_mode "proximal") exclude
+// each other: make_gradient_transform zeroes the subgradient in proximal mode.
 template <typename T>
 struct SGDVariants {
-  template <bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1>
+  template <bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
   SGDBlock<T> get() const {
-    if constexpr (!kMomentum && (kFirstStep || kNesterov)) {
+    if constexpr ((!kMomentum && (kFirstStep || kNesterov)) || (kL1Subgradient && kL1Proximal)) {
       return nullptr;  // never selected: without momentum both flags are cleared
     } else {
-      return &sgd_block<T, kMomentum, kFirstStep, kNesterov, kCoupledL2, kL1>;
+      return &sgd_block<T, kMomentum, kFirstStep, kNesterov, kCoupledL2, kL1Subgradient, kL1Proximal>;
     }
   }
 };
@@ -149,14 +147,18 @@ template <typename T>
 SGDBlock<T> select_sgd_block(const SGDCoefficients& c) {
   const bool momentum = c.has_momentum;
   return select_variant(SGDVariants<T>{}, momentum, momentum && c.first_step, momentum && c.nesterov,
-                        c.gradient.coupled_l2 != 0.0f, uses_l1(c.gradient, c.l1_threshold));
+                        c.gradient.coupled_l2 != 0.0f, c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
 }
 
 template <typename T>
 struct AdamWVariants {
-  template <bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1>
+  template <bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
   AdamWBlock<T> get() const {
-    return &adamw_block<T, kAmsgrad, kLerpFromStart, kCoupledL2, kL1>;
+    if constexpr (kL1Subgradient && kL1Proximal) {
+      return nullptr;  // never selected
+    } else {
+      return &adamw_block<T, kAmsgrad, kLerpFromStart, kCoupledL2, kL1Subgradient, kL1Proximal>;
+    }
   }
 };
 
@@ -165,7 +167,7 @@ struct AdamWVariants {
 template <typename T>
 AdamWBlock<T> select_adamw_block(const AdamWCoefficients& c) {
   return select_variant(AdamWVariants<T>{}, c.amsgrad, c.exp_avg_weight.from_start, c.gradient.coupled_l2 != 0.0f,
-                        uses_l1(c.gradient, c.l1_threshold));
+                        c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
 }
 
 // Sum of squares with 16 independent float32 accumulators (a plain float sum
