@@ -35,10 +35,14 @@ def world_size(process_group=None) -> int:
     return dist.get_world_size(process_group)
 
 
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    return DTensor is not None and isinstance(tensor, DTensor)
+
+
 def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The tensor a kernel updates: a DTensor's local shard (a view that
     shares its storage), any other tensor itself."""
-    if DTensor is not None and isinstance(tensor, DTensor):
+    if is_dtensor(tensor):
         return tensor.to_local()
     return tensor
 

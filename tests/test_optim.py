@@ -184,6 +184,47 @@ def test_l1_proximal_matches_soft_threshold_and_makes_zeros(backend_device, name
     assert zeros > 0.2 * total, f"proximal L1 left only {zeros} of {total} weights exactly zero"
 
 
+# More than kSerialBelow (65536) elements in all, so that the CPU kernel
+# splits the work between threads: chunks of 32768 that cover pieces of
+# several small tensors, and tensors cut between chunks and threads.
+MANY_CHUNK_SHAPES = [(70001,), (3,), (), (40000,), (2, 65537), (17,), (1,)]
+
+
+@pytest.mark.parametrize("l1_mode", [None, "subgradient", "proximal"])
+@pytest.mark.parametrize("l2", [0.0, 0.01])
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_many_chunks_and_every_penalty_combination_match_the_reference(backend_device, name, l2, l1_mode):
+    """Each combination of coupled L2 and L1 terms (the CPU kernel compiles a
+    loop for each) over tensors split into many chunks, on two threads,
+    against the pure-torch reference backend; global-norm clipping on top."""
+    backend, device = backend_device
+    if backend == "reference" or triton_interpreted(backend, device):
+        pytest.skip("the reference is the oracle here; the interpreter is too slow for these sizes")
+    gen = torch.Generator().manual_seed(17)
+    penalties = dict(l1=1e-3 if l1_mode else 0.0, l1_mode=l1_mode or "subgradient", max_grad_norm=50.0)
+    if name == "sgd":
+        options = dict(lr=0.01, momentum=0.9, weight_decay=l2, **penalties)
+    else:
+        options = dict(lr=1e-3, weight_decay=0.01, l2=l2, **penalties)
+    ours = _random_params(MANY_CHUNK_SHAPES, device, torch.float32, gen)
+    oracle = [p.detach().clone().requires_grad_() for p in ours]
+    optimizer = REGOPS_CLASSES[name](ours, **options)
+    reference_optimizer = REGOPS_CLASSES[name](oracle, **options)
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for _ in range(5):
+            _set_grads([ours, oracle], gen)
+            optimizer.step()
+            with regops.use_backend("reference"):
+                reference_optimizer.step()
+            _assert_params_close(ours, oracle, atol=2e-6, rtol=1e-5)
+    finally:
+        torch.set_num_threads(previous_threads)
+    if l1_mode == "proximal":
+        assert sum(int((p == 0).sum()) for p in ours) == sum(int((p == 0).sum()) for p in oracle)
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_clipping_matches_clip_grad_norm(backend_device, name, max_norm):

@@ -1,12 +1,14 @@
 // Penalized SGD and AdamW on the CPU: one call updates every tensor of a
-// (device, dtype) group. The tensors are cut into chunks of kChunk elements
-// that at::parallel_for spreads over ATen's OpenMP pool (so small tensors
-// share a thread and large ones are split). Inside a chunk the element
-// update of regops/optim.h runs in loops the compiler vectorizes, on float32
-// tensors directly and on bfloat16 tensors as bits converted in registers
-// (shift to widen, round-to-nearest-even with bit operations to narrow:
-// c10's per-element bfloat16 conversion does not vectorize and made bf16
-// SGD slow); float16 goes through float32 blocks of kBlock elements.
+// (device, dtype) group. The tensors are laid end to end in one index space
+// (TensorSpan) cut into chunks of kChunk elements, so that at::parallel_for
+// gives every thread the same number of elements whatever the tensor sizes
+// (cutting each tensor into its own chunks left the threads unequal work
+// and made two threads slower than torch's fused optimizers). Inside a
+// chunk the element update of regops/optim.h runs in loops the compiler
+// vectorizes, on float32 tensors directly and on bfloat16 tensors as bits
+// converted in registers (shift to widen, round-to-nearest-even with bit
+// operations to narrow: c10's per-element bfloat16 conversion does not
+// vectorize); float16 goes through float32 blocks of kBlock elements.
 //
 // Traffic per parameter (element size e): SGD reads p, g and the momentum
 // buffer and writes p and the buffer (5e; 3e without momentum); AdamW reads
@@ -16,6 +18,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <array>
 #include <cstring>
 #include <type_traits>
@@ -28,22 +31,17 @@ namespace regops {
 namespace {
 
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task: ~1 MiB of traffic for AdamW float32
+constexpr int64_t kAlign = 64;       // each tensor starts at a multiple of this in the index space (cache lines)
 constexpr int64_t kBlock = 512;      // float16 path: five float32 lists of 512 stay in L1
 // Below this many elements in all, a call runs on the calling thread: waking
 // the pool costs more than the work.
 constexpr int64_t kSerialBelow = 1 << 16;
 
 // --- vectorizable loops --------------------------------------------------------
-// Compiled for AVX-512 and AVX2 as well; the loader picks the best the
-// processor has. Flags that would make a loop branch on memory (momentum,
-// amsgrad) are template parameters of the inlined body; the rest become selects.
-
-// Flags that would otherwise be loop-invariant selects are template
-// parameters of the inlined loops (see regops/optim.h); each variant is a
-// plain function so that target_clones applies. The loops run on float32
-// storage or directly on bfloat16 bits (Bits16), converting in registers:
-// one pass over memory, no staging buffers. float16 goes through float32
-// blocks (apply_blocks).
+// Compiled for AVX-512 and AVX2 as well (target_clones); the loader picks
+// the best the processor has. The loops run on float32 storage or directly
+// on bfloat16 bits (Bits16), converting in registers: one pass over memory,
+// no staging buffers. float16 goes through float32 blocks (apply_blocks).
 // x86-64-v4 (AVX-512 with BW/VL) rather than plain avx512f: narrowing float32
 // to bfloat16 bits needs the 16-bit element instructions, without which the
 // bfloat16 loops ran at half speed.
@@ -73,9 +71,15 @@ REGOPS_ALWAYS_INLINE void store_element(Bits16* data, int64_t i, float value) {
   data[i] = static_cast<Bits16>(is_nan ? 0x7FC0u : rounded);
 }
 
-template <typename T, bool kMomentum, bool kFirstStep, bool kNesterov>
-REGOPS_ALWAYS_INLINE void sgd_loop(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buffer, int64_t n,
-                     const SGDCoefficients& coefficients) {
+// One clone-compiled function per combination of flags: a flag that would
+// make a loop branch (momentum, amsgrad) or compute a term that is off
+// (penalties, see regops/optim.h) is a template argument, constant-folded in
+// the loop body. select_variant turns the runtime flags into the function.
+
+template <typename T, bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient,
+          bool kL1Proximal>
+REGOPS_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buffer, int64_t n,
+                             const SGDCoefficients& coefficients) {
   SGDCoefficients c = coefficients;
   c.has_momentum = kMomentum;
   c.first_step = kFirstStep;
@@ -83,7 +87,7 @@ REGOPS_ALWAYS_INLINE void sgd_loop(T* __restrict__ p, const T* __restrict__ g, T
   for (int64_t i = 0; i < n; ++i) {
     float param = load_element(p, i);
     float buf = kMomentum && !kFirstStep ? load_element(buffer, i) : 0.0f;
-    sgd_update(param, load_element(g, i), buf, c);
+    sgd_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), buf, c);
     store_element(p, i, param);
     if (kMomentum) store_element(buffer, i, buf);
   }
@@ -92,37 +96,17 @@ REGOPS_ALWAYS_INLINE void sgd_loop(T* __restrict__ p, const T* __restrict__ g, T
 template <typename T>
 using SGDBlock = void (*)(T*, const T*, T*, int64_t, const SGDCoefficients&);
 
-#define REGOPS_SGD_BLOCK(NAME, T, MOMENTUM, FIRST_STEP, NESTEROV)                                        \
-  REGOPS_CLONES void NAME(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buffer, int64_t n,   \
-                          const SGDCoefficients& c) {                                                     \
-    sgd_loop<T, MOMENTUM, FIRST_STEP, NESTEROV>(p, g, buffer, n, c);                                      \
-  }
-#define REGOPS_SGD_BLOCKS(SUFFIX, T)                                          \
-  REGOPS_SGD_BLOCK(sgd_block_##SUFFIX, T, false, false, false)                \
-  REGOPS_SGD_BLOCK(sgd_momentum_block_##SUFFIX, T, true, false, false)        \
-  REGOPS_SGD_BLOCK(sgd_momentum_first_block_##SUFFIX, T, true, true, false)   \
-  REGOPS_SGD_BLOCK(sgd_nesterov_block_##SUFFIX, T, true, false, true)         \
-  REGOPS_SGD_BLOCK(sgd_nesterov_first_block_##SUFFIX, T, true, true, true)    \
-  SGDBlock<T> select_sgd_block(const SGDCoefficients& c, T*) {                \
-    if (!c.has_momentum) return sgd_block_##SUFFIX;                           \
-    if (c.nesterov) return c.first_step ? sgd_nesterov_first_block_##SUFFIX : sgd_nesterov_block_##SUFFIX; \
-    return c.first_step ? sgd_momentum_first_block_##SUFFIX : sgd_momentum_block_##SUFFIX;                 \
-  }
-REGOPS_SGD_BLOCKS(float32, float)
-REGOPS_SGD_BLOCKS(bfloat16, Bits16)
-#undef REGOPS_SGD_BLOCKS
-#undef REGOPS_SGD_BLOCK
-
-template <typename T, bool kAmsgrad, bool kLerpFromStart>
-REGOPS_ALWAYS_INLINE void adamw_loop(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ exp_avg, T* __restrict__ exp_avg_sq,
-                       T* __restrict__ max_exp_avg_sq, int64_t n, const AdamWCoefficients& coefficients) {
+template <typename T, bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
+REGOPS_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ exp_avg,
+                               T* __restrict__ exp_avg_sq, T* __restrict__ max_exp_avg_sq, int64_t n,
+                               const AdamWCoefficients& coefficients) {
   AdamWCoefficients c = coefficients;
   c.amsgrad = kAmsgrad;
   c.exp_avg_weight.from_start = kLerpFromStart;
   for (int64_t i = 0; i < n; ++i) {
     float param = load_element(p, i), m = load_element(exp_avg, i), v = load_element(exp_avg_sq, i);
     float v_max = kAmsgrad ? load_element(max_exp_avg_sq, i) : 0.0f;
-    adamw_update(param, load_element(g, i), m, v, v_max, c);
+    adamw_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), m, v, v_max, c);
     store_element(p, i, param);
     store_element(exp_avg, i, m);
     store_element(exp_avg_sq, i, v);
@@ -133,37 +117,76 @@ REGOPS_ALWAYS_INLINE void adamw_loop(T* __restrict__ p, const T* __restrict__ g,
 template <typename T>
 using AdamWBlock = void (*)(T*, const T*, T*, T*, T*, int64_t, const AdamWCoefficients&);
 
-#define REGOPS_ADAMW_BLOCK(NAME, T, AMSGRAD, FROM_START)                                                        \
-  REGOPS_CLONES void NAME(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ exp_avg,                   \
-                          T* __restrict__ exp_avg_sq, T* __restrict__ max_exp_avg_sq, int64_t n,                 \
-                          const AdamWCoefficients& c) {                                                          \
-    adamw_loop<T, AMSGRAD, FROM_START>(p, g, exp_avg, exp_avg_sq, max_exp_avg_sq, n, c);                         \
+// variants.template get<flags...>() for the runtime values of flags.
+template <typename Variants, bool... kChosen>
+auto select_variant(const Variants& variants) {
+  return variants.template get<kChosen...>();
+}
+
+template <typename Variants, bool... kChosen, typename... Rest>
+auto select_variant(const Variants& variants, bool flag, Rest... rest) {
+  return flag ? select_variant<Variants, kChosen..., true>(variants, rest...)
+              : select_variant<Variants, kChosen..., false>(variants, rest...);
+}
+
+// The L1 subgradient and the soft-threshold (l1_mode "proximal") exclude
+// each other: make_gradient_transform zeroes the subgradient in proximal mode.
+template <typename T>
+struct SGDVariants {
+  template <bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
+  SGDBlock<T> get() const {
+    if constexpr ((!kMomentum && (kFirstStep || kNesterov)) || (kL1Subgradient && kL1Proximal)) {
+      return nullptr;  // never selected: without momentum both flags are cleared
+    } else {
+      return &sgd_block<T, kMomentum, kFirstStep, kNesterov, kCoupledL2, kL1Subgradient, kL1Proximal>;
+    }
   }
-#define REGOPS_ADAMW_BLOCKS(SUFFIX, T)                                                              \
-  REGOPS_ADAMW_BLOCK(adamw_block_##SUFFIX, T, false, true)                                          \
-  REGOPS_ADAMW_BLOCK(adamw_amsgrad_block_##SUFFIX, T, true, true)                                   \
-  REGOPS_ADAMW_BLOCK(adamw_block_lerp_from_end_##SUFFIX, T, false, false) /* beta1 <= 0.5 */        \
-  REGOPS_ADAMW_BLOCK(adamw_amsgrad_block_lerp_from_end_##SUFFIX, T, true, false)                    \
-  AdamWBlock<T> select_adamw_block(const AdamWCoefficients& c, T*) {                                \
-    if (c.exp_avg_weight.from_start) return c.amsgrad ? adamw_amsgrad_block_##SUFFIX : adamw_block_##SUFFIX; \
-    return c.amsgrad ? adamw_amsgrad_block_lerp_from_end_##SUFFIX : adamw_block_lerp_from_end_##SUFFIX;     \
+};
+
+template <typename T>
+SGDBlock<T> select_sgd_block(const SGDCoefficients& c) {
+  const bool momentum = c.has_momentum;
+  return select_variant(SGDVariants<T>{}, momentum, momentum && c.first_step, momentum && c.nesterov,
+                        c.gradient.coupled_l2 != 0.0f, c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
+}
+
+template <typename T>
+struct AdamWVariants {
+  template <bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
+  AdamWBlock<T> get() const {
+    if constexpr (kL1Subgradient && kL1Proximal) {
+      return nullptr;  // never selected
+    } else {
+      return &adamw_block<T, kAmsgrad, kLerpFromStart, kCoupledL2, kL1Subgradient, kL1Proximal>;
+    }
   }
-REGOPS_ADAMW_BLOCKS(float32, float)
-REGOPS_ADAMW_BLOCKS(bfloat16, Bits16)
-#undef REGOPS_ADAMW_BLOCKS
-#undef REGOPS_ADAMW_BLOCK
+};
+
+// The flags are the same for every tensor of a call (only the step-dependent
+// factors differ), so one variant serves them all.
+template <typename T>
+AdamWBlock<T> select_adamw_block(const AdamWCoefficients& c) {
+  return select_variant(AdamWVariants<T>{}, c.amsgrad, c.exp_avg_weight.from_start, c.gradient.coupled_l2 != 0.0f,
+                        c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
+}
 
 // Sum of squares with 16 independent float32 accumulators (a plain float sum
-// does not vectorize without reassociation).
-REGOPS_CLONES
-double sum_of_squares(const float* __restrict__ x, int64_t n) {
+// does not vectorize without reassociation), on float32 or bfloat16 bits.
+template <typename T>
+REGOPS_CLONES double sum_of_squares(const T* __restrict__ x, int64_t n) {
   constexpr int kLanes = 16;
   float acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
-    for (int l = 0; l < kLanes; ++l) acc[l] += x[i + l] * x[i + l];
+    for (int l = 0; l < kLanes; ++l) {
+      const float value = load_element(x, i + l);
+      acc[l] += value * value;
+    }
   }
-  for (; i < n; ++i) acc[0] += x[i] * x[i];
+  for (; i < n; ++i) {
+    const float value = load_element(x, i);
+    acc[0] += value * value;
+  }
   float total = 0.0f;
   for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
@@ -182,39 +205,55 @@ void float_to_half(const float* __restrict__ src, at::Half* __restrict__ dst, in
 
 // --- the multi-tensor driver ----------------------------------------------------
 
-struct Chunk {
-  int64_t tensor;
-  int64_t begin;
-  int64_t end;
-};
-
-// at::parallel_for over chunks, or inline for little work.
-template <typename Body>
-void for_chunks(const std::vector<Chunk>& chunks, int64_t total, const Body& body) {
-  const int64_t count = static_cast<int64_t>(chunks.size());
-  if (total < kSerialBelow) {
-    body(0, count);
-  } else {
-    at::parallel_for(0, count, 1, body);
-  }
-}
-
-int64_t total_numel(at::TensorList tensors) {
-  int64_t total = 0;
-  for (const at::Tensor& t : tensors) total += t.numel();
-  return total;
-}
-
-std::vector<Chunk> make_chunks(at::TensorList tensors) {
-  std::vector<Chunk> chunks;
-  for (size_t t = 0; t < tensors.size(); ++t) {
-    const int64_t numel = tensors[t].numel();
-    for (int64_t begin = 0; begin < numel; begin += kChunk) {
-      chunks.push_back({static_cast<int64_t>(t), begin, std::min(numel, begin + kChunk)});
+// The tensors of one call laid end to end: tensor t occupies
+// [starts[t], starts[t] + numel) of one index space, each start rounded up
+// to kAlign so that a chunk boundary never splits a cache line of a tensor
+// between two threads. Chunks are kChunk consecutive indices and may cover
+// pieces of several small tensors; the gaps are never visited.
+class TensorSpan {
+ public:
+  explicit TensorSpan(at::TensorList tensors) {
+    starts_.reserve(tensors.size());
+    numels_.reserve(tensors.size());
+    for (const at::Tensor& t : tensors) {
+      starts_.push_back(size_);
+      numels_.push_back(t.numel());
+      size_ += (t.numel() + kAlign - 1) / kAlign * kAlign;
     }
   }
-  return chunks;
-}
+
+  int64_t chunks() const { return (size_ + kChunk - 1) / kChunk; }
+
+  // fn(tensor, begin, end) for each piece of tensor that lies in chunks
+  // [first, last), in index order.
+  template <typename Fn>
+  void for_pieces(int64_t first, int64_t last, const Fn& fn) const {
+    const int64_t lo = first * kChunk, hi = last * kChunk;
+    // The last tensor starting at or before lo.
+    int64_t t = std::upper_bound(starts_.begin(), starts_.end(), lo) - starts_.begin() - 1;
+    for (t = std::max<int64_t>(t, 0); t < static_cast<int64_t>(starts_.size()) && starts_[t] < hi; ++t) {
+      const int64_t begin = std::max(lo, starts_[t]) - starts_[t];
+      const int64_t end = std::min(hi - starts_[t], numels_[t]);
+      if (begin < end) fn(t, begin, end);
+    }
+  }
+
+  // body(first, last) over ranges of chunks: at::parallel_for, which gives
+  // each thread one contiguous range of equal length, or inline for little work.
+  template <typename Body>
+  void parallel_chunks(const Body& body) const {
+    if (size_ < kSerialBelow) {
+      body(0, chunks());
+    } else {
+      at::parallel_for(0, chunks(), 1, body);
+    }
+  }
+
+ private:
+  std::vector<int64_t> starts_;
+  std::vector<int64_t> numels_;
+  int64_t size_ = 0;
+};
 
 // The type the loops run on: float32 and bfloat16 (as Bits16) directly,
 // float16 through float32 blocks.
@@ -227,36 +266,35 @@ using LoopType = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, Bits
 // blocks of kBlock elements and the written lists converted back.
 template <typename scalar_t, int kLists, typename BlockFn>
 void apply_blocks(const std::array<at::TensorList, kLists>& lists, BlockFn block_fn) {
-  const std::vector<Chunk> chunks = make_chunks(lists[0]);
+  const TensorSpan span(lists[0]);
   std::array<std::vector<scalar_t*>, kLists> pointers;
   for (int l = 0; l < kLists; ++l) {
     for (const at::Tensor& t : lists[l]) pointers[l].push_back(static_cast<scalar_t*>(t.data_ptr()));
   }
-  for_chunks(chunks, total_numel(lists[0]), [&](int64_t first, int64_t last) {
-    for (int64_t index = first; index < last; ++index) {
-      const Chunk& chunk = chunks[index];
+  span.parallel_chunks([&](int64_t first, int64_t last) {
+    span.for_pieces(first, last, [&](int64_t tensor, int64_t begin, int64_t end) {
       if constexpr (!std::is_same_v<scalar_t, at::Half>) {
         std::array<LoopType<scalar_t>*, kLists> views;
         for (int l = 0; l < kLists; ++l) {
-          views[l] = reinterpret_cast<LoopType<scalar_t>*>(pointers[l][chunk.tensor] + chunk.begin);
+          views[l] = reinterpret_cast<LoopType<scalar_t>*>(pointers[l][tensor] + begin);
         }
-        block_fn(views, chunk.end - chunk.begin, chunk.tensor);
+        block_fn(views, end - begin, tensor);
       } else {
         float buffers[kLists][kBlock];
-        for (int64_t start = chunk.begin; start < chunk.end; start += kBlock) {
-          const int64_t n = std::min(kBlock, chunk.end - start);
+        for (int64_t start = begin; start < end; start += kBlock) {
+          const int64_t n = std::min(kBlock, end - start);
           std::array<float*, kLists> views;
           for (int l = 0; l < kLists; ++l) {
-            half_to_float(pointers[l][chunk.tensor] + start, buffers[l], n);
+            half_to_float(pointers[l][tensor] + start, buffers[l], n);
             views[l] = buffers[l];
           }
-          block_fn(views, n, chunk.tensor);
+          block_fn(views, n, tensor);
           for (int l = 0; l < kLists; ++l) {
-            if (l != 1) float_to_half(buffers[l], pointers[l][chunk.tensor] + start, n);
+            if (l != 1) float_to_half(buffers[l], pointers[l][tensor] + start, n);
           }
         }
       }
-    }
+    });
   });
 }
 
@@ -282,12 +320,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
                   bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
                   const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
   constexpr const char* op = "sgd_step_";
-  check_params(op, params);
-  check_tensor_list(op, "grads", grads, params, false);
-  check_tensor_list(op, "momentum_buffers", momentum_buffers, params, momentum == 0.0);
-  TORCH_CHECK(momentum == 0.0 || !momentum_buffers.empty(), "regops sgd_step_: momentum ", momentum,
-              " needs momentum_buffers");
-  check_hyperparameters(op, lr, weight_decay, 0.0, l1);
+  check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1);
   if (params.empty()) return;
   check_cpu(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
@@ -299,7 +332,7 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using T = LoopType<scalar_t>;
-    const SGDBlock<T> block = select_sgd_block(c, static_cast<T*>(nullptr));
+    const SGDBlock<T> block = select_sgd_block<T>(c);
     if (momentum != 0.0) {
       apply_blocks<scalar_t, 3>({params, grads, momentum_buffers}, [&](const auto& v, int64_t n, int64_t) {
         block(v[0], v[1], v[2], n, c);
@@ -328,23 +361,13 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
                     bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
                     const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
   constexpr const char* op = "adamw_step_";
-  check_params(op, params);
-  check_tensor_list(op, "grads", grads, params, false);
-  check_tensor_list(op, "exp_avgs", exp_avgs, params, false);
-  check_tensor_list(op, "exp_avg_sqs", exp_avg_sqs, params, false);
-  check_tensor_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, !amsgrad);
-  TORCH_CHECK(!amsgrad || !max_exp_avg_sqs.empty(), "regops adamw_step_: amsgrad needs max_exp_avg_sqs");
-  check_state_steps(op, state_steps, params);
-  check_hyperparameters(op, lr, weight_decay, l2, l1);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
-              "regops adamw_step_: betas must be in [0, 1), got (", beta1, ", ", beta2, ")");
-  TORCH_CHECK(eps >= 0.0, "regops adamw_step_: eps must be >= 0, got ", eps);
+  check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+                        weight_decay, l2, l1, amsgrad);
   if (params.empty()) return;
   check_cpu(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
   float grad_factor = 1.0f;
   if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
-  if (maximize) grad_factor = -grad_factor;
   // The step counts are incremented first, as torch does, and the bias
   // corrections computed from the new count in double.
   std::vector<AdamWCoefficients> coefficients;
@@ -352,14 +375,13 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   for (const at::Tensor& step : state_steps) {
     float* count = step.mutable_data_ptr<float>();
     *count += 1.0f;
-    coefficients.push_back(
-        make_adamw_coefficients(lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize, *count));
-    coefficients.back().gradient.grad_factor = grad_factor;
+    coefficients.push_back(adamw_coefficients(lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad,
+                                              maximize, *count, grad_factor));
   }
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using T = LoopType<scalar_t>;
-    const AdamWBlock<T> block = select_adamw_block(coefficients[0], static_cast<T*>(nullptr));  // same flags for all
+    const AdamWBlock<T> block = select_adamw_block<T>(coefficients[0]);
     if (amsgrad) {
       apply_blocks<scalar_t, 5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
                                 [&](const auto& v, int64_t n, int64_t t) {
@@ -386,46 +408,33 @@ void adamw_step_tensor_lr_cpu(at::TensorList params, at::TensorList grads, at::T
 }
 
 at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, bool squared) {
+  const std::vector<at::Tensor> dense = dense_norm_inputs(tensors);
+  TORCH_CHECK(dense[0].device().is_cpu(), "regops multi_tensor_norm: the CPU kernel got tensors on ",
+              dense[0].device());
   at::Tensor result = at::zeros({}, at::TensorOptions().dtype(at::kFloat));
-  if (tensors.empty()) return result;
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(tensors[i].device().is_cpu(), "regops multi_tensor_norm: tensors[", i, "] is on ",
-                tensors[i].device());
-    TORCH_CHECK(tensors[i].scalar_type() == tensors[0].scalar_type(),
-                "regops multi_tensor_norm: all tensors must have one dtype (one call per dtype), got ",
-                tensors[0].scalar_type(), " and ", tensors[i].scalar_type(), " at ", i);
-    TORCH_CHECK(tensors[i].layout() == at::kStrided, "regops multi_tensor_norm: tensors[", i, "] must be dense");
-  }
-  // A non-dense view (rare for gradients) is summed from a contiguous copy.
-  std::vector<at::Tensor> dense;
-  for (const at::Tensor& t : tensors) dense.push_back(t.numel() <= 1 || t.is_non_overlapping_and_dense() ? t : t.contiguous());
-  const std::vector<Chunk> chunks = make_chunks(dense);
+  const TensorSpan span(dense);
   // One partial per chunk, summed in a fixed order: the result does not
   // depend on the number of threads.
-  std::vector<double> partials(chunks.size(), 0.0);
+  std::vector<double> partials(span.chunks(), 0.0);
   dispatch_optimizer_dtype("multi_tensor_norm", tensors[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    for_chunks(chunks, total_numel(dense), [&](int64_t first, int64_t last) {
-      float buffer[kBlock];
-      for (int64_t index = first; index < last; ++index) {
-        const Chunk& chunk = chunks[index];
-        const scalar_t* data = static_cast<const scalar_t*>(dense[chunk.tensor].data_ptr()) + chunk.begin;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          partials[index] = sum_of_squares(data, chunk.end - chunk.begin);
-        } else {
-          double sum = 0.0;
-          for (int64_t start = 0; start < chunk.end - chunk.begin; start += kBlock) {
-            const int64_t n = std::min(kBlock, chunk.end - chunk.begin - start);
-            if constexpr (std::is_same_v<scalar_t, at::Half>) {
+    span.parallel_chunks([&](int64_t first, int64_t last) {
+      for (int64_t chunk = first; chunk < last; ++chunk) {
+        double sum = 0.0;
+        span.for_pieces(chunk, chunk + 1, [&](int64_t tensor, int64_t begin, int64_t end) {
+          const scalar_t* data = static_cast<const scalar_t*>(dense[tensor].data_ptr()) + begin;
+          if constexpr (std::is_same_v<scalar_t, at::Half>) {
+            float buffer[kBlock];
+            for (int64_t start = 0; start < end - begin; start += kBlock) {
+              const int64_t n = std::min(kBlock, end - begin - start);
               half_to_float(data + start, buffer, n);
-            } else {
-              const Bits16* bits = reinterpret_cast<const Bits16*>(data + start);
-              for (int64_t i = 0; i < n; ++i) buffer[i] = load_element(bits, i);
+              sum += sum_of_squares(buffer, n);
             }
-            sum += sum_of_squares(buffer, n);
+          } else {
+            sum += sum_of_squares(reinterpret_cast<const LoopType<scalar_t>*>(data), end - begin);
           }
-          partials[index] = sum;
-        }
+        });
+        partials[chunk] = sum;
       }
     });
   });

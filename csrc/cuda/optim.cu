@@ -145,18 +145,8 @@ struct AdamWFunctor {
     if (scalars.skip()) return false;
     const double step = static_cast<double>(*reinterpret_cast<const float*>(table.steps[tensor])) + 1.0;
     const double rate = scalars.lr != nullptr ? static_cast<double>(*scalars.lr) : lr;
-    c.gradient.grad_factor = maximize ? -scalars.grad_factor() : scalars.grad_factor();
-    c.gradient.coupled_l2 = static_cast<float>(l2);
-    c.gradient.l1_subgradient = proximal ? 0.0f : static_cast<float>(l1);
-    c.lr = static_cast<float>(rate);
-    c.exp_avg_weight = lerp_weight(static_cast<float>(1.0 - beta1));
-    c.beta2 = static_cast<float>(beta2);
-    c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-    c.eps = static_cast<float>(eps);
-    c.decay_factor = static_cast<float>(1.0 - rate * weight_decay);
-    adamw_bias_corrections(rate, beta1, beta2, step, c.step_size, c.bias_correction2_sqrt);
-    c.l1_threshold = proximal ? static_cast<float>(rate * l1) : 0.0f;
-    c.amsgrad = amsgrad;
+    c = adamw_coefficients(rate, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize, step,
+                           scalars.grad_factor());
     return true;
   }
   __device__ __forceinline__ void apply(float (&x)[kLists], const AdamWCoefficients& c) const {
@@ -245,12 +235,7 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
               bool maximize, double l1, bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
               const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
   constexpr const char* op = "sgd_step_";
-  check_params(op, params);
-  check_tensor_list(op, "grads", grads, params, false);
-  check_tensor_list(op, "momentum_buffers", momentum_buffers, params, momentum == 0.0);
-  TORCH_CHECK(momentum == 0.0 || !momentum_buffers.empty(), "regops sgd_step_: momentum ", momentum,
-              " needs momentum_buffers");
-  check_hyperparameters(op, lr, weight_decay, 0.0, l1);
+  check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1);
   if (params.empty()) return;
   check_cuda(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
@@ -293,17 +278,8 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
                 const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
   constexpr const char* op = "adamw_step_";
-  check_params(op, params);
-  check_tensor_list(op, "grads", grads, params, false);
-  check_tensor_list(op, "exp_avgs", exp_avgs, params, false);
-  check_tensor_list(op, "exp_avg_sqs", exp_avg_sqs, params, false);
-  check_tensor_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, !amsgrad);
-  TORCH_CHECK(!amsgrad || !max_exp_avg_sqs.empty(), "regops adamw_step_: amsgrad needs max_exp_avg_sqs");
-  check_state_steps(op, state_steps, params);
-  check_hyperparameters(op, lr, weight_decay, l2, l1);
-  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
-              "regops adamw_step_: betas must be in [0, 1), got (", beta1, ", ", beta2, ")");
-  TORCH_CHECK(eps >= 0.0, "regops adamw_step_: eps must be >= 0, got ", eps);
+  check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
+                        weight_decay, l2, l1, amsgrad);
   if (params.empty()) return;
   check_cuda(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
@@ -403,19 +379,8 @@ __global__ void __launch_bounds__(kThreads) finish_norm_kernel(const float* part
 }
 
 at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, bool squared) {
-  TORCH_CHECK(!tensors.empty(), "regops multi_tensor_norm: tensors must not be empty");
-  const at::Device device = tensors[0].device();
-  for (size_t i = 0; i < tensors.size(); ++i) {
-    TORCH_CHECK(tensors[i].device() == device, "regops multi_tensor_norm: tensors[", i, "] is on ",
-                tensors[i].device(), " but tensors[0] is on ", device);
-    TORCH_CHECK(tensors[i].scalar_type() == tensors[0].scalar_type(),
-                "regops multi_tensor_norm: all tensors must have one dtype (one call per dtype), got ",
-                tensors[0].scalar_type(), " and ", tensors[i].scalar_type(), " at ", i);
-    TORCH_CHECK(tensors[i].layout() == at::kStrided, "regops multi_tensor_norm: tensors[", i, "] must be dense");
-  }
-  const c10::cuda::CUDAGuard guard(device);
-  std::vector<at::Tensor> dense;
-  for (const at::Tensor& t : tensors) dense.push_back(t.numel() <= 1 || t.is_non_overlapping_and_dense() ? t : t.contiguous());
+  const std::vector<at::Tensor> dense = dense_norm_inputs(tensors);  // copies, if any, go to their tensor's device
+  const c10::cuda::CUDAGuard guard(dense[0].device());
   at::Tensor result = at::zeros({}, tensors[0].options().dtype(at::kFloat));
   const auto stream = at::cuda::getCurrentCUDAStream();
   dispatch_optimizer_dtype("multi_tensor_norm", tensors[0].scalar_type(), [&](auto tag) {

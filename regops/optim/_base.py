@@ -16,7 +16,7 @@ import numbers
 import torch
 from torch.optim import Optimizer
 
-from regops.distributed import grad_norm_squared, local_tensor
+from regops.distributed import grad_norm_squared, is_dtensor, local_tensor
 from regops.ops.optim import multi_tensor_norm
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -74,6 +74,10 @@ class PenalizedOptimizer(Optimizer):
     def __init__(self, params, defaults):
         self._check_group(defaults)
         self.last_grad_norm: torch.Tensor | None = None
+        # Whether any parameter is a DTensor: without one, the per-tensor
+        # hooks below are skipped (the step's Python work per parameter is
+        # what small models wait for).
+        self._has_dtensors = False
         super().__init__(params, defaults)
 
     # --- hooks for distributed subclasses ----------------------------------------
@@ -83,6 +87,13 @@ class PenalizedOptimizer(Optimizer):
         """The tensor the kernel updates for a parameter, gradient or state:
         a DTensor's local shard (FSDP2), any other tensor itself."""
         return local_tensor(tensor)
+
+    def _locals(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+        """``_local`` of each tensor (the list itself when no parameter is a
+        DTensor; callers do not modify it)."""
+        if not self._has_dtensors:
+            return tensors
+        return [self._local(t) for t in tensors]
 
     def _global_grad_norm_squared(self, grads_by_group: list[list[torch.Tensor]]) -> torch.Tensor:
         """Squared L2 norm of all gradients (local tensors, as stored: still
@@ -118,11 +129,14 @@ class PenalizedOptimizer(Optimizer):
                 raise TypeError(f"{type(self).__name__} supports float32, float16 and bfloat16 parameters, "
                                 f"got {p.dtype}")
             check_dense(p, "params")
+            self._has_dtensors = self._has_dtensors or is_dtensor(p)
         super().add_param_group({**param_group, "params": params})
         self._check_group(self.param_groups[-1])
 
     def __setstate__(self, state):
         super().__setstate__(state)
+        self.__dict__.setdefault("_has_dtensors", any(is_dtensor(p) for group in self.param_groups
+                                                          for p in group["params"]))
         # A state_dict saved by torch.optim lacks the regops options.
         for group in self.param_groups:
             for key, value in self._extra_defaults().items():
@@ -133,18 +147,22 @@ class PenalizedOptimizer(Optimizer):
     def _params_with_grads(self, group) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         params, grads = [], []
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
+            if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
                                    "use torch.optim.SparseAdam or a dense gradient")
             # Checked here, for every group before any is updated, so that a
-            # bad parameter never leaves a half-done step behind.
-            if p.grad.dtype != p.dtype:
-                raise TypeError(f"gradient dtype {p.grad.dtype} differs from its parameter's {p.dtype}")
-            check_dense(self._local(p), "params")
+            # bad parameter never leaves a half-done step behind. Strides
+            # can change after construction (``p.data = ...``); a contiguous
+            # parameter needs no further look.
+            if grad.dtype != p.dtype:
+                raise TypeError(f"gradient dtype {grad.dtype} differs from its parameter's {p.dtype}")
+            if self._has_dtensors or not p.is_contiguous():
+                check_dense(self._local(p), "params")
             params.append(p)
-            grads.append(p.grad)
+            grads.append(grad)
         return params, grads
 
     @torch.no_grad()
@@ -182,20 +200,22 @@ class PenalizedOptimizer(Optimizer):
                 # torch.nn.utils.clip_grad_norm_'s coefficient, on the device.
                 clip_coef = torch.clamp(group["max_grad_norm"] / (norm + 1e-6), max=1.0)
             buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
-            for p, g in zip(params, grads):
+            for p, g in zip(params, self._locals(grads)):
                 bucket = buckets.setdefault((p.device, p.dtype), ([], []))
                 bucket[0].append(p)
                 bucket[1].append(g)
             for (device, _), (bucket_params, bucket_grads) in buckets.items():
-                self._group_step(group, bucket_params, [self._dense_like(g, p) for p, g in zip(bucket_params, bucket_grads)],
-                                 _on(grad_scale, device), _on(found_inf, device), _on(clip_coef, device))
+                dense_grads = [self._dense_like(g, p) for p, g in zip(self._locals(bucket_params), bucket_grads)]
+                self._group_step(group, bucket_params, dense_grads, _on(grad_scale, device), _on(found_inf, device),
+                                 _on(clip_coef, device))
         return loss
 
-    def _dense_like(self, grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
-        """The local gradient with its parameter's strides (the kernels walk
-        both as one flat array); copied only in the rare case they differ."""
-        grad, param = self._local(grad), self._local(param)
-        if grad.stride() == param.stride() or grad.numel() <= 1:
+    @staticmethod
+    def _dense_like(grad: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+        """The (local) gradient with its (local) parameter's strides (the
+        kernels walk both as one flat array); copied only in the rare case
+        they differ."""
+        if grad.numel() <= 1 or grad.stride() == param.stride():
             return grad
         return torch.empty_like(param).copy_(grad)
 

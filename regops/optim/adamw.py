@@ -67,7 +67,7 @@ class AdamW(PenalizedOptimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         step = state["step"]
-        if not isinstance(step, torch.Tensor) or step.device != p.device or step.dtype != torch.float32:
+        if not isinstance(step, torch.Tensor) or step.dtype != torch.float32 or step.device != p.device:
             # torch keeps step on the CPU (and as float64 under a float64
             # default dtype); the kernel reads it on the parameter's device.
             state["step"] = torch.as_tensor(step, dtype=torch.float32).to(p.device).reshape(())
@@ -80,9 +80,9 @@ class AdamW(PenalizedOptimizer):
         states = [self._state_of(p, amsgrad) for p in params]
         beta1, beta2 = group["betas"]
         adamw_step_(
-            [self._local(p) for p in params], grads,
-            [self._local(s["exp_avg"]) for s in states], [self._local(s["exp_avg_sq"]) for s in states],
-            [self._local(s["max_exp_avg_sq"]) for s in states] if amsgrad else [],
+            self._locals(params), grads,
+            self._locals([s["exp_avg"] for s in states]), self._locals([s["exp_avg_sq"] for s in states]),
+            self._locals([s["max_exp_avg_sq"] for s in states]) if amsgrad else [],
             [s["step"] for s in states],
             lr=self._lr(group, params[0].device), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), l2=float(group["l2"]), l1=float(group["l1"]),

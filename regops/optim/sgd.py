@@ -60,7 +60,7 @@ class SGD(PenalizedOptimizer):
                        maximize=bool(group["maximize"]), l1=float(group["l1"]),
                        proximal=group["l1_mode"] == "proximal", grad_scale=grad_scale, found_inf=found_inf,
                        clip_coef=clip_coef)
-        local = [self._local(p) for p in params]
+        local = self._locals(params)
         if momentum == 0:
             sgd_step_(local, grads, [], first_step=False, **options)
             return
@@ -78,7 +78,7 @@ class SGD(PenalizedOptimizer):
                 target = new
             target[0].append(local_p)
             target[1].append(g)
-            target[2].append(self._local(buffer))
+            target[2].append(buffer)
         for (bucket_params, bucket_grads, buffers), first_step in ((old, False), (new, True)):
             if bucket_params:
-                sgd_step_(bucket_params, bucket_grads, buffers, first_step=first_step, **options)
+                sgd_step_(bucket_params, bucket_grads, self._locals(buffers), first_step=first_step, **options)

@@ -87,6 +87,58 @@ inline void check_hyperparameters(const char* op, double lr, double weight_decay
   TORCH_CHECK(l1 >= 0.0, "regops ", op, ": l1 must be >= 0, got ", l1);
 }
 
+// The checks every backend runs at the entry of sgd_step_ and adamw_step_,
+// before its own device check; lr is a float or, with the tensor_lr
+// overloads, 0 (the tensor is checked by the backend).
+inline void check_sgd_arguments(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
+                                double lr, double momentum, double weight_decay, double l1) {
+  constexpr const char* op = "sgd_step_";
+  check_params(op, params);
+  check_tensor_list(op, "grads", grads, params, false);
+  check_tensor_list(op, "momentum_buffers", momentum_buffers, params, momentum == 0.0);
+  TORCH_CHECK(momentum == 0.0 || !momentum_buffers.empty(), "regops sgd_step_: momentum ", momentum,
+              " needs momentum_buffers");
+  check_hyperparameters(op, lr, weight_decay, 0.0, l1);
+}
+
+inline void check_adamw_arguments(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                                  at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
+                                  at::TensorList state_steps, double lr, double beta1, double beta2, double eps,
+                                  double weight_decay, double l2, double l1, bool amsgrad) {
+  constexpr const char* op = "adamw_step_";
+  check_params(op, params);
+  check_tensor_list(op, "grads", grads, params, false);
+  check_tensor_list(op, "exp_avgs", exp_avgs, params, false);
+  check_tensor_list(op, "exp_avg_sqs", exp_avg_sqs, params, false);
+  check_tensor_list(op, "max_exp_avg_sqs", max_exp_avg_sqs, params, !amsgrad);
+  TORCH_CHECK(!amsgrad || !max_exp_avg_sqs.empty(), "regops adamw_step_: amsgrad needs max_exp_avg_sqs");
+  check_state_steps(op, state_steps, params);
+  check_hyperparameters(op, lr, weight_decay, l2, l1);
+  TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
+              "regops adamw_step_: betas must be in [0, 1), got (", beta1, ", ", beta2, ")");
+  TORCH_CHECK(eps >= 0.0, "regops adamw_step_: eps must be >= 0, got ", eps);
+}
+
+// multi_tensor_norm's inputs: one device and dtype, strided. Returns them
+// ready for a kernel that reads each as numel() consecutive elements: a
+// non-dense view (rare for gradients) is replaced by a contiguous copy.
+inline std::vector<at::Tensor> dense_norm_inputs(at::TensorList tensors) {
+  TORCH_CHECK(!tensors.empty(), "regops multi_tensor_norm: tensors must not be empty");
+  std::vector<at::Tensor> dense;
+  dense.reserve(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    const at::Tensor& t = tensors[i];
+    TORCH_CHECK(t.device() == tensors[0].device(), "regops multi_tensor_norm: tensors[", i, "] is on ", t.device(),
+                " but tensors[0] is on ", tensors[0].device());
+    TORCH_CHECK(t.scalar_type() == tensors[0].scalar_type(),
+                "regops multi_tensor_norm: all tensors must have one dtype (one call per dtype), got ",
+                tensors[0].scalar_type(), " and ", t.scalar_type(), " at ", i);
+    TORCH_CHECK(t.layout() == at::kStrided, "regops multi_tensor_norm: tensors[", i, "] must be dense");
+    dense.push_back(t.numel() <= 1 || t.is_non_overlapping_and_dense() ? t : t.contiguous());
+  }
+  return dense;
+}
+
 // The part of the coefficients that does not depend on lr (which may live on
 // the device): penalties and flags.
 inline GradientTransform make_gradient_transform(double coupled_l2, double l1, bool proximal, bool maximize) {
@@ -109,24 +161,6 @@ inline SGDCoefficients make_sgd_coefficients(double lr, double momentum, double 
   c.l1_threshold = proximal ? static_cast<float>(lr * l1) : 0.0f;
   c.nesterov = nesterov;
   c.first_step = first_step;
-  return c;
-}
-
-// Coefficients of one tensor at step `step` (already incremented).
-inline AdamWCoefficients make_adamw_coefficients(double lr, double beta1, double beta2, double eps,
-                                                 double weight_decay, double l2, double l1, bool proximal,
-                                                 bool amsgrad, bool maximize, double step) {
-  AdamWCoefficients c;
-  c.gradient = make_gradient_transform(l2, l1, proximal, maximize);
-  c.lr = static_cast<float>(lr);
-  c.exp_avg_weight = lerp_weight(static_cast<float>(1.0 - beta1));
-  c.beta2 = static_cast<float>(beta2);
-  c.one_minus_beta2 = static_cast<float>(1.0 - beta2);
-  c.eps = static_cast<float>(eps);
-  c.decay_factor = static_cast<float>(1.0 - lr * weight_decay);
-  adamw_bias_corrections(lr, beta1, beta2, step, c.step_size, c.bias_correction2_sqrt);
-  c.l1_threshold = proximal ? static_cast<float>(lr * l1) : 0.0f;
-  c.amsgrad = amsgrad;
   return c;
 }
 
