@@ -34,21 +34,27 @@ def _grad_factor(grad_scale, clip_coef):
     return factor
 
 
-def _reference_skips(found_inf) -> bool:
+def _step_backend(params, found_inf) -> str | None:
+    """The backend that runs a step on ``params``, or None when the step has
+    nothing to do: no parameters, or the reference backend and a nonzero
+    ``found_inf`` (the other backends skip on the device)."""
+    if not params:
+        return None
+    backend = backend_for(params[0])
     # The reference backend is the readable oracle: it may synchronize.
-    return found_inf is not None and bool(found_inf.item() != 0)
+    if backend == "reference" and found_inf is not None and bool(found_inf.item() != 0):
+        return None
+    return backend
 
 
 def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
               l1, proximal, first_step, grad_scale=None, found_inf=None, clip_coef=None) -> None:
     """Penalized SGD on tensors of one device and dtype, in place (see
     regops.optim.SGD for the rule). ``lr`` is a float or a one-element tensor."""
-    if not params:
+    backend = _step_backend(params, found_inf)
+    if backend is None:
         return
-    backend = backend_for(params[0])
     if backend == "reference":
-        if _reference_skips(found_inf):
-            return
         buffers = reference.sgd_step(params, grads, None if first_step else momentum_buffers, lr=lr,
                                      momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                      nesterov=nesterov, maximize=maximize, l1=l1,
@@ -68,12 +74,10 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
                 clip_coef=None) -> None:
     """Penalized AdamW on tensors of one device and dtype, in place (see
     regops.optim.AdamW for the rule); increments ``state_steps``."""
-    if not params:
+    backend = _step_backend(params, found_inf)
+    if backend is None:
         return
-    backend = backend_for(params[0])
     if backend == "reference":
-        if _reference_skips(found_inf):
-            return
         reference.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr,
                              betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                              maximize=maximize, l2=l2, l1=l1, l1_mode="proximal" if proximal else "subgradient",

@@ -50,15 +50,54 @@ def _transformed_gradient(g, p, grad_factor, coupled_l2, l1_subgradient, MAXIMIZ
 
 
 @triton.jit
-def _chunk(table, numels, chunk_tensor, chunk_start, num_tensors, list_index, DTYPE: tl.constexpr):
-    """Pointer of list ``list_index`` for this program's tensor, its first
-    element and element count."""
+def _pointer(table, num_tensors, t, list_index, DTYPE: tl.constexpr):
+    """Pointer to tensor ``t`` of list ``list_index`` in the pointer table."""
+    return tl.load(table + list_index * num_tensors + t).to(tl.pointer_type(DTYPE))
+
+
+@triton.jit
+def _chunk(numels, chunk_tensor, chunk_start, CHUNK: tl.constexpr):
+    """This program's tensor index and the elements [start, end) of it that
+    the program covers."""
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)
     start = tl.load(chunk_start + pid)
-    numel = tl.load(numels + t)
-    pointer = tl.load(table + list_index * num_tensors + t).to(tl.pointer_type(DTYPE))
-    return t, start, numel, pointer
+    return t, start, tl.minimum(tl.load(numels + t), start + CHUNK)
+
+
+@triton.jit
+def _step_chunk(table, numels, chunk_tensor, chunk_start, num_tensors, scalars,
+                DTYPE: tl.constexpr, CHUNK: tl.constexpr):
+    """What both step kernels start from. ``scalars`` is laid out by
+    _step_scalars: the kernel's own factor (read by the kernel), grad_factor,
+    skip, l1_threshold. Lists 0 and 1 of the table are the parameters and the
+    gradients. Returns this program's tensor, its elements [start, end), empty
+    when skip is set (found_inf: nothing is written), the parameter and
+    gradient pointers, grad_factor and l1_threshold."""
+    grad_factor = tl.load(scalars + 1)
+    run = (tl.load(scalars + 2) == 0).to(tl.int64)
+    l1_threshold = tl.load(scalars + 3)
+    t, start, end = _chunk(numels, chunk_tensor, chunk_start, CHUNK)
+    p_ptr = _pointer(table, num_tensors, t, 0, DTYPE)
+    g_ptr = _pointer(table, num_tensors, t, 1, DTYPE)
+    return t, start, end * run, p_ptr, g_ptr, grad_factor, l1_threshold
+
+
+@triton.jit
+def _load_parameter_and_gradient(p_ptr, g_ptr, index, mask, grad_factor, coupled_l2, l1_subgradient,
+                                 MAXIMIZE: tl.constexpr):
+    """The parameter and its transformed gradient, in float32."""
+    p = tl.load(p_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    return p, _transformed_gradient(g, p, grad_factor, coupled_l2, l1_subgradient, MAXIMIZE)
+
+
+@triton.jit
+def _store_parameter(p_ptr, index, mask, p, l1_threshold, DTYPE: tl.constexpr, PROXIMAL: tl.constexpr):
+    """Applies the proximal L1 step, if any, after the update and stores."""
+    if PROXIMAL:
+        p = _soft_threshold(p, l1_threshold)
+    tl.store(p_ptr + index, p.to(DTYPE), mask=mask)
 
 
 @triton.jit
@@ -66,21 +105,15 @@ def _sgd_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, scalars,
                 momentum, one_minus_dampening, coupled_l2, l1_subgradient,
                 DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
                 MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # scalars: lr, grad_factor, skip (found_inf != 0), l1_threshold
     lr = tl.load(scalars)
-    grad_factor = tl.load(scalars + 1)
-    run = (tl.load(scalars + 2) == 0).to(tl.int64)  # 0 when found_inf: nothing is written
-    l1_threshold = tl.load(scalars + 3)
-    t, start, numel, p_ptr = _chunk(table, numels, chunk_tensor, chunk_start, num_tensors, 0, DTYPE)
-    g_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(DTYPE))
-    b_ptr = tl.load(table + 2 * num_tensors + t).to(tl.pointer_type(DTYPE))
-    end = tl.minimum(numel, start + CHUNK) * run
+    t, start, end, p_ptr, g_ptr, grad_factor, l1_threshold = _step_chunk(
+        table, numels, chunk_tensor, chunk_start, num_tensors, scalars, DTYPE, CHUNK)
+    b_ptr = _pointer(table, num_tensors, t, 2, DTYPE)
     for offset in tl.static_range(0, CHUNK, BLOCK):
         index = start + offset + tl.arange(0, BLOCK).to(tl.int64)
         mask = index < end
-        p = tl.load(p_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        g = _transformed_gradient(g, p, grad_factor, coupled_l2, l1_subgradient, MAXIMIZE)
+        p, g = _load_parameter_and_gradient(p_ptr, g_ptr, index, mask, grad_factor, coupled_l2, l1_subgradient,
+                                            MAXIMIZE)
         if MOMENTUM:
             if FIRST_STEP:
                 buf = g
@@ -91,10 +124,7 @@ def _sgd_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, scalars,
                 g = g + momentum * buf
             else:
                 g = buf
-        p = p - lr * g
-        if PROXIMAL:
-            p = _soft_threshold(p, l1_threshold)
-        tl.store(p_ptr + index, p.to(DTYPE), mask=mask)
+        _store_parameter(p_ptr, index, mask, p - lr * g, l1_threshold, DTYPE, PROXIMAL)
 
 
 @triton.jit
@@ -102,27 +132,22 @@ def _adamw_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, scalars
                   one_minus_beta1, beta2, one_minus_beta2, eps, coupled_l2, l1_subgradient,
                   DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr,
                   CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    # scalars: decay_factor, grad_factor, skip, l1_threshold; per_tensor: step_size[T], bias_correction2_sqrt[T]
+    # per_tensor: step_size[T], bias_correction2_sqrt[T]
     decay_factor = tl.load(scalars)
-    grad_factor = tl.load(scalars + 1)
-    run = (tl.load(scalars + 2) == 0).to(tl.int64)  # 0 when found_inf: nothing is written
-    l1_threshold = tl.load(scalars + 3)
-    t, start, numel, p_ptr = _chunk(table, numels, chunk_tensor, chunk_start, num_tensors, 0, DTYPE)
-    g_ptr = tl.load(table + num_tensors + t).to(tl.pointer_type(DTYPE))
-    m_ptr = tl.load(table + 2 * num_tensors + t).to(tl.pointer_type(DTYPE))
-    v_ptr = tl.load(table + 3 * num_tensors + t).to(tl.pointer_type(DTYPE))
-    vmax_ptr = tl.load(table + 4 * num_tensors + t).to(tl.pointer_type(DTYPE))
+    t, start, end, p_ptr, g_ptr, grad_factor, l1_threshold = _step_chunk(
+        table, numels, chunk_tensor, chunk_start, num_tensors, scalars, DTYPE, CHUNK)
+    m_ptr = _pointer(table, num_tensors, t, 2, DTYPE)
+    v_ptr = _pointer(table, num_tensors, t, 3, DTYPE)
+    vmax_ptr = _pointer(table, num_tensors, t, 4, DTYPE)
     step_size = tl.load(per_tensor + t)
     bias_correction2_sqrt = tl.load(per_tensor + num_tensors + t)
-    end = tl.minimum(numel, start + CHUNK) * run
     for offset in tl.static_range(0, CHUNK, BLOCK):
         index = start + offset + tl.arange(0, BLOCK).to(tl.int64)
         mask = index < end
-        p = tl.load(p_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        g = tl.load(g_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        p, g = _load_parameter_and_gradient(p_ptr, g_ptr, index, mask, grad_factor, coupled_l2, l1_subgradient,
+                                            MAXIMIZE)
         m = tl.load(m_ptr + index, mask=mask, other=0.0).to(tl.float32)
         v = tl.load(v_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        g = _transformed_gradient(g, p, grad_factor, coupled_l2, l1_subgradient, MAXIMIZE)
         p = p * decay_factor
         if one_minus_beta1 < 0.5:  # torch.lerp's two formulas
             m = m + one_minus_beta1 * (g - m)
@@ -135,18 +160,15 @@ def _adamw_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, scalars
             v = tl.maximum(tl.load(vmax_ptr + index, mask=mask, other=0.0).to(tl.float32), v)
             tl.store(vmax_ptr + index, v.to(DTYPE), mask=mask)
         denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-        p = p - step_size * (m / denom)
-        if PROXIMAL:
-            p = _soft_threshold(p, l1_threshold)
-        tl.store(p_ptr + index, p.to(DTYPE), mask=mask)
+        _store_parameter(p_ptr, index, mask, p - step_size * (m / denom), l1_threshold, DTYPE, PROXIMAL)
 
 
 @triton.jit
 def _sum_of_squares_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, partials,
                            DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    t, start, numel, x_ptr = _chunk(table, numels, chunk_tensor, chunk_start, num_tensors, 0, DTYPE)
+    t, start, end = _chunk(numels, chunk_tensor, chunk_start, CHUNK)
+    x_ptr = _pointer(table, num_tensors, t, 0, DTYPE)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    end = tl.minimum(numel, start + CHUNK)
     for offset in tl.static_range(0, CHUNK, BLOCK):
         index = start + offset + tl.arange(0, BLOCK).to(tl.int64)
         x = tl.load(x_ptr + index, mask=index < end, other=0.0).to(tl.float32)
@@ -221,8 +243,22 @@ def _gradient_factor_and_skip(device, grad_scale, found_inf, clip_coef) -> tuple
     return factor, skip
 
 
-def _grid(chunk_tensor):
-    return (chunk_tensor.numel(),)
+def _step_scalars(own_factor, lr64, l1, factor, skip) -> torch.Tensor:
+    """The float32 scalars a step kernel reads, in _step_chunk's order: the
+    kernel's own factor, the gradient factor, skip and the proximal L1
+    threshold lr * l1."""
+    return torch.stack([own_factor.float(), factor, skip, (lr64 * l1).float()])
+
+
+def _launch_step(kernel, lists, *arguments, **constexprs) -> None:
+    """One launch of a step kernel over ``lists`` (the parameters first), a
+    program per CHUNK elements of a tensor; none when the lists hold no
+    element."""
+    table, numels, chunk_tensor, chunk_start = _tables(lists, lists[0][0].device)
+    if chunk_tensor.numel() == 0:
+        return
+    kernel[(chunk_tensor.numel(),)](table, numels, chunk_tensor, chunk_start, len(lists[0]), *arguments,
+                                    DTYPE=_TRITON_DTYPES[lists[0][0].dtype], CHUNK=CHUNK, BLOCK=BLOCK, **constexprs)
 
 
 def _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
@@ -230,18 +266,13 @@ def _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
     if not _check(params, grads, *((("momentum_buffers", momentum_buffers),) if momentum != 0 else ())):
         return
     device = params[0].device
-    lists = [params, grads, momentum_buffers if momentum != 0 else params]
-    table, numels, chunk_tensor, chunk_start = _tables(lists, device)
-    if chunk_tensor.numel() == 0:
-        return
     factor, skip = _gradient_factor_and_skip(device, grad_scale, found_inf, clip_coef)
     lr64 = _scalar(lr, device)
-    scalars = torch.stack([lr64.float(), factor, skip, (lr64 * l1).float()])
-    _sgd_kernel[_grid(chunk_tensor)](
-        table, numels, chunk_tensor, chunk_start, len(params), scalars,
+    _launch_step(
+        _sgd_kernel, [params, grads, momentum_buffers if momentum != 0 else params],
+        _step_scalars(lr64, lr64, l1, factor, skip),
         float(momentum), float(1.0 - dampening), float(weight_decay), 0.0 if proximal else float(l1),
-        DTYPE=_TRITON_DTYPES[params[0].dtype], MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov,
-        MAXIMIZE=maximize, PROXIMAL=proximal, CHUNK=CHUNK, BLOCK=BLOCK)
+        MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov, MAXIMIZE=maximize, PROXIMAL=proximal)
 
 
 @torch.library.custom_op("regops::triton_sgd_step_", mutates_args={"params", "momentum_buffers"})
@@ -278,16 +309,11 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, l
     steps = torch.stack([s.reshape(()) for s in state_steps]).to(torch.float64)
     lr64 = _scalar(lr, device)
     per_tensor = torch.cat([lr64 / (1 - beta1 ** steps), torch.sqrt(1 - beta2 ** steps)]).float()
-    scalars = torch.stack([(1 - lr64 * weight_decay).float(), factor, skip, (lr64 * l1).float()])
-    lists = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else params]
-    table, numels, chunk_tensor, chunk_start = _tables(lists, device)
-    if chunk_tensor.numel() == 0:
-        return
-    _adamw_kernel[_grid(chunk_tensor)](
-        table, numels, chunk_tensor, chunk_start, len(params), scalars, per_tensor,
+    _launch_step(
+        _adamw_kernel, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else params],
+        _step_scalars(1 - lr64 * weight_decay, lr64, l1, factor, skip), per_tensor,
         float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), float(l2), 0.0 if proximal else float(l1),
-        DTYPE=_TRITON_DTYPES[params[0].dtype], AMSGRAD=amsgrad, MAXIMIZE=maximize, PROXIMAL=proximal,
-        CHUNK=CHUNK, BLOCK=BLOCK)
+        AMSGRAD=amsgrad, MAXIMIZE=maximize, PROXIMAL=proximal)
 
 
 _ADAMW_MUTATES = {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"}
@@ -325,8 +351,9 @@ def multi_tensor_norm(tensors: list[torch.Tensor], squared: bool = False) -> tor
     table, numels, chunk_tensor, chunk_start = _tables([dense], device)
     partials = torch.zeros(max(chunk_tensor.numel(), 1), dtype=torch.float32, device=device)
     if chunk_tensor.numel() > 0:
-        _sum_of_squares_kernel[_grid(chunk_tensor)](table, numels, chunk_tensor, chunk_start, len(dense), partials,
-                                                    DTYPE=_TRITON_DTYPES[tensors[0].dtype], CHUNK=CHUNK, BLOCK=BLOCK)
+        _sum_of_squares_kernel[(chunk_tensor.numel(),)](
+            table, numels, chunk_tensor, chunk_start, len(dense), partials,
+            DTYPE=_TRITON_DTYPES[tensors[0].dtype], CHUNK=CHUNK, BLOCK=BLOCK)
     total = partials.sum()
     return total if squared else total.sqrt()
 
