@@ -328,6 +328,20 @@ void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::
 
 // --- multi_tensor_norm: per-block float32 partial sums, then one block sums them.
 
+// The sum of every thread's value of a block of kThreads, in a fixed order
+// (warp shuffles, then the warp sums in turn), valid in thread 0.
+__device__ __forceinline__ float block_sum(float value) {
+  __shared__ float warp_sums[kThreads / 32];
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xFFFFFFFFu, value, offset);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = value;
+  __syncthreads();
+  float total = 0.0f;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
+  }
+  return total;
+}
+
 template <typename scalar_t>
 __global__ void __launch_bounds__(kThreads) sum_of_squares_kernel(TensorTable table, float* partials) {
   const int64_t tensor = table.block_tensor[blockIdx.x];
@@ -351,15 +365,8 @@ __global__ void __launch_bounds__(kThreads) sum_of_squares_kernel(TensorTable ta
     const float value = static_cast<float>(x[i]);
     sum += value * value;
   }
-  __shared__ float warp_sums[kThreads / 32];
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFFu, sum, offset);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.0f;
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-    partials[blockIdx.x] = total;
-  }
+  const float total = block_sum(sum);
+  if (threadIdx.x == 0) partials[blockIdx.x] = total;
 }
 
 // One block, fixed order: the result does not depend on scheduling.
@@ -367,15 +374,8 @@ __global__ void __launch_bounds__(kThreads) finish_norm_kernel(const float* part
                                                                float* out) {
   float sum = 0.0f;
   for (int64_t i = threadIdx.x; i < count; i += blockDim.x) sum += partials[i];
-  __shared__ float warp_sums[kThreads / 32];
-  for (int offset = 16; offset > 0; offset /= 2) sum += __shfl_down_sync(0xFFFFFFFFu, sum, offset);
-  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = sum;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    float total = 0.0f;
-    for (int w = 0; w < kThreads / 32; ++w) total += warp_sums[w];
-    *out = squared ? total : sqrtf(total);
-  }
+  const float total = block_sum(sum);
+  if (threadIdx.x == 0) *out = squared ? total : sqrtf(total);
 }
 
 at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, bool squared) {
