@@ -136,7 +136,7 @@ struct SGDVariants {
   template <bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
   SGDBlock<T> get() const {
     if constexpr ((!kMomentum && (kFirstStep || kNesterov)) || (kL1Subgradient && kL1Proximal)) {
-      return nullptr;  // never selected: without momentum both flags are cleared
+      return nullptr;  // never selected: without momentum both flags are cleared; the L1 modes exclude each other
     } else {
       return &sgd_block<T, kMomentum, kFirstStep, kNesterov, kCoupledL2, kL1Subgradient, kL1Proximal>;
     }
