@@ -175,10 +175,4 @@ inline void check_backward_arguments(const at::Tensor& grad_out, const at::Tenso
   check_channel_tensor(save_invstd, input, "save_invstd", op);
 }
 
-// A per-channel tensor that may be absent, as contiguous data or a constant.
-inline at::Tensor channel_tensor_or(const std::optional<at::Tensor>& tensor, const at::Tensor& input, double fill) {
-  if (tensor.has_value() && tensor->defined()) return tensor->contiguous();
-  return at::full({input.size(1)}, fill, input.options().dtype(batch_norm_accumulate_type(input.scalar_type())));
-}
-
 }  // namespace regops
