@@ -50,7 +50,7 @@ def local_tensor(tensor: torch.Tensor) -> torch.Tensor:
 def _sharded_mesh_dims(tensor: torch.Tensor) -> tuple:
     """(mesh, mesh dims the tensor is sharded over) for a DTensor; () for a
     plain tensor, whose norm is complete on every rank."""
-    if DTensor is None or not isinstance(tensor, DTensor):
+    if not is_dtensor(tensor):
         return ()
     dims = []
     for dim, placement in enumerate(tensor.placements):

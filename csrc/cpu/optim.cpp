@@ -130,7 +130,7 @@ auto select_variant(const Variants& variants, bool flag, Rest... rest) {
 }
 
 // The L1 subgradient and the soft-threshold (l1_mode "proximal") exclude
-// each other: make_gradient_transform zeroes the subgradient in proximal mode.
+// each other: gradient_transform zeroes the subgradient in proximal mode.
 template <typename T>
 struct SGDVariants {
   template <bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>

@@ -24,7 +24,6 @@
 
 namespace regops {
 
-
 // The proximal operator of lr * l1 * |p|: soft-thresholding. Exact zeros for
 // |p| <= threshold; copysign keeps it branch-free; a NaN stays NaN.
 REGOPS_INLINE float soft_threshold(float p, float threshold) {
@@ -67,6 +66,19 @@ struct GradientTransform {
   float coupled_l2;   // SGD weight_decay, AdamW l2
   float l1_subgradient;  // l1 in subgradient mode, else 0
 };
+
+// The gradient transform of a call: grad_factor (1 / grad_scale times the
+// clip coefficient, 1 without either) negated for maximize; the L1
+// subgradient is off (0) in proximal mode, where the soft-threshold applies
+// instead.
+REGOPS_INLINE GradientTransform gradient_transform(double coupled_l2, double l1, bool proximal, bool maximize,
+                                                   float grad_factor) {
+  GradientTransform t;
+  t.grad_factor = maximize ? -grad_factor : grad_factor;
+  t.coupled_l2 = static_cast<float>(coupled_l2);
+  t.l1_subgradient = proximal ? 0.0f : static_cast<float>(l1);
+  return t;
+}
 
 // value where keep is true, else +0 (also for a NaN or inf value), without
 // a branch or a floating-point select: an AND of the bits.
@@ -141,14 +153,12 @@ struct AdamWCoefficients {
 // increment), computed in double as torch computes them on the host; on the
 // CPU once per tensor and call, in the CUDA kernel by each thread (the step
 // count and lr may live on the device). grad_factor is 1 / grad_scale times
-// the clip coefficient; maximize negates it.
+// the clip coefficient.
 REGOPS_INLINE AdamWCoefficients adamw_coefficients(double lr, double beta1, double beta2, double eps,
                                                    double weight_decay, double l2, double l1, bool proximal,
                                                    bool amsgrad, bool maximize, double step, float grad_factor) {
   AdamWCoefficients c;
-  c.gradient.grad_factor = maximize ? -grad_factor : grad_factor;
-  c.gradient.coupled_l2 = static_cast<float>(l2);
-  c.gradient.l1_subgradient = proximal ? 0.0f : static_cast<float>(l1);
+  c.gradient = gradient_transform(l2, l1, proximal, maximize, grad_factor);
   c.lr = static_cast<float>(lr);
   c.exp_avg_weight = lerp_weight(static_cast<float>(1.0 - beta1));
   c.beta2 = static_cast<float>(beta2);

@@ -139,21 +139,11 @@ inline std::vector<at::Tensor> dense_norm_inputs(at::TensorList tensors) {
   return dense;
 }
 
-// The part of the coefficients that does not depend on lr (which may live on
-// the device): penalties and flags.
-inline GradientTransform make_gradient_transform(double coupled_l2, double l1, bool proximal, bool maximize) {
-  GradientTransform t;
-  t.grad_factor = maximize ? -1.0f : 1.0f;
-  t.coupled_l2 = static_cast<float>(coupled_l2);
-  t.l1_subgradient = proximal ? 0.0f : static_cast<float>(l1);
-  return t;
-}
-
 inline SGDCoefficients make_sgd_coefficients(double lr, double momentum, double dampening, double weight_decay,
                                              bool nesterov, bool maximize, double l1, bool proximal,
                                              bool first_step) {
   SGDCoefficients c;
-  c.gradient = make_gradient_transform(weight_decay, l1, proximal, maximize);
+  c.gradient = gradient_transform(weight_decay, l1, proximal, maximize, 1.0f);
   c.lr = static_cast<float>(lr);
   c.momentum = static_cast<float>(momentum);
   c.has_momentum = momentum != 0.0;
