@@ -19,8 +19,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "regops/batch_norm_host.h"
@@ -245,8 +243,8 @@ __device__ __forceinline__ void map_elements(scalar_t* __restrict__ out, int64_t
     const int64_t first = v * kVec;
     if (vectorized && first + kVec <= numel) {
       const Vec result = map_vector<scalar_t, acc_t, kVec>(
-          first, f, *reinterpret_cast<const AlignedVector<Inputs, kVec>*>(inputs + first)...);
-      *reinterpret_cast<Vec*>(out + first) = result;
+          first, f, load_vector<AlignedVector<Inputs, kVec>>(inputs + first)...);
+      store_vector(out + first, result);
     } else {
       for (int64_t i = first; i < min(numel, first + kVec); ++i) {
         out[i] = static_cast<scalar_t>(f(i, static_cast<acc_t>(inputs[i])...));
@@ -309,8 +307,8 @@ template <typename Reducer>
 std::pair<at::Tensor, int64_t> reduce_partials(const Reducer& reducer, const BatchNormInput& p) {
   using State = typename Reducer::State;
   const BatchNormGeometry& g = p.geometry;
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  const int64_t sms = at::cuda::getCurrentDeviceProperties()->multiProcessorCount;
+  const auto stream = cuda::current_stream();
+  const int64_t sms = cuda::device_properties().multiProcessorCount;
   const int64_t target_blocks = sms * 4;
   int64_t splits;
   if (g.channels_inner) {
@@ -324,9 +322,9 @@ std::pair<at::Tensor, int64_t> reduce_partials(const Reducer& reducer, const Bat
     TORCH_CHECK(channel_tiles <= 65535, "regops batch_norm: too many channels for one launch: ", g.channels);
     const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(channel_tiles));
     const dim3 block(kChannelTile, kRowThreads);
-    reduce_channel_inner_kernel<Reducer><<<grid, block, 0, stream>>>(
+    cuda::launch(reduce_channel_inner_kernel<Reducer>, grid, block, 0, stream,
         reducer, reinterpret_cast<State*>(partial.mutable_data_ptr()), rows, g.channels);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    REGOPS_KERNEL_LAUNCH_CHECK();
     return {partial, splits};
   }
   const int64_t count = g.count_per_channel();
@@ -338,9 +336,9 @@ std::pair<at::Tensor, int64_t> reduce_partials(const Reducer& reducer, const Bat
                                  p.input.options().dtype(at::kByte));
   TORCH_CHECK(g.channels <= 65535, "regops batch_norm: too many channels for one launch: ", g.channels);
   const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(g.channels));
-  reduce_spatial_inner_kernel<Reducer><<<grid, kThreads, 0, stream>>>(
+  cuda::launch(reduce_spatial_inner_kernel<Reducer>, grid, kThreads, 0, stream,
       reducer, reinterpret_cast<State*>(partial.mutable_data_ptr()), g.batch, g.channels, g.spatial, per_block);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  REGOPS_KERNEL_LAUNCH_CHECK();
   return {partial, splits};
 }
 
@@ -357,12 +355,13 @@ void compute_statistics(const BatchNormInput& p, at::Tensor& mean, at::Tensor& v
     return;
   }
   auto [partial, splits] = reduce_partials(StatisticsReducer<scalar_t, acc_t>{p.input.const_data_ptr<scalar_t>()}, p);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  finalize_statistics_kernel<acc_t><<<(channels + kFinalizeThreads - 1) / kFinalizeThreads, kFinalizeThreads, 0, stream>>>(
+  const auto stream = cuda::current_stream();
+  cuda::launch(finalize_statistics_kernel<acc_t>, (channels + kFinalizeThreads - 1) / kFinalizeThreads,
+               kFinalizeThreads, 0, stream,
       reinterpret_cast<const Welford<acc_t>*>(partial.const_data_ptr()), splits, channels, mean.mutable_data_ptr<acc_t>(),
       var.mutable_data_ptr<acc_t>(), invstd != nullptr ? invstd->mutable_data_ptr<acc_t>() : nullptr,
       static_cast<acc_t>(eps));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  REGOPS_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
@@ -379,11 +378,12 @@ void compute_gradient_sums(const BatchNormInput& p, const at::Tensor& dy,
   }
   auto [partial, splits] = reduce_partials(
       GradientSumsReducer<scalar_t, acc_t>{dy.const_data_ptr<scalar_t>(), p.input.const_data_ptr<scalar_t>(), params, relu}, p);
-  const auto stream = at::cuda::getCurrentCUDAStream();
-  finalize_sums_kernel<acc_t><<<(channels + kFinalizeThreads - 1) / kFinalizeThreads, kFinalizeThreads, 0, stream>>>(
+  const auto stream = cuda::current_stream();
+  cuda::launch(finalize_sums_kernel<acc_t>, (channels + kFinalizeThreads - 1) / kFinalizeThreads, kFinalizeThreads, 0,
+               stream,
       reinterpret_cast<const SumPair<acc_t>*>(partial.const_data_ptr()), splits, channels,
       sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>());
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  REGOPS_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
@@ -403,9 +403,9 @@ void launch_normalize(const BatchNormInput& p, at::Tensor& output,
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
   scalar_t* y = output.mutable_data_ptr<scalar_t>();
   const int64_t blocks = grid_size_for((numel + vector_size<scalar_t>() - 1) / vector_size<scalar_t>(), kThreads);
-  normalize_kernel<scalar_t, at::opmath_type<scalar_t>><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  cuda::launch(normalize_kernel<scalar_t, at::opmath_type<scalar_t>>, blocks, kThreads, 0, cuda::current_stream(),
       x, y, params, elementwise_shape(p), relu, can_vectorize<scalar_t>({x, y}));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  REGOPS_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
@@ -417,9 +417,9 @@ void launch_grad_input(const BatchNormInput& p, const at::Tensor& dy, at::Tensor
   const scalar_t* g = dy.const_data_ptr<scalar_t>();
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
   const int64_t blocks = grid_size_for((numel + vector_size<scalar_t>() - 1) / vector_size<scalar_t>(), kThreads);
-  grad_input_kernel<scalar_t, at::opmath_type<scalar_t>><<<blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  cuda::launch(grad_input_kernel<scalar_t, at::opmath_type<scalar_t>>, blocks, kThreads, 0, cuda::current_stream(),
       g, x, out, params, elementwise_shape(p), can_vectorize<scalar_t>({x, g, out}));
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  REGOPS_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename acc_t>
@@ -435,7 +435,7 @@ std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& te
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
   check_batch_norm_input(input, "batch_norm_stats");
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
   at::Tensor mean = at::empty({input.size(1)}, accumulate_options(input));
   at::Tensor var = at::empty_like(mean);
@@ -450,7 +450,7 @@ at::Tensor batch_norm_elementwise_cuda(const at::Tensor& input, const at::Tensor
                                        bool relu) {
   const char* op = "batch_norm_elementwise";
   check_elementwise_arguments(input, mean, invstd, weight, bias, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
   at::Tensor output = at::empty_like(p.input);
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
@@ -467,7 +467,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
                                                                    const std::optional<at::Tensor>& bias, bool relu) {
   const char* op = "batch_norm_backward_reduce";
   check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor sum_dy = at::empty({input.size(1)}, accumulate_options(input));
@@ -487,7 +487,7 @@ at::Tensor batch_norm_backward_elementwise_cuda(const at::Tensor& grad_out, cons
                                                 const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
   const char* op = "batch_norm_backward_elementwise";
   check_backward_elementwise_arguments(grad_out, input, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor dx = at::empty_like(p.input);
@@ -508,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cu
     double eps, bool relu) {
   const char* op = "batch_norm_forward";
   check_forward_arguments(input, weight, bias, running_mean, running_var, training, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
   const at::TensorOptions options = accumulate_options(input);
   at::Tensor output = at::empty_like(p.input);
@@ -536,7 +536,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     bool relu) {
   const char* op = "batch_norm_backward";
   check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, op);
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor dx = at::empty_like(p.input);
@@ -559,7 +559,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(regops, CUDA, m) {
+REGOPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("batch_norm_forward", &batch_norm_forward_cuda);
   m.impl("batch_norm_backward", &batch_norm_backward_cuda);
   m.impl("batch_norm_stats", &batch_norm_stats_cuda);

@@ -7,8 +7,6 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include "regops/cuda_utils.cuh"
@@ -40,13 +38,13 @@ __device__ __forceinline__ void apply_mask_byte(const scalar_t* in, scalar_t* ou
   using acc_t = at::opmath_type<scalar_t>;
   using Vec = AlignedVector<scalar_t, kElementsPerByte>;
   if (vectorized && first + kElementsPerByte <= numel) {
-    const Vec loaded = *reinterpret_cast<const Vec*>(in + first);
+    const Vec loaded = load_vector<Vec>(in + first);
     Vec result;
 #pragma unroll
     for (int e = 0; e < kElementsPerByte; ++e) {
       result.value[e] = static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(loaded.value[e]), (bits >> e) & 1u, scale));
     }
-    *reinterpret_cast<Vec*>(out + first) = result;
+    store_vector(out + first, result);
     return;
   }
   const int count = static_cast<int>(min(static_cast<int64_t>(kElementsPerByte), numel - first));
@@ -102,7 +100,7 @@ bool can_vectorize(const void* a, const void* b) {
 SeedArg make_seed_arg(const at::Tensor& seed) {
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
               "regops dropout: seed must be a one-element int64 tensor");
-  if (seed.is_cuda()) return SeedArg{seed.const_data_ptr<int64_t>(), 0};
+  if (cuda::on_device(seed)) return SeedArg{seed.const_data_ptr<int64_t>(), 0};
   return SeedArg{nullptr, read_seed(seed)};
 }
 
@@ -112,32 +110,32 @@ at::Tensor run_forward(const at::Tensor& input, at::Tensor& output, double p, co
   const int64_t mask_bytes = dropout_mask_bytes(numel);
   at::Tensor mask = at::empty({store_mask ? mask_bytes : 0}, input.options().dtype(at::kByte));
   if (numel == 0) return mask;
-  TORCH_CHECK(!seed.is_cuda() || seed.device() == input.device(), "regops dropout: seed is on ", seed.device(),
+  TORCH_CHECK(!cuda::on_device(seed) || seed.device() == input.device(), "regops dropout: seed is on ", seed.device(),
               " but input is on ", input.device());
   const SeedArg seed_arg = make_seed_arg(seed);
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = cuda::current_stream();
   const int64_t blocks = grid_size_for(mask_bytes, kThreads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_dropout_forward_cuda", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    dropout_forward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    cuda::launch(dropout_forward_kernel<scalar_t>, blocks, kThreads, 0, stream,
         in, out, store_mask ? mask.mutable_data_ptr<uint8_t>() : nullptr, numel, mask_bytes, seed_arg,
         static_cast<uint64_t>(offset), dropout_threshold(p),
         static_cast<at::opmath_type<scalar_t>>(dropout_scale(p)), can_vectorize<scalar_t>(in, out));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    REGOPS_KERNEL_LAUNCH_CHECK();
   });
   return mask;
 }
 
 std::tuple<at::Tensor, at::Tensor> dropout_forward_cuda(const at::Tensor& input, double p, const at::Tensor& seed,
                                                         int64_t offset, bool store_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   return dropout_forward_out_of_place(input, p, seed, offset, store_mask, run_forward);
 }
 
 at::Tensor dropout_forward_inplace_cuda(at::Tensor& input, double p, const at::Tensor& seed, int64_t offset,
                                         bool store_mask) {
-  const c10::cuda::CUDAGuard guard(input.device());
+  const cuda::DeviceGuard guard(input.device());
   return dropout_forward_in_place(input, p, seed, offset, store_mask, run_forward);
 }
 
@@ -145,41 +143,41 @@ at::Tensor dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& mask,
   check_dropout_input(grad, "grad");
   check_dropout_p(p);
   check_dropout_mask(mask, grad);
-  const c10::cuda::CUDAGuard guard(grad.device());
+  const cuda::DeviceGuard guard(grad.device());
   const at::Tensor contiguous = grad.contiguous();
   at::Tensor grad_input = at::empty_like(contiguous, at::MemoryFormat::Contiguous);
   const int64_t numel = grad.numel();
   if (numel == 0) return grad_input;
   const at::Tensor mask_contiguous = mask.contiguous();
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = cuda::current_stream();
   const int64_t blocks = grid_size_for((numel + kElementsPerByte - 1) / kElementsPerByte, kThreads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "regops_dropout_backward_cuda", [&] {
     const scalar_t* in = contiguous.const_data_ptr<scalar_t>();
     scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
-    dropout_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
+    cuda::launch(dropout_backward_kernel<scalar_t>, blocks, kThreads, 0, stream,
         in, mask_contiguous.const_data_ptr<uint8_t>(), out, numel,
         static_cast<at::opmath_type<scalar_t>>(dropout_scale(p)), can_vectorize<scalar_t>(in, out));
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    REGOPS_KERNEL_LAUNCH_CHECK();
   });
   return grad_input;
 }
 
 at::Tensor philox_cuda(const at::Tensor& counter, const at::Tensor& key) {
   check_philox_args(counter, key);
-  const c10::cuda::CUDAGuard guard(counter.device());
+  const cuda::DeviceGuard guard(counter.device());
   const at::Tensor c = counter.contiguous(), k = key.contiguous();
   at::Tensor out = at::empty_like(c);
   const int64_t n = c.size(0);
   if (n == 0) return out;
-  philox_kernel<<<(n + kThreads - 1) / kThreads, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(
+  cuda::launch(philox_kernel, (n + kThreads - 1) / kThreads, kThreads, 0, cuda::current_stream(),
       c.const_data_ptr<int64_t>(), k.const_data_ptr<int64_t>(), out.mutable_data_ptr<int64_t>(), n);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  REGOPS_KERNEL_LAUNCH_CHECK();
   return out;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(regops, CUDA, m) {
+REGOPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("dropout_forward", &dropout_forward_cuda);
   m.impl("dropout_forward_", &dropout_forward_inplace_cuda);
   m.impl("dropout_backward", &dropout_backward_cuda);

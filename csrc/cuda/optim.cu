@@ -13,8 +13,6 @@
 // lr (tensor overload), GradScaler's grad_scale and found_inf and the clip
 // coefficient are read on the device.
 #include <ATen/ATen.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAGuard.h>
 #include <torch/library.h>
 
 #include <vector>
@@ -67,7 +65,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
        i += static_cast<int64_t>(blockDim.x) * kVector) {
     Vector loaded[kLists];
 #pragma unroll
-    for (int l = 0; l < kLists; ++l) loaded[l] = *reinterpret_cast<const Vector*>(lists[l] + i);
+    for (int l = 0; l < kLists; ++l) loaded[l] = load_vector<Vector>(lists[l] + i);
 #pragma unroll
     for (int e = 0; e < kVector; ++e) {
       float x[kLists];
@@ -79,7 +77,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
     }
 #pragma unroll
     for (int l = 0; l < kLists; ++l) {
-      if (l != 1) *reinterpret_cast<Vector*>(lists[l] + i) = loaded[l];
+      if (l != 1) store_vector(lists[l] + i, loaded[l]);
     }
   }
   for (int64_t i = vector_end + threadIdx.x; i < n; i += blockDim.x) {
@@ -208,7 +206,7 @@ PackedTable pack_table(const std::vector<at::TensorList>& lists, at::TensorList 
 
 void check_cuda(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].is_cuda(), "regops ", op, ": the CUDA kernel got params[", i, "] on ", params[i].device());
+    TORCH_CHECK(cuda::on_device(params[i]), "regops ", op, ": the CUDA kernel got params[", i, "] on ", params[i].device());
   }
 }
 
@@ -225,9 +223,9 @@ template <typename scalar_t, int kLists, typename Functor>
 void launch(const std::vector<at::TensorList>& lists, at::TensorList steps, const Functor& functor) {
   PackedTable packed = pack_table(lists, steps);
   if (packed.blocks == 0) return;
-  multi_tensor_apply_kernel<scalar_t, kLists, Functor>
-      <<<packed.blocks, kThreads, 0, at::cuda::getCurrentCUDAStream()>>>(packed.table, functor);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, Functor>, packed.blocks, kThreads, 0, cuda::current_stream(),
+               packed.table, functor);
+  REGOPS_KERNEL_LAUNCH_CHECK();
 }
 
 void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
@@ -240,7 +238,7 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
   check_cuda(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
   if (lr_tensor != nullptr) check_scalar_tensor(op, "lr", *lr_tensor, params[0].device());
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cuda::DeviceGuard guard(params[0].device());
   const SGDCoefficients base = make_sgd_coefficients(lr, momentum, dampening, weight_decay, nesterov, maximize, l1,
                                                      proximal, first_step);
   const DeviceScalars scalars = device_scalars(lr_tensor, grad_scale, found_inf, clip_coef);
@@ -284,7 +282,7 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
   check_cuda(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
   if (lr_tensor != nullptr) check_scalar_tensor(op, "lr", *lr_tensor, params[0].device());
-  const c10::cuda::CUDAGuard guard(params[0].device());
+  const cuda::DeviceGuard guard(params[0].device());
   const DeviceScalars scalars = device_scalars(lr_tensor, grad_scale, found_inf, clip_coef);
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
@@ -301,9 +299,9 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
   // Count the step after the update has read the old count (same stream).
   PackedTable steps = pack_table({state_steps}, {});
   const int64_t count = static_cast<int64_t>(state_steps.size());
-  increment_steps_kernel<<<(count + 255) / 256, 256, 0, at::cuda::getCurrentCUDAStream()>>>(
+  cuda::launch(increment_steps_kernel, (count + 255) / 256, 256, 0, cuda::current_stream(),
       steps.table.addresses, count, scalars.found_inf);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  REGOPS_KERNEL_LAUNCH_CHECK();
 }
 
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -354,7 +352,7 @@ __global__ void __launch_bounds__(kThreads) sum_of_squares_kernel(TensorTable ta
   float sum = 0.0f;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVector; i < vector_end;
        i += static_cast<int64_t>(blockDim.x) * kVector) {
-    const Vector v = *reinterpret_cast<const Vector*>(x + i);
+    const Vector v = load_vector<Vector>(x + i);
 #pragma unroll
     for (int e = 0; e < kVector; ++e) {
       const float value = static_cast<float>(v.value[e]);
@@ -380,27 +378,27 @@ __global__ void __launch_bounds__(kThreads) finish_norm_kernel(const float* part
 
 at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, bool squared) {
   const std::vector<at::Tensor> dense = dense_norm_inputs(tensors);  // copies, if any, go to their tensor's device
-  const c10::cuda::CUDAGuard guard(dense[0].device());
+  const cuda::DeviceGuard guard(dense[0].device());
   at::Tensor result = at::zeros({}, tensors[0].options().dtype(at::kFloat));
-  const auto stream = at::cuda::getCurrentCUDAStream();
+  const auto stream = cuda::current_stream();
   dispatch_optimizer_dtype("multi_tensor_norm", tensors[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     PackedTable packed = pack_table({at::TensorList(dense)}, {});
     if (packed.blocks == 0) return;
     at::Tensor partials = at::empty({packed.blocks}, result.options());
-    sum_of_squares_kernel<scalar_t><<<packed.blocks, kThreads, 0, stream>>>(packed.table,
-                                                                             partials.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    finish_norm_kernel<<<1, kThreads, 0, stream>>>(partials.const_data_ptr<float>(), packed.blocks, squared,
-                                                   result.mutable_data_ptr<float>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    cuda::launch(sum_of_squares_kernel<scalar_t>, packed.blocks, kThreads, 0, stream, packed.table,
+                 partials.mutable_data_ptr<float>());
+    REGOPS_KERNEL_LAUNCH_CHECK();
+    cuda::launch(finish_norm_kernel, 1, kThreads, 0, stream, partials.const_data_ptr<float>(), packed.blocks, squared,
+                 result.mutable_data_ptr<float>());
+    REGOPS_KERNEL_LAUNCH_CHECK();
   });
   return result;
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(regops, CUDA, m) {
+REGOPS_CUDA_LIBRARY_IMPL(m) {
   m.impl("sgd_step_", &sgd_step_cuda);
   m.impl("sgd_step_.tensor_lr", &sgd_step_tensor_lr_cuda);
   m.impl("adamw_step_", &adamw_step_cuda);
