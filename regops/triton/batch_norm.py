@@ -42,6 +42,14 @@ from regops.triton._launch import launch
 REDUCE_TILE = 1024  # elements of a reduction tile: 4 KiB of float32 per load
 ELEMENTWISE_BLOCK = 1024  # elements per elementwise program: 4 KiB of float32 in, 4 KiB out
 MERGE_BLOCK = 128  # channels a merge program combines
+
+
+def reduce_warps(dtype: torch.dtype) -> int:
+    """Warps of a reduction program: eight elements a thread per tile, one
+    128-bit load for a 16-bit dtype; four for wider dtypes (still 128-bit
+    loads) keeps the three-dimensional float32 tiles clear of spills, which
+    eight elements a thread cause on sm_80."""
+    return 4 if dtype.itemsize == 2 else 8
 # A reduction aims at this many programs (four per SM of a 132-SM H100) and
 # gives each at least MIN_ELEMENTS_PER_PROGRAM elements, so that the partials
 # stay a small fraction of the bytes read.
@@ -326,7 +334,7 @@ def _launch_stats(x: torch.Tensor, geometry: _Geometry):
     block_o, block_c, block_i = geometry.blocks
     args = (geometry.outer, geometry.channels, geometry.inner, geometry.rows_per_program, geometry.splits)
     launch(_stats_partial_kernel, geometry.grid, x.device, x, partials, *args, BLOCK_O=block_o, BLOCK_C=block_c,
-           BLOCK_I=block_i)
+           BLOCK_I=block_i, num_warps=reduce_warps(x.dtype))
     launch(_stats_merge_kernel, (triton.cdiv(geometry.channels, MERGE_BLOCK),), x.device, partials, mean, var, *args,
            BLOCK=MERGE_BLOCK)
     return mean, var
@@ -353,7 +361,7 @@ def _launch_backward_reduce(dy, x, geometry, mean, invstd, weight, bias, relu):
            dy, x, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean, partials,
            geometry.outer, geometry.channels, geometry.inner, geometry.rows_per_program, geometry.splits,
            HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu, BLOCK_O=block_o, BLOCK_C=block_c,
-           BLOCK_I=block_i)
+           BLOCK_I=block_i, num_warps=reduce_warps(x.dtype))
     launch(_sum_merge_kernel, (triton.cdiv(geometry.channels, MERGE_BLOCK),), x.device, partials, sum_dy, sum_dy_xmu,
            geometry.channels, geometry.splits, BLOCK=MERGE_BLOCK)
     return sum_dy, sum_dy_xmu
@@ -456,3 +464,70 @@ def batch_norm_backward(grad_out: torch.Tensor, input: torch.Tensor, weight: tor
     dx = _launch_backward_elementwise(dy, x, geometry, save_mean, save_invstd, weight, bias, sum_dy, sum_dy_xmu,
                                       count, training, relu)
     return dx, sum_dy_xmu * save_invstd, sum_dy
+
+
+# --- what the offline compile gate compiles (benchmarks/static_triton.py) ---------------
+
+def compile_cases() -> None:
+    """Calls of the ops above whose launches (recorded, not run) are every
+    variant the gate compiles: each dtype; NCHW with every spatial tile width
+    and channels_last with every channel tile width; every combination of
+    weight, bias and ReLU; training and eval; count = 1; sizes and counts of 1,
+    of multiples of 16 and of neither; offset (not 16-byte aligned) inputs. A
+    kernel, constexpr value or int value that no call here reaches fails the
+    gate."""
+    def channel(c, dtype=torch.float32):
+        return torch.empty(c, dtype=batch_norm_accumulate_dtype(dtype))
+
+    def train_and_back(x, weight=True, bias=True, relu=False):
+        c = x.shape[1]
+        w, b = (channel(c, x.dtype) if weight else None), (channel(c, x.dtype) if bias else None)
+        batch_norm_forward(x, w, b, None, None, True, 1e-5, relu)
+        batch_norm_backward(torch.empty_like(x), x, w, b, channel(c, x.dtype), channel(c, x.dtype), True, relu)
+
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        train_and_back(torch.empty(16, 32, 8, 8, dtype=dtype))  # NCHW, S = 64
+        train_and_back(torch.empty(4, 64, 5, 5, dtype=dtype).to(memory_format=torch.channels_last), relu=True)
+    for spatial in ((3, 3), (10, 20), (28, 28)):  # spatial tiles of 16, 256 and 1024 (64 above)
+        train_and_back(torch.empty(3, 5, *spatial), weight=False, relu=True)
+    for channels in (3, 8, 16, 24):  # channel tiles of 4, 8, 16 and 32 (64 above)
+        train_and_back(torch.empty(6, channels, 3, 3).to(memory_format=torch.channels_last), bias=False)
+    train_and_back(torch.empty(65536, 1, 16))  # 256 programs of 256 rows for one channel
+    train_and_back(torch.empty(1, 1, 2), weight=False, bias=False)  # every size 1 but the spatial one
+    storage = torch.empty(1 + 7 * 16 * 33)
+    train_and_back(storage[1:].view(7, 16, 33))  # offset: not 16-byte aligned
+    x = torch.empty(5, 16, 4, 4)
+    c = channel(16)
+    batch_norm_forward(x, c, c, c, c, False, 1e-5, False)  # eval
+    one = channel(1)
+    batch_norm_forward(torch.empty(1, 1), one, one, one, one, False, 1e-5, False)  # a single element
+    batch_norm_backward(torch.empty(1, 1), torch.empty(1, 1), one, one, one, one, False, False)
+    batch_norm_backward(x, x, c, c, c, c, False, True)
+    batch_norm_backward_elementwise(x, x, c, c, None, None, c, c, 1, False)  # SyncBatchNorm's count of 1
+
+
+def _aligned(*tensors) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _reduction_loads(a, *pointers) -> set[str]:
+    """A reduction tile is contiguous along its inner dimension: 16-byte
+    loads when the rows start 16-byte aligned. It stores per-channel
+    partials only."""
+    run = a["inner"] if a["BLOCK_I"] > 1 else a["channels"]
+    return {"ld"} if _aligned(*(a[p] for p in pointers)) and run % 16 == 0 else set()
+
+
+def _elementwise(a, *pointers) -> set[str]:
+    return {"ld", "st"} if _aligned(*(a[p] for p in pointers)) and a["numel"] > 1 else set()
+
+
+# The global accesses that must be 128-bit in the compiled code of a kernel,
+# given the launch's arguments by name (see dropout.VECTOR_ACCESS).
+VECTOR_ACCESS = {
+    "_stats_partial_kernel": lambda a: _reduction_loads(a, "x_ptr"),
+    "_backward_partial_kernel": lambda a: _reduction_loads(a, "x_ptr", "dy_ptr"),
+    "_elementwise_kernel": lambda a: _elementwise(a, "x_ptr", "y_ptr"),
+    "_backward_elementwise_kernel": lambda a: _elementwise(a, "dy_ptr", "x_ptr", "dx_ptr"),
+}
+NEVER_ONE: dict[str, str] = {}

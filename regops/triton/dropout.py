@@ -192,3 +192,56 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     if n > 0:
         launch(_philox_kernel, (triton.cdiv(n, PHILOX_BLOCK),), counter.device, counter, key, out, n, BLOCK=PHILOX_BLOCK)
     return out
+
+
+# --- what the offline compile gate compiles (benchmarks/static_triton.py) ---------------
+
+def compile_cases() -> None:
+    """Calls of the ops above whose launches (recorded, not run) are every
+    variant the gate compiles: each dtype, with and without a stored mask,
+    element counts of 1, of a multiple of 16 and of neither, and offset
+    (not 16-byte aligned) views. A kernel, constexpr value or int value (1, a
+    multiple of 16) that no call here reaches fails the gate."""
+    seed = torch.zeros(1, dtype=torch.int64)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        storage = torch.empty(1 << 14, dtype=dtype)
+        dropout_forward(storage[:1001], 0.5, seed, 3, True)
+        dropout_forward(storage[1:1002], 0.5, seed, 3, False)
+        mask = torch.empty(mask_bytes(1001) + 1, dtype=torch.uint8)
+        dropout_backward(storage[:1001], mask[:-1], 0.5)
+    storage = torch.empty(1 << 14)
+    dropout_forward(storage[:1], 0.5, seed, 0, True)
+    dropout_forward(storage[:4096], 0.5, seed, 16, True)
+    for numel in (1, 4096):
+        dropout_backward(storage[:numel], torch.empty(mask_bytes(numel), dtype=torch.uint8), 0.5)
+    dropout_backward(storage[1:1002], mask[1:], 0.5)  # both unaligned
+    for rows in (1, 16, 5):
+        words = torch.zeros(rows, 6, dtype=torch.int64)
+        philox4x32_10(words[:, :4], words[:, 4:])
+
+
+def _aligned(*tensors) -> bool:
+    return all(t.data_ptr() % 16 == 0 for t in tensors)
+
+
+def _elementwise(aligned: bool) -> set[str]:
+    return {"ld", "st"} if aligned else set()
+
+
+# The global accesses ("ld", "st") that must be 128-bit in the compiled code
+# of a kernel, given the launch's arguments by name: every full block runs
+# unmasked, so only an unaligned pointer (or a single element) leaves them
+# scalar.
+VECTOR_ACCESS = {
+    "_dropout_forward_kernel": lambda a: _elementwise(_aligned(a["x_ptr"], a["y_ptr"]) and a["numel"] > 1),
+    "_dropout_backward_kernel": lambda a: _elementwise(_aligned(a["grad_ptr"], a["out_ptr"]) and a["numel"] > 1),
+}
+# Elements per program (the gate's instructions per element): a byte of mask
+# covers eight.
+ELEMENTS_PER_ITERATION = {
+    "_dropout_forward_kernel": lambda a: 8 * a["BLOCK"],
+    "_dropout_backward_kernel": lambda a: 8 * a["BLOCK"],
+}
+# Int arguments that never take the value 1 (the gate asks every other one
+# to be compiled with 1 and with a multiple of 16), and why.
+NEVER_ONE = {"total_bytes": "a multiple of 16 by construction (mask_bytes)"}

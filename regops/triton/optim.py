@@ -389,3 +389,47 @@ def multi_tensor_norm(tensors: list[torch.Tensor], squared: bool = False) -> tor
 @multi_tensor_norm.register_fake
 def _(tensors, squared=False):
     return tensors[0].new_empty((), dtype=torch.float32)
+
+
+# --- what the offline compile gate compiles (benchmarks/static_triton.py) ---------------
+
+def compile_cases() -> None:
+    """Calls of the ops above whose launches (recorded, not run) are every
+    variant the gate compiles: each dtype, every update flag, aligned and
+    offset (not 16-byte aligned) tensors, one tensor and sixteen."""
+    def tensors(dtype, count=2, offset=0):
+        storage = torch.empty(count * 5000 + offset, dtype=dtype)
+        return [storage[offset + i * 5000:offset + (i + 1) * 5000 - 1000 * (i % 2)] for i in range(count)]
+
+    def sgd(dtype, offset=0, count=2, momentum=0.9, first_step=False, nesterov=False, flag=False):
+        params = tensors(dtype, count, offset)
+        sgd_step_(params, tensors(dtype, count, offset), tensors(dtype, count, offset), 0.1, momentum, 0.0, 0.0,
+                  nesterov, flag, 0.1, flag, first_step)
+
+    def adamw(dtype, offset=0, amsgrad=False, flag=False, lr=0.1):
+        params = tensors(dtype, 2, offset)
+        steps = [torch.zeros(()) for _ in params]
+        adamw_step_(params, tensors(dtype, 2, offset), tensors(dtype, 2, offset), tensors(dtype, 2, offset),
+                    tensors(dtype, 2, offset) if amsgrad else [], steps, lr, 0.9, 0.999, 1e-8, 0.01, 0.0, 0.1, flag,
+                    amsgrad, flag)
+
+    for dtype in _TRITON_DTYPES:
+        sgd(dtype)
+        adamw(dtype)
+        multi_tensor_norm(tensors(dtype))
+    sgd(torch.float32, first_step=True, nesterov=True, count=1)
+    sgd(torch.float32, momentum=0.0, flag=True, count=16)
+    sgd(torch.float32, offset=1)
+    adamw(torch.float32, amsgrad=True, flag=True)
+    adamw(torch.float32, offset=1, lr=torch.tensor(0.1))
+    multi_tensor_norm(tensors(torch.float32, offset=1))
+
+
+# With every pointer of the table 16-byte aligned (ALIGNED) the whole chunks
+# must use 128-bit global accesses (see dropout.VECTOR_ACCESS).
+VECTOR_ACCESS = {
+    "_sgd_kernel": lambda a: {"ld", "st"} if a["ALIGNED"] else set(),
+    "_adamw_kernel": lambda a: {"ld", "st"} if a["ALIGNED"] else set(),
+    "_sum_of_squares_kernel": lambda a: {"ld"} if a["ALIGNED"] else set(),
+}
+NEVER_ONE: dict[str, str] = {}
