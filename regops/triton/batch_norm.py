@@ -120,12 +120,15 @@ def _stats_partial_kernel(x_ptr, partial_ptr, outer, channels, inner, rows_per_p
             tile_mean = _channel_sum(x) / n
             # Two passes over the tile, the second corrected by the rounding
             # error of the first mean (the sum of the deviations), so that a
-            # large common offset does not leak into the variance.
+            # large common offset does not leak into the variance. With an
+            # infinite value the deviations hold NaN: the mean is then the
+            # first pass's (inf, as torch's) and M2 is NaN.
             deviation = tl.where(valid, x - tile_mean[None, :, None], 0.0)
             deviation_sum = _channel_sum(deviation)
             tile_m2 = _channel_sum(deviation * deviation) - deviation_sum * deviation_sum / n
             tile_m2 = tl.where(tile_m2 < 0, 0.0, tile_m2)  # rounding below zero; keeps NaN
-            mean, m2, count = _welford_merge(mean, m2, count, tile_mean + deviation_sum / n, tile_m2, tile_count)
+            correction = tl.where(tl.abs(deviation_sum) < float("inf"), deviation_sum / n, 0.0)
+            mean, m2, count = _welford_merge(mean, m2, count, tile_mean + correction, tile_m2, tile_count)
     c = c_start + tl.arange(0, BLOCK_C)
     at = partial_ptr + tl.program_id(1).to(tl.int64) * channels + c
     tl.store(at, mean, mask=c < channels)
