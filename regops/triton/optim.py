@@ -235,16 +235,14 @@ def _tables(lists: list[list[torch.Tensor]], device: torch.device):
     """(pointer table, numels, chunk tensor index, chunk first element) on
     ``device``, built on the host and sent in one copy, and whether every
     pointer is 16-byte aligned."""
-    num_tensors = len(lists[0])
     addresses = [t.data_ptr() for tensors in lists for t in tensors]
-    pointers = torch.tensor(addresses, dtype=torch.int64)
-    numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
-    counts = (numels + CHUNK - 1) // CHUNK
-    chunk_tensor = torch.repeat_interleave(torch.arange(num_tensors), counts)
-    first_chunk = torch.cumsum(counts, 0) - counts
-    chunk_start = (torch.arange(int(counts.sum())) - first_chunk[chunk_tensor]) * CHUNK
-    sizes = [pointers.numel(), num_tensors, chunk_tensor.numel(), chunk_start.numel()]
-    packed = torch.cat([pointers, numels, chunk_tensor, chunk_start])
+    numels = [t.numel() for t in lists[0]]
+    chunks = [(index, start) for index, numel in enumerate(numels) for start in range(0, numel, CHUNK)]
+    chunk_tensor = [index for index, _ in chunks]
+    chunk_start = [start for _, start in chunks]
+    sizes = [len(addresses), len(numels), len(chunks), len(chunks)]
+    # Python ints to one host tensor: no value is read back from a tensor.
+    packed = torch.tensor(addresses + numels + chunk_tensor + chunk_start, dtype=torch.int64)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     table, numels, chunk_tensor, chunk_start = torch.split(packed, sizes)
