@@ -93,9 +93,10 @@ def _specialize(kernel, args, constexprs, backend):
 
 
 def _variant(kernel, bound, specialization) -> str:
-    """A short name: the first pointer's dtype, the constexprs, the ints
-    equal to 1 and the pointers that are not 16-byte aligned."""
-    parts, ones, unaligned, pointers = [], [], [], []
+    """A short name: the dtype, the true bool constexprs and tile sizes, the
+    data pointers that are not 16-byte aligned, the ints that are not
+    multiples of 16, and those equal to 1 (compiled in as constants)."""
+    parts, ones, unaligned, pointers, odd = [], [], [], [], []
     for param, (kind, attr) in zip(kernel.params, specialization):
         value = bound[param.name]
         if kind == "constexpr":
@@ -110,12 +111,17 @@ def _variant(kernel, bound, specialization) -> str:
                 ones.append(f"{param.name}={value}")
         elif kind.startswith("*"):
             pointers.append(kind[1:])
-            if attr != "D":
+            # Tables of pointers and indices are read as scalars anyway.
+            if attr != "D" and kind != "*i64":
                 unaligned.append(param.name.removesuffix("_ptr"))
+        elif kind in ("i32", "i64") and attr != "D":
+            odd.append(param.name)
     if "DTYPE" not in bound and pointers:
         parts.insert(0, pointers[0])
     if unaligned:
         parts.append("unaligned " + ",".join(unaligned))
+    if odd:
+        parts.append("not %16: " + ",".join(odd))
     return " ".join(parts + ones)
 
 

@@ -9,6 +9,12 @@ tracing of the kernel arguments, so torch.compile could not see what the
 kernel mutates; custom_op declares the mutated lists explicitly and is
 opaque to the compiler, which is what a list-of-tensors update needs.
 
+Bytes per element: SGD 3e (5e with momentum), AdamW 7e (9e with AMSGrad),
+the norm e. A chunk that lies wholly inside its tensor runs unmasked, and
+when every pointer of the table is 16-byte aligned the kernel is told so
+(ALIGNED), so that its loads and stores are 128-bit; otherwise they are
+scalar, which any view's alignment allows.
+
 Per-tensor factors that depend on device-resident values (the step counts,
 a tensor lr, GradScaler's scale, the clip coefficient) are computed with a
 few torch ops on the device before the launch, in float64 where torch
