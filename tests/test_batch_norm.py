@@ -494,3 +494,128 @@ def test_bad_arguments_raise_clear_errors():
         torch.ops.regops.batch_norm_forward(torch.randn(1, 3), None, None, None, None, True, 1e-5, False)
     with pytest.raises(RuntimeError, match="grad_out must have the input's shape"):
         torch.ops.regops.batch_norm_backward(x[:2], x, None, None, zeros, ones, True, False)
+
+
+# --- hostile layouts: strides on size-1 dims, strided side tensors, many partials ------
+
+def _odd_stride_inputs():
+    """Tensors torch calls contiguous (or channels_last) whose size-1 dims
+    carry strides that say nothing about the layout: a transposed size-1
+    dim, a stride-0 size-1 channel dim, and a channels_last tensor with W = 1."""
+    base = torch.randn(4, 3, 1, 8, dtype=torch.float64)
+    single_channel = torch.randn(5, 1, 6, dtype=torch.float64).as_strided((5, 1, 6), (6, 0, 1))
+    channels_last = torch.randn(3, 5, 4, 1, dtype=torch.float64).to(memory_format=torch.channels_last)
+    channels_last = channels_last.as_strided(channels_last.shape, (20, 1, 5, 77))
+    return [base.transpose(2, 3), single_channel, channels_last]
+
+
+@pytest.mark.parametrize("case", range(3), ids=["transposed-size-1", "stride-0-channel", "channels-last-w1"])
+def test_arbitrary_strides_on_size_1_dims(backend_device, case):
+    """The statistics, the backward sums and both elementwise passes of an
+    input (and grad_out) with arbitrary strides on its size-1 dims equal
+    those of the same values laid out plainly."""
+    backend, device = backend_device
+    x = _odd_stride_inputs()[case].to(device)
+    assert x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last)
+    gen = torch.Generator().manual_seed(case)
+    grad = torch.randn(x.shape, generator=gen, dtype=torch.float64).to(device).as_strided(x.shape, x.stride())
+    plain_x, plain_grad = x.clone(memory_format=torch.contiguous_format), grad.clone(memory_format=torch.contiguous_format)
+    c = x.shape[1]
+    weight, bias = torch.randn(c, generator=gen, dtype=torch.float64).to(device), torch.rand(c, dtype=torch.float64).to(device)
+    mean, var = regops.batch_norm_stats(x)
+    want_mean, want_var = reference.batch_norm_stats(plain_x)
+    torch.testing.assert_close(mean, want_mean)
+    torch.testing.assert_close(var, want_var)
+    invstd = torch.rsqrt(want_var + 1e-5)
+    sums = regops.batch_norm_backward_reduce(grad, x, want_mean, invstd, weight, bias, activation="relu")
+    for got, want in zip(sums, reference.batch_norm_backward_reduce(plain_grad, plain_x, want_mean, invstd, weight,
+                                                                    bias, relu=True)):
+        torch.testing.assert_close(got, want)
+    y = regops.batch_norm_elementwise(x, want_mean, invstd, weight, bias)
+    torch.testing.assert_close(y, reference.batch_norm_elementwise(plain_x, want_mean, invstd, weight, bias))
+    dx = regops.batch_norm_backward_elementwise(grad, x, want_mean, invstd, weight, bias, *sums, 7)
+    torch.testing.assert_close(dx, reference.batch_norm_backward_elementwise(plain_grad, plain_x, want_mean, invstd,
+                                                                             weight, bias, *sums, 7))
+
+
+def test_strided_per_channel_tensors(backend_device):
+    """mean, invstd, weight, bias, sum_dy and sum_dy_xmu given as views with
+    stride 2 (weight[::2]) read their own elements."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(3)
+    for layout in (torch.contiguous_format, torch.channels_last):
+        x = torch.randn(3, 5, 2, 3, generator=gen).to(device).contiguous(memory_format=layout)
+        grad = torch.randn(x.shape, generator=gen).to(device).contiguous(memory_format=layout)
+        wide = [torch.randn(10, generator=gen).to(device) for _ in range(6)]
+        wide[1] = wide[1].abs() + 0.5  # invstd
+        strided = [t[::2] for t in wide]
+        plain = [t.contiguous() for t in strided]
+        y = regops.batch_norm_elementwise(x, *strided[:4], activation="relu")
+        torch.testing.assert_close(y, reference.batch_norm_elementwise(x, *plain[:4], relu=True))
+        sums = regops.batch_norm_backward_reduce(grad, x, *strided[:4])
+        for got, want in zip(sums, reference.batch_norm_backward_reduce(grad, x, *plain[:4])):
+            torch.testing.assert_close(got, want)
+        dx = regops.batch_norm_backward_elementwise(grad, x, *strided, 1)
+        torch.testing.assert_close(dx, reference.batch_norm_backward_elementwise(grad, x, *plain, 1))
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_triton_reductions_merge_many_partials_in_a_fixed_order(monkeypatch, layout):
+    """With each channel split over many programs (one row each) the merged
+    statistics and sums match float64, and a second run gives the same bits."""
+    if "triton" not in regops.available_backends():
+        pytest.skip("needs the triton backend")
+    from regops.triton import batch_norm as triton_batch_norm
+
+    monkeypatch.setattr(triton_batch_norm, "MIN_ELEMENTS_PER_PROGRAM", 1)
+    device = "cuda" if HAS_CUDA else "cpu"
+    gen = torch.Generator().manual_seed(8)
+    x = (torch.randn(6, 5, 3, 3, generator=gen) * 3 + 100).to(device).contiguous(memory_format=layout)
+    grad = torch.randn(x.shape, generator=gen).to(device).contiguous(memory_format=layout)
+    geometry = triton_batch_norm._prepare(x)[2]
+    assert geometry.splits == geometry.outer > 1
+    with regops.use_backend("triton"):
+        runs = []
+        for _ in range(2):
+            mean, var = regops.batch_norm_stats(x)
+            runs.append((mean, var, *regops.batch_norm_backward_reduce(grad, x, mean, torch.rsqrt(var + 1e-5))))
+    want_mean, want_var = reference.batch_norm_stats(x.double())
+    torch.testing.assert_close(runs[0][0].double(), want_mean, atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(runs[0][1].double(), want_var, atol=1e-5, rtol=1e-5)
+    want_sums = reference.batch_norm_backward_reduce(grad.double(), x.double(), runs[0][0].double(),
+                                                     torch.rsqrt(runs[0][1].double() + 1e-5))
+    for got, want in zip(runs[0][2:], want_sums):
+        torch.testing.assert_close(got.double(), want, atol=1e-4, rtol=1e-5)
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("values,mean", [((1.0, float("inf")), float("inf")), ((float("-inf"), 2.0), float("-inf")),
+                                         ((float("inf"), float("-inf")), float("nan"))], ids=["+inf", "-inf", "both"])
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_triton_statistics_of_infinite_values_are_torchs(monkeypatch, values, mean, layout):
+    """torch's mean of a batch holding +inf is +inf (so is its running mean),
+    -inf for -inf, NaN for both; the variance is NaN. Also when the infinite
+    values fall into partials merged from several programs."""
+    if "triton" not in regops.available_backends():
+        pytest.skip("needs the triton backend")
+    from regops.triton import batch_norm as triton_batch_norm
+
+    device = "cuda" if HAS_CUDA else "cpu"
+    x = torch.randn(4, 2, 3, 3)
+    x[1, 0, 0, 1], x[3, 0, 2, 2] = values
+    x[2, 0, 1, 1] = values[0]
+    x = x.to(device).contiguous(memory_format=layout)
+    torch_mean, torch_var = torch.zeros(2, device=device), torch.ones(2, device=device)
+    F.batch_norm(x, torch_mean, torch_var, training=True)
+    assert torch.equal(torch_mean[0].isnan(), torch.tensor(mean).isnan()) and (mean != mean or torch_mean[0] == mean)
+    for minimum in (4096, 1):
+        monkeypatch.setattr(triton_batch_norm, "MIN_ELEMENTS_PER_PROGRAM", minimum)
+        running_mean, running_var = torch.zeros(2, device=device), torch.ones(2, device=device)
+        with regops.use_backend("triton"):
+            got_mean, got_var = regops.batch_norm_stats(x)
+            regops.batch_norm(x, running_mean, running_var, training=True)
+        torch.testing.assert_close(got_mean.cpu(), reference.batch_norm_stats(x.cpu())[0], equal_nan=True)
+        torch.testing.assert_close(got_var[0].cpu(), torch.tensor(float("nan")), equal_nan=True)
+        torch.testing.assert_close(running_mean[0].cpu(), torch_mean[0].cpu(), equal_nan=True)
+        assert torch.isnan(running_var[0])

@@ -14,8 +14,8 @@ from conftest import (HAS_CUDA, TRITON_OPCHECK_UTILS, backend_devices, compile_b
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 # Sizes that are not multiples of 4, 8 or 16, around the CPU block (128) and
-# the Triton block (2048 elements).
-SIZES = [1, 3, 7, 9, 15, 17, 127, 129, 1000, 2049, 4099]
+# the Triton block (1024 elements: the full ones run unmasked).
+SIZES = [1, 3, 7, 9, 15, 17, 127, 129, 1000, 1025, 2049, 4099]
 # Offsets past 2^32 use the high word of the Philox counter.
 OFFSETS = [0, 1, 5, (1 << 32) - 3, (1 << 33) + 7, (1 << 61) + 12345]
 SEEDS = [0, 1, 0x1234_5678_9ABC_DEF0, (1 << 64) - 1, -7]
@@ -189,6 +189,27 @@ def test_empty_input(backend_device):
     assert y.shape == (0, 3) and mask.shape == (0,)
     y.sum().backward()
     assert x.grad.shape == (0, 3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_offset_views_and_a_strided_mask(backend_device, dtype):
+    """An input that starts one element into its storage (not 16-byte
+    aligned), sizes that are not multiples of 4, 8 or 16, and a mask read
+    through a stride-2 view: the same values as the reference."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(12)
+    for numel in (1, 13, 1025, 2051):
+        storage = torch.randn(numel + 1, generator=gen).to(dtype=dtype, device=device)
+        x = storage[1:]
+        y, mask = regops.dropout_with_mask(x, 0.3, seed=21)
+        want_y, want_mask = reference.dropout_with_mask(x.cpu(), 0.3, 21)
+        assert torch.equal(mask.cpu(), want_mask)
+        assert_output_equal(y.cpu(), want_y, backend, device)
+        wide = torch.full((2 * mask.numel(),), 0xA5, dtype=torch.uint8, device=device)
+        wide[::2] = mask
+        grad = torch.randn(numel + 1, generator=gen).to(dtype=dtype, device=device)[1:]
+        assert_output_equal(regops.dropout_backward(grad, wide[::2], 0.3).cpu(),
+                            reference.dropout_backward(grad.cpu(), mask.cpu(), 0.3), backend, device)
 
 
 def test_eval_is_identity_and_p_zero_keeps_all(backend_device):

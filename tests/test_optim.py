@@ -484,3 +484,66 @@ def test_compiled_step_matches_eager():
         eager_optimizer.step()
         step()
         _assert_params_close(compiled, eager, atol=1e-6, rtol=1e-6)
+
+
+# --- no host synchronization in step() ------------------------------------------------
+
+_HOST_READS = ("item", "__float__", "__int__", "__bool__", "__index__", "tolist", "numpy")
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_step_with_a_tensor_lr_reads_no_tensor_on_the_host(backend_device, name, monkeypatch):
+    """Reading a tensor's value in Python (float(lr), lr.item(), ...) waits
+    for the device on a GPU; step() must not, on any compiled backend, with a
+    tensor lr, clipping and GradScaler's tensors."""
+    backend, device = backend_device
+    if backend == "reference":
+        pytest.skip("the reference backend is the readable oracle: it reads values on the host")
+    gen = torch.Generator().manual_seed(41)
+    params = _random_params(TINY_SHAPES, device, torch.float32, gen)
+    optimizer = REGOPS_CLASSES[name](params, lr=torch.tensor(0.01, device=device), max_grad_norm=1.0)
+    optimizer.grad_scale = torch.tensor(2.0, device=device)
+    optimizer.found_inf = torch.tensor(0.0, device=device)
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(device)
+    before = [p.detach().clone() for p in params]
+    reads = []
+
+    def spy(attribute):
+        real = getattr(torch.Tensor, attribute)
+
+        def read(self, *args, **kwargs):
+            reads.append(attribute)
+            return real(self, *args, **kwargs)
+        return read
+
+    for attribute in _HOST_READS:
+        monkeypatch.setattr(torch.Tensor, attribute, spy(attribute))
+    for _ in range(2):
+        optimizer.step()
+    monkeypatch.undo()
+    assert reads == []
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(params, before) if p.numel() > 0)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+@pytest.mark.parametrize("tensor_lr", [False, True], ids=["float-lr", "tensor-lr"])
+def test_step_makes_no_host_sync_on_a_gpu(backend, name, tensor_lr):
+    if backend not in regops.available_backends():
+        pytest.skip(f"backend {backend} is not available")
+    gen = torch.Generator().manual_seed(43)
+    params = _random_params(SHAPES, "cuda", torch.float32, gen)
+    lr = torch.tensor(0.01, device="cuda") if tensor_lr else 0.01
+    with regops.use_backend(backend):
+        optimizer = REGOPS_CLASSES[name](params, lr=lr, max_grad_norm=1.0)
+        for p in params:
+            p.grad = torch.randn(p.shape, generator=gen).to("cuda")
+        optimizer.step()  # the first step creates the state
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            optimizer.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

@@ -23,10 +23,17 @@ SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 L1_MODES = ("subgradient", "proximal")
 
 
-def check_nonnegative(value, name: str) -> None:
+def check_nonnegative(value, name: str, *, read_tensor: bool = True) -> None:
+    """A number >= 0, or a one-element floating-point tensor. A tensor's value
+    is read only with ``read_tensor`` (at construction): in ``step()`` that
+    read would wait for the device every step, so there only its size and
+    dtype are checked."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1:
-            raise ValueError(f"{name} must be a float or a one-element tensor, got {value.numel()} elements")
+        if value.numel() != 1 or not value.is_floating_point():
+            raise ValueError(f"{name} must be a float or a one-element floating-point tensor, got a {value.dtype} "
+                             f"tensor of {value.numel()} elements")
+        if not read_tensor:
+            return
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
         raise ValueError(f"{name} must be a number >= 0, got {value!r}")
@@ -178,12 +185,13 @@ class PenalizedOptimizer(Optimizer):
         if not any(params for params, _ in per_group):
             return loss
         # Hyperparameters may have changed since construction (a scheduler, a
-        # user): validate every group before the first one is updated. Not
-        # while compiling: a tensor lr would be a data-dependent guard there.
+        # user): validate every group before the first one is updated, without
+        # reading tensor values (that would wait for the device every step).
+        # Not while compiling: the checks would only add guards there.
         if not torch.compiler.is_compiling():
             for group, (params, _) in zip(self.param_groups, per_group):
                 if params:
-                    self._check_group(group)
+                    self._check_group(group, read_tensors=False)
         norm = None
         if any(group["max_grad_norm"] is not None for group in self.param_groups):
             # Summed across ranks for DTensor gradients sharded by FSDP2.
@@ -227,7 +235,9 @@ class PenalizedOptimizer(Optimizer):
         return float(lr)
 
     # Implemented by subclasses.
-    def _check_group(self, group: dict) -> None:
+    def _check_group(self, group: dict, read_tensors: bool = True) -> None:
+        """Raises ValueError naming a bad hyperparameter of ``group``; tensor
+        values are read only with ``read_tensors`` (see check_nonnegative)."""
         raise NotImplementedError
 
     def _extra_defaults(self) -> dict:

@@ -48,9 +48,9 @@ class AdamW(PenalizedOptimizer):
         return {"amsgrad": False, "maximize": False, "l2": 0.0, "l1": 0.0, "l1_mode": "subgradient",
                 "max_grad_norm": None}
 
-    def _check_group(self, group: dict) -> None:
+    def _check_group(self, group: dict, read_tensors: bool = True) -> None:
         for name in ("lr", "eps", "weight_decay", "l2", "l1"):
-            check_nonnegative(group[name], name)
+            check_nonnegative(group[name], name, read_tensor=read_tensors)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")

@@ -44,9 +44,9 @@ class SGD(PenalizedOptimizer):
     def _extra_defaults(self) -> dict:
         return {"nesterov": False, "maximize": False, "l1": 0.0, "l1_mode": "subgradient", "max_grad_norm": None}
 
-    def _check_group(self, group: dict) -> None:
+    def _check_group(self, group: dict, read_tensors: bool = True) -> None:
         for name in ("lr", "momentum", "dampening", "weight_decay", "l1"):
-            check_nonnegative(group[name], name)
+            check_nonnegative(group[name], name, read_tensor=read_tensors)
         check_l1_mode(group["l1_mode"])
         check_max_grad_norm(group["max_grad_norm"])
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):

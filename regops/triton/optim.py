@@ -9,6 +9,12 @@ tracing of the kernel arguments, so torch.compile could not see what the
 kernel mutates; custom_op declares the mutated lists explicitly and is
 opaque to the compiler, which is what a list-of-tensors update needs.
 
+Bytes per element: SGD 3e (5e with momentum), AdamW 7e (9e with AMSGrad),
+the norm e. A chunk that lies wholly inside its tensor runs unmasked, and
+when every pointer of the table is 16-byte aligned the kernel is told so
+(ALIGNED), so that its loads and stores are 128-bit; otherwise they are
+scalar, which any view's alignment allows.
+
 Per-tensor factors that depend on device-resident values (the step counts,
 a tensor lr, GradScaler's scale, the clip coefficient) are computed with a
 few torch ops on the device before the launch, in float64 where torch
@@ -20,6 +26,9 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+from regops.triton import _checks
+from regops.triton._launch import launch
 
 CHUNK = 4096  # elements a program updates
 BLOCK = 1024  # elements a program holds at once: four 4 KiB float32 tiles for AdamW
@@ -50,37 +59,45 @@ def _transformed_gradient(g, p, grad_factor, coupled_l2, l1_subgradient, MAXIMIZ
 
 
 @triton.jit
-def _pointer(table, num_tensors, t, list_index, DTYPE: tl.constexpr):
-    """Pointer to tensor ``t`` of list ``list_index`` in the pointer table."""
-    return tl.load(table + list_index * num_tensors + t).to(tl.pointer_type(DTYPE))
+def _pointer(table, num_tensors, t, list_index, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to tensor ``t`` of list ``list_index`` in the pointer table.
+    ALIGNED: the launcher found every pointer of the table 16-byte aligned;
+    saying so lets the compiler use 128-bit accesses, which a pointer read
+    from memory would otherwise never get."""
+    pointer = tl.load(table + list_index * num_tensors + t).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
 def _chunk(numels, chunk_tensor, chunk_start, CHUNK: tl.constexpr):
     """This program's tensor index and the elements [start, end) of it that
-    the program covers."""
+    the program covers; start is a multiple of CHUNK."""
     pid = tl.program_id(0)
     t = tl.load(chunk_tensor + pid)
-    start = tl.load(chunk_start + pid)
+    start = tl.multiple_of(tl.load(chunk_start + pid), CHUNK)
     return t, start, tl.minimum(tl.load(numels + t), start + CHUNK)
 
 
 @triton.jit
 def _step_chunk(table, numels, chunk_tensor, chunk_start, num_tensors, scalars,
-                DTYPE: tl.constexpr, CHUNK: tl.constexpr):
+                DTYPE: tl.constexpr, CHUNK: tl.constexpr, ALIGNED: tl.constexpr):
     """What both step kernels start from. ``scalars`` is laid out by
     _step_scalars: the kernel's own factor (read by the kernel), grad_factor,
     skip, l1_threshold. Lists 0 and 1 of the table are the parameters and the
     gradients. Returns this program's tensor, its elements [start, end), empty
-    when skip is set (found_inf: nothing is written), the parameter and
+    when skip is set (found_inf: nothing is written), whether the chunk is
+    whole (CHUNK elements: its blocks then run unmasked), the parameter and
     gradient pointers, grad_factor and l1_threshold."""
     grad_factor = tl.load(scalars + 1)
     run = (tl.load(scalars + 2) == 0).to(tl.int64)
     l1_threshold = tl.load(scalars + 3)
     t, start, end = _chunk(numels, chunk_tensor, chunk_start, CHUNK)
-    p_ptr = _pointer(table, num_tensors, t, 0, DTYPE)
-    g_ptr = _pointer(table, num_tensors, t, 1, DTYPE)
-    return t, start, end * run, p_ptr, g_ptr, grad_factor, l1_threshold
+    end = end * run
+    p_ptr = _pointer(table, num_tensors, t, 0, DTYPE, ALIGNED)
+    g_ptr = _pointer(table, num_tensors, t, 1, DTYPE, ALIGNED)
+    return t, start, end, end - start == CHUNK, p_ptr, g_ptr, grad_factor, l1_threshold
 
 
 @triton.jit
@@ -101,78 +118,120 @@ def _store_parameter(p_ptr, index, mask, p, l1_threshold, DTYPE: tl.constexpr, P
 
 
 @triton.jit
-def _sgd_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, scalars,
-                momentum, one_minus_dampening, coupled_l2, l1_subgradient,
-                DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
-                MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
-    lr = tl.load(scalars)
-    t, start, end, p_ptr, g_ptr, grad_factor, l1_threshold = _step_chunk(
-        table, numels, chunk_tensor, chunk_start, num_tensors, scalars, DTYPE, CHUNK)
-    b_ptr = _pointer(table, num_tensors, t, 2, DTYPE)
-    for offset in tl.static_range(0, CHUNK, BLOCK):
-        index = start + offset + tl.arange(0, BLOCK).to(tl.int64)
-        mask = index < end
-        p, g = _load_parameter_and_gradient(p_ptr, g_ptr, index, mask, grad_factor, coupled_l2, l1_subgradient,
-                                            MAXIMIZE)
-        if MOMENTUM:
-            if FIRST_STEP:
-                buf = g
-            else:
-                buf = tl.load(b_ptr + index, mask=mask, other=0.0).to(tl.float32) * momentum + one_minus_dampening * g
-            tl.store(b_ptr + index, buf.to(DTYPE), mask=mask)
-            if NESTEROV:
-                g = g + momentum * buf
-            else:
-                g = buf
-        _store_parameter(p_ptr, index, mask, p - lr * g, l1_threshold, DTYPE, PROXIMAL)
+def _all(index):
+    """The mask of a block of a whole chunk: a constant, so the compiler sees
+    that the accesses need no mask and vectorizes them."""
+    return tl.full(index.shape, True, tl.int1)
 
 
 @triton.jit
+def _sgd_block(p_ptr, g_ptr, b_ptr, index, mask, lr, grad_factor, l1_threshold, momentum, one_minus_dampening,
+               coupled_l2, l1_subgradient, DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
+               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr):
+    p, g = _load_parameter_and_gradient(p_ptr, g_ptr, index, mask, grad_factor, coupled_l2, l1_subgradient, MAXIMIZE)
+    if MOMENTUM:
+        if FIRST_STEP:
+            buf = g
+        else:
+            buf = tl.load(b_ptr + index, mask=mask, other=0.0).to(tl.float32) * momentum + one_minus_dampening * g
+        tl.store(b_ptr + index, buf.to(DTYPE), mask=mask)
+        if NESTEROV:
+            g = g + momentum * buf
+        else:
+            g = buf
+    _store_parameter(p_ptr, index, mask, p - lr * g, l1_threshold, DTYPE, PROXIMAL)
+
+
+# num_tensors is a count, not a size the code can use: a group of one tensor
+# (or of 16) would otherwise compile a variant of its own.
+@triton.jit(do_not_specialize=["num_tensors"])
+def _sgd_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, scalars,
+                momentum, one_minus_dampening, coupled_l2, l1_subgradient,
+                DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
+                MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                BLOCK: tl.constexpr):
+    lr = tl.load(scalars)
+    t, start, end, whole, p_ptr, g_ptr, grad_factor, l1_threshold = _step_chunk(
+        table, numels, chunk_tensor, chunk_start, num_tensors, scalars, DTYPE, CHUNK, ALIGNED)
+    b_ptr = _pointer(table, num_tensors, t, 2, DTYPE, ALIGNED)
+    for offset in tl.static_range(0, CHUNK, BLOCK):
+        index = start + offset + tl.arange(0, BLOCK).to(tl.int64)
+        if whole:
+            _sgd_block(p_ptr, g_ptr, b_ptr, index, _all(index), lr, grad_factor, l1_threshold, momentum,
+                       one_minus_dampening, coupled_l2, l1_subgradient, DTYPE, MOMENTUM, FIRST_STEP, NESTEROV,
+                       MAXIMIZE, PROXIMAL)
+        else:
+            _sgd_block(p_ptr, g_ptr, b_ptr, index, index < end, lr, grad_factor, l1_threshold, momentum,
+                       one_minus_dampening, coupled_l2, l1_subgradient, DTYPE, MOMENTUM, FIRST_STEP, NESTEROV,
+                       MAXIMIZE, PROXIMAL)
+
+
+@triton.jit
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, index, mask, decay_factor, step_size, bias_correction2_sqrt,
+                 grad_factor, l1_threshold, one_minus_beta1, beta2, one_minus_beta2, eps, coupled_l2, l1_subgradient,
+                 DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr):
+    p, g = _load_parameter_and_gradient(p_ptr, g_ptr, index, mask, grad_factor, coupled_l2, l1_subgradient, MAXIMIZE)
+    m = tl.load(m_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    v = tl.load(v_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    p = p * decay_factor
+    if one_minus_beta1 < 0.5:  # torch.lerp's two formulas
+        m = m + one_minus_beta1 * (g - m)
+    else:
+        m = g - (g - m) * (1.0 - one_minus_beta1)
+    v = v * beta2 + one_minus_beta2 * g * g
+    tl.store(m_ptr + index, m.to(DTYPE), mask=mask)
+    tl.store(v_ptr + index, v.to(DTYPE), mask=mask)
+    if AMSGRAD:
+        v = tl.maximum(tl.load(vmax_ptr + index, mask=mask, other=0.0).to(tl.float32), v)
+        tl.store(vmax_ptr + index, v.to(DTYPE), mask=mask)
+    denom = tl.sqrt(v) / bias_correction2_sqrt + eps
+    _store_parameter(p_ptr, index, mask, p - step_size * (m / denom), l1_threshold, DTYPE, PROXIMAL)
+
+
+@triton.jit(do_not_specialize=["num_tensors"])
 def _adamw_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, scalars, per_tensor,
                   one_minus_beta1, beta2, one_minus_beta2, eps, coupled_l2, l1_subgradient,
                   DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr,
-                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # per_tensor: step_size[T], bias_correction2_sqrt[T]
     decay_factor = tl.load(scalars)
-    t, start, end, p_ptr, g_ptr, grad_factor, l1_threshold = _step_chunk(
-        table, numels, chunk_tensor, chunk_start, num_tensors, scalars, DTYPE, CHUNK)
-    m_ptr = _pointer(table, num_tensors, t, 2, DTYPE)
-    v_ptr = _pointer(table, num_tensors, t, 3, DTYPE)
-    vmax_ptr = _pointer(table, num_tensors, t, 4, DTYPE)
+    t, start, end, whole, p_ptr, g_ptr, grad_factor, l1_threshold = _step_chunk(
+        table, numels, chunk_tensor, chunk_start, num_tensors, scalars, DTYPE, CHUNK, ALIGNED)
+    m_ptr = _pointer(table, num_tensors, t, 2, DTYPE, ALIGNED)
+    v_ptr = _pointer(table, num_tensors, t, 3, DTYPE, ALIGNED)
+    vmax_ptr = _pointer(table, num_tensors, t, 4, DTYPE, ALIGNED)
     step_size = tl.load(per_tensor + t)
     bias_correction2_sqrt = tl.load(per_tensor + num_tensors + t)
     for offset in tl.static_range(0, CHUNK, BLOCK):
         index = start + offset + tl.arange(0, BLOCK).to(tl.int64)
-        mask = index < end
-        p, g = _load_parameter_and_gradient(p_ptr, g_ptr, index, mask, grad_factor, coupled_l2, l1_subgradient,
-                                            MAXIMIZE)
-        m = tl.load(m_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        v = tl.load(v_ptr + index, mask=mask, other=0.0).to(tl.float32)
-        p = p * decay_factor
-        if one_minus_beta1 < 0.5:  # torch.lerp's two formulas
-            m = m + one_minus_beta1 * (g - m)
+        if whole:
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, index, _all(index), decay_factor, step_size,
+                         bias_correction2_sqrt, grad_factor, l1_threshold, one_minus_beta1, beta2, one_minus_beta2,
+                         eps, coupled_l2, l1_subgradient, DTYPE, AMSGRAD, MAXIMIZE, PROXIMAL)
         else:
-            m = g - (g - m) * (1.0 - one_minus_beta1)
-        v = v * beta2 + one_minus_beta2 * g * g
-        tl.store(m_ptr + index, m.to(DTYPE), mask=mask)
-        tl.store(v_ptr + index, v.to(DTYPE), mask=mask)
-        if AMSGRAD:
-            v = tl.maximum(tl.load(vmax_ptr + index, mask=mask, other=0.0).to(tl.float32), v)
-            tl.store(vmax_ptr + index, v.to(DTYPE), mask=mask)
-        denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-        _store_parameter(p_ptr, index, mask, p - step_size * (m / denom), l1_threshold, DTYPE, PROXIMAL)
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, index, index < end, decay_factor, step_size,
+                         bias_correction2_sqrt, grad_factor, l1_threshold, one_minus_beta1, beta2, one_minus_beta2,
+                         eps, coupled_l2, l1_subgradient, DTYPE, AMSGRAD, MAXIMIZE, PROXIMAL)
 
 
 @triton.jit
+def _squares(x_ptr, index, mask):
+    x = tl.load(x_ptr + index, mask=mask, other=0.0).to(tl.float32)
+    return x * x
+
+
+@triton.jit(do_not_specialize=["num_tensors"])
 def _sum_of_squares_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, partials,
-                           DTYPE: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                           DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     t, start, end = _chunk(numels, chunk_tensor, chunk_start, CHUNK)
-    x_ptr = _pointer(table, num_tensors, t, 0, DTYPE)
+    x_ptr = _pointer(table, num_tensors, t, 0, DTYPE, ALIGNED)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
     for offset in tl.static_range(0, CHUNK, BLOCK):
         index = start + offset + tl.arange(0, BLOCK).to(tl.int64)
-        x = tl.load(x_ptr + index, mask=index < end, other=0.0).to(tl.float32)
-        acc += x * x
+        if end - start == CHUNK:
+            acc += _squares(x_ptr, index, _all(index))
+        else:
+            acc += _squares(x_ptr, index, index < end)
     tl.store(partials + tl.program_id(0), tl.sum(acc, axis=0))
 
 
@@ -180,56 +239,28 @@ def _sum_of_squares_kernel(table, numels, chunk_tensor, chunk_start, num_tensors
 
 def _tables(lists: list[list[torch.Tensor]], device: torch.device):
     """(pointer table, numels, chunk tensor index, chunk first element) on
-    ``device``, built on the host and sent in one copy."""
-    num_tensors = len(lists[0])
-    pointers = torch.tensor([[t.data_ptr() for t in tensors] for tensors in lists], dtype=torch.int64).reshape(-1)
-    numels = torch.tensor([t.numel() for t in lists[0]], dtype=torch.int64)
-    counts = (numels + CHUNK - 1) // CHUNK
-    chunk_tensor = torch.repeat_interleave(torch.arange(num_tensors), counts)
-    first_chunk = torch.cumsum(counts, 0) - counts
-    chunk_start = (torch.arange(int(counts.sum())) - first_chunk[chunk_tensor]) * CHUNK
-    sizes = [pointers.numel(), num_tensors, chunk_tensor.numel(), chunk_start.numel()]
-    packed = torch.cat([pointers, numels, chunk_tensor, chunk_start])
+    ``device``, built on the host and sent in one copy, and whether every
+    pointer is 16-byte aligned."""
+    addresses = [t.data_ptr() for tensors in lists for t in tensors]
+    numels = [t.numel() for t in lists[0]]
+    chunks = [(index, start) for index, numel in enumerate(numels) for start in range(0, numel, CHUNK)]
+    chunk_tensor = [index for index, _ in chunks]
+    chunk_start = [start for _, start in chunks]
+    sizes = [len(addresses), len(numels), len(chunks), len(chunks)]
+    # Python ints to one host tensor: no value is read back from a tensor.
+    packed = torch.tensor(addresses + numels + chunk_tensor + chunk_start, dtype=torch.int64)
     if device.type == "cuda":
         packed = packed.pin_memory().to(device, non_blocking=True)
     table, numels, chunk_tensor, chunk_start = torch.split(packed, sizes)
-    return table, numels, chunk_tensor, chunk_start
-
-
-def _is_dense(t: torch.Tensor) -> bool:
-    """Non-overlapping and dense: numel() elements at data_ptr() in some order."""
-    expected = 1
-    dims = sorted(((st, sz) for sz, st in zip(t.shape, t.stride()) if sz != 1))
-    for stride, size in dims:
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
-def _check(params, grads, *states):
-    if not params:
-        return False
-    dtype, device = params[0].dtype, params[0].device
-    if dtype not in _TRITON_DTYPES:
-        raise TypeError(f"regops triton optimizer: parameters must be float32, float16 or bfloat16, got {dtype}")
-    for name, tensors in (("grads", grads),) + tuple(states):
-        if len(tensors) != len(params):
-            raise ValueError(f"regops triton optimizer: {name} must have one tensor per parameter")
-        for p, t in zip(params, tensors):
-            if t.dtype != dtype or t.device != device or t.shape != p.shape or (t.numel() > 1 and t.stride() != p.stride()):
-                raise ValueError(f"regops triton optimizer: every tensor of {name} must match its parameter's "
-                                 "dtype, device, shape and strides")
-    for p in params:
-        if p.numel() > 1 and not _is_dense(p):
-            raise ValueError("regops triton optimizer: parameters must be dense")
-    return True
+    return table, numels, chunk_tensor, chunk_start, all(address % 16 == 0 for address in addresses)
 
 
 def _scalar(value, device) -> torch.Tensor:
+    """lr as a float64 scalar on the device. A Python number is filled in by
+    a kernel, not copied from the host, so nothing waits."""
     if isinstance(value, torch.Tensor):
-        return value.to(device=device, dtype=torch.float64).reshape(())
-    return torch.tensor(float(value), dtype=torch.float64, device=device)
+        return value.to(device=device, dtype=torch.float64, non_blocking=True).reshape(())
+    return torch.full((), float(value), dtype=torch.float64, device=device)
 
 
 def _gradient_factor_and_skip(device, grad_scale, found_inf, clip_coef) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,16 +285,20 @@ def _launch_step(kernel, lists, *arguments, **constexprs) -> None:
     """One launch of a step kernel over ``lists`` (the parameters first), a
     program per CHUNK elements of a tensor; none when the lists hold no
     element."""
-    table, numels, chunk_tensor, chunk_start = _tables(lists, lists[0][0].device)
+    device = lists[0][0].device
+    table, numels, chunk_tensor, chunk_start, aligned = _tables(lists, device)
     if chunk_tensor.numel() == 0:
         return
-    kernel[(chunk_tensor.numel(),)](table, numels, chunk_tensor, chunk_start, len(lists[0]), *arguments,
-                                    DTYPE=_TRITON_DTYPES[lists[0][0].dtype], CHUNK=CHUNK, BLOCK=BLOCK, **constexprs)
+    launch(kernel, (chunk_tensor.numel(),), device, table, numels, chunk_tensor, chunk_start, len(lists[0]),
+           *arguments, DTYPE=_TRITON_DTYPES[lists[0][0].dtype], ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK,
+           **constexprs)
 
 
 def _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
          first_step, grad_scale, found_inf, clip_coef):
-    if not _check(params, grads, *((("momentum_buffers", momentum_buffers),) if momentum != 0 else ())):
+    _checks.check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1, grad_scale, found_inf,
+                                clip_coef)
+    if not params:
         return
     device = params[0].device
     factor, skip = _gradient_factor_and_skip(device, grad_scale, found_inf, clip_coef)
@@ -296,10 +331,9 @@ def sgd_step_tensor_lr_(params: list[torch.Tensor], grads: list[torch.Tensor], m
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
            l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef):
-    states = (("exp_avgs", exp_avgs), ("exp_avg_sqs", exp_avg_sqs))
-    if amsgrad:
-        states += (("max_exp_avg_sqs", max_exp_avg_sqs),)
-    if not _check(params, grads, *states):
+    _checks.check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
+                                  eps, weight_decay, l2, l1, amsgrad, grad_scale, found_inf, clip_coef)
+    if not params:
         return
     device = params[0].device
     factor, skip = _gradient_factor_and_skip(device, grad_scale, found_inf, clip_coef)
@@ -343,17 +377,15 @@ def adamw_step_tensor_lr_(params: list[torch.Tensor], grads: list[torch.Tensor],
 
 @torch.library.custom_op("regops::triton_multi_tensor_norm", mutates_args=())
 def multi_tensor_norm(tensors: list[torch.Tensor], squared: bool = False) -> torch.Tensor:
+    _checks.check_norm_inputs(tensors)
     device = tensors[0].device
-    if tensors[0].dtype not in _TRITON_DTYPES or any(t.dtype != tensors[0].dtype for t in tensors):
-        raise TypeError("regops triton multi_tensor_norm: tensors must share one dtype among float32, float16, "
-                        "bfloat16")
-    dense = [t if _is_dense(t) else t.contiguous() for t in tensors]
-    table, numels, chunk_tensor, chunk_start = _tables([dense], device)
+    dense = [t if t.numel() <= 1 or _checks.is_dense(t) else t.contiguous() for t in tensors]
+    table, numels, chunk_tensor, chunk_start, aligned = _tables([dense], device)
     partials = torch.zeros(max(chunk_tensor.numel(), 1), dtype=torch.float32, device=device)
     if chunk_tensor.numel() > 0:
-        _sum_of_squares_kernel[(chunk_tensor.numel(),)](
-            table, numels, chunk_tensor, chunk_start, len(dense), partials,
-            DTYPE=_TRITON_DTYPES[tensors[0].dtype], CHUNK=CHUNK, BLOCK=BLOCK)
+        launch(_sum_of_squares_kernel, (chunk_tensor.numel(),), device, table, numels, chunk_tensor, chunk_start,
+               len(dense), partials, DTYPE=_TRITON_DTYPES[tensors[0].dtype], ALIGNED=aligned, CHUNK=CHUNK,
+               BLOCK=BLOCK)
     total = partials.sum()
     return total if squared else total.sqrt()
 
@@ -361,3 +393,47 @@ def multi_tensor_norm(tensors: list[torch.Tensor], squared: bool = False) -> tor
 @multi_tensor_norm.register_fake
 def _(tensors, squared=False):
     return tensors[0].new_empty((), dtype=torch.float32)
+
+
+# --- what the offline compile gate compiles (benchmarks/static_triton.py) ---------------
+
+def compile_cases() -> None:
+    """Calls of the ops above whose launches (recorded, not run) are every
+    variant the gate compiles: each dtype, every update flag, aligned and
+    offset (not 16-byte aligned) tensors, one tensor and sixteen."""
+    def tensors(dtype, count=2, offset=0):
+        storage = torch.empty(count * 5000 + offset, dtype=dtype)
+        return [storage[offset + i * 5000:offset + (i + 1) * 5000 - 1000 * (i % 2)] for i in range(count)]
+
+    def sgd(dtype, offset=0, count=2, momentum=0.9, first_step=False, nesterov=False, flag=False):
+        params = tensors(dtype, count, offset)
+        sgd_step_(params, tensors(dtype, count, offset), tensors(dtype, count, offset), 0.1, momentum, 0.0, 0.0,
+                  nesterov, flag, 0.1, flag, first_step)
+
+    def adamw(dtype, offset=0, amsgrad=False, flag=False, lr=0.1):
+        params = tensors(dtype, 2, offset)
+        steps = [torch.zeros(()) for _ in params]
+        adamw_step_(params, tensors(dtype, 2, offset), tensors(dtype, 2, offset), tensors(dtype, 2, offset),
+                    tensors(dtype, 2, offset) if amsgrad else [], steps, lr, 0.9, 0.999, 1e-8, 0.01, 0.0, 0.1, flag,
+                    amsgrad, flag)
+
+    for dtype in _TRITON_DTYPES:
+        sgd(dtype)
+        adamw(dtype)
+        multi_tensor_norm(tensors(dtype))
+    sgd(torch.float32, first_step=True, nesterov=True, count=1)
+    sgd(torch.float32, momentum=0.0, flag=True, count=16)
+    sgd(torch.float32, offset=1)
+    adamw(torch.float32, amsgrad=True, flag=True)
+    adamw(torch.float32, offset=1, lr=torch.tensor(0.1))
+    multi_tensor_norm(tensors(torch.float32, offset=1))
+
+
+# With every pointer of the table 16-byte aligned (ALIGNED) the whole chunks
+# must use 128-bit global accesses (see dropout.VECTOR_ACCESS).
+VECTOR_ACCESS = {
+    "_sgd_kernel": lambda a: {"ld", "st"} if a["ALIGNED"] else set(),
+    "_adamw_kernel": lambda a: {"ld", "st"} if a["ALIGNED"] else set(),
+    "_sum_of_squares_kernel": lambda a: {"ld"} if a["ALIGNED"] else set(),
+}
+NEVER_ONE: dict[str, str] = {}
