@@ -492,5 +492,7 @@ def test_bad_arguments_raise_clear_errors():
         torch.ops.regops.batch_norm_stats(torch.randn(5))
     with pytest.raises(RuntimeError, match="expected more than 1 value per channel"):
         torch.ops.regops.batch_norm_forward(torch.randn(1, 3), None, None, None, None, True, 1e-5, False)
+    with pytest.raises(RuntimeError, match="running_mean and running_var must either both be None or neither"):
+        torch.ops.regops.batch_norm_forward(x, None, None, zeros, None, True, 1e-5, False)
     with pytest.raises(RuntimeError, match="grad_out must have the input's shape"):
         torch.ops.regops.batch_norm_backward(x[:2], x, None, None, zeros, ones, True, False)

@@ -575,7 +575,11 @@ def test_batch_norm_bad_arguments_raise_before_any_kernel():
         (dict(momentum=None), ValueError, "momentum must be"),
         (dict(activation="gelu"), ValueError, "activation must be None or 'relu'"),
         (dict(input=torch.randn(1, 3)), ValueError, "Expected more than 1 value per channel when training"),
-        (dict(training=False, running_mean=None), ValueError, "running_mean and running_var must be given"),
+        (dict(training=False, running_mean=None, running_var=None), ValueError,
+         "running_mean and running_var must be given"),
+        (dict(running_mean=None), ValueError, "running_mean and running_var must either both be None or neither"),
+        (dict(running_var=None), ValueError, "running_mean and running_var must either both be None or neither"),
+        (dict(training=False, running_var=None), ValueError, "must either both be None or neither be None"),
     ]
     for overrides, error, message in cases:
         args = dict(input=x, running_mean=torch.zeros(3), running_var=torch.ones(3), weight=torch.ones(3),

@@ -134,7 +134,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     b = _channel_tensor(bias, "bias", input)
     rm = _channel_tensor(running_mean, "running_mean", input)
     rv = _channel_tensor(running_var, "running_var", input)
-    if not training and (running_mean is None or running_var is None):
+    if (running_mean is None) != (running_var is None):
+        # torch's rule, in its words: otherwise training would update one buffer and not the other.
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
         raise ValueError("running_mean and running_var must be given when training=False")
     if training:
         _check_count(input)
