@@ -148,6 +148,59 @@ def test_gradcheck_float64(backend_device, relu):
                 (x.clone().requires_grad_(),))
 
 
+@pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
+def test_gradgradcheck_float64(backend_device, relu):
+    """Second derivatives (gradient penalties, Hessian-vector products) of
+    every input, in training and eval, with and without the affine
+    parameters. The fused ReLU's mask is constant almost everywhere, so its
+    second derivative is that of the masked batch norm."""
+    backend, device = backend_device
+    activation = "relu" if relu else None
+    gen = torch.Generator().manual_seed(13)
+    interpreted = triton_interpreted(backend, device)
+    shape = (2, 2, 2, 2) if interpreted else (3, 2, 3, 2)
+    layouts = (torch.channels_last,) if interpreted else (torch.contiguous_format, torch.channels_last)
+    for layout in layouts:
+        x = torch.randn(shape, generator=gen, dtype=torch.float64).to(device).contiguous(memory_format=layout)
+        w = torch.randn(2, generator=gen, dtype=torch.float64).to(device)
+        b = torch.randn(2, generator=gen, dtype=torch.float64).to(device)
+        rm = torch.randn(2, generator=gen, dtype=torch.float64).to(device)
+        rv = (torch.rand(2, generator=gen, dtype=torch.float64) + 0.5).to(device)
+        for training in (True, False):
+            leaves = (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_())
+            assert torch.autograd.gradgradcheck(
+                lambda t, w_, b_: regops.batch_norm(t, rm.clone(), rv.clone(), w_, b_, training,
+                                                    activation=activation), leaves)
+            if interpreted:
+                continue
+            # Without weight, and without both affine parameters.
+            assert torch.autograd.gradgradcheck(
+                lambda t, b_: regops.batch_norm(t, rm.clone(), rv.clone(), None, b_, training,
+                                                activation=activation), leaves[::2])
+            assert torch.autograd.gradgradcheck(
+                lambda t: regops.batch_norm(t, None if training else rm.clone(), None if training else rv.clone(),
+                                            training=training, activation=activation), leaves[:1])
+
+
+def test_second_derivative_matches_torch(backend_device):
+    """A gradient penalty, the norm of d loss / d x, differentiated again:
+    against torch.nn.functional.batch_norm on the same float32 input."""
+    backend, device = backend_device
+    gen = torch.Generator().manual_seed(14)
+    x, w, b, _, _, grad = _make((3, 4, 3, 5), torch.float32, torch.channels_last, device, gen)
+    results = []
+    for fn in (lambda *args: torch.relu(F.batch_norm(*args)),
+               lambda *args: regops.batch_norm(*args, activation="relu")):
+        leaves = (x.clone().requires_grad_(), w.clone().requires_grad_(), b.clone().requires_grad_())
+        y = fn(leaves[0], None, None, leaves[1], leaves[2], True)
+        (grad_x,) = torch.autograd.grad(y, leaves[0], grad, create_graph=True)
+        results.append(torch.autograd.grad(grad_x.square().sum(), leaves, allow_unused=True, materialize_grads=True))
+    # The bias only moves the ReLU's mask: its second derivative is zero.
+    assert results[0][0].abs().max() > 0 and results[0][1].abs().max() > 0
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
 def test_building_blocks_compose_to_the_fused_op(backend_device):
     """stats -> elementwise equals the fused forward; backward_reduce ->
     backward_elementwise equals the fused backward; and splitting the batch in
@@ -386,6 +439,8 @@ def _opcheck_args(device="cpu"):
         ("batch_norm_forward", (leaf(x), None, None, None, None, True, 1e-5, True)),
         ("batch_norm_forward", (leaf(x), leaf(w), leaf(b), rm, rv, False, 1e-5, True)),
         ("batch_norm_backward", (grad, x, w, b, mean, invstd, True, True)),
+        ("batch_norm_backward", (leaf(grad), leaf(x), leaf(w), b, leaf(mean), leaf(invstd), True, False)),
+        ("batch_norm_backward", (leaf(grad), leaf(x), leaf(w), leaf(b), mean, invstd, False, True)),
         ("batch_norm_stats", (x,)),
         ("batch_norm_elementwise", (x, mean, invstd, w, None, True)),
         ("batch_norm_backward_reduce", (grad, x, mean, invstd, w, b, True)),
