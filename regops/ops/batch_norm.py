@@ -154,17 +154,19 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
 
 
 def _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum) -> None:
-    """running = (1 - momentum) * running + momentum * batch, in place (as a
-    lerp: two small ops per buffer), with the unbiased variance; an empty
-    batch changes nothing (as in torch)."""
+    """running = (1 - momentum) * running + momentum * batch, in place, with
+    the unbiased variance; an empty batch changes nothing (as in torch).
+    Written as torch writes it rather than as a lerp, whose
+    running + momentum * (batch - running) turns an infinite buffer NaN."""
     count = input.numel() // max(1, input.shape[1])
     if count == 0:
         return
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+            running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype) * momentum)
         if running_var is not None:
-            running_var.lerp_((batch_var * (count / max(1, count - 1))).to(running_var.dtype), momentum)
+            unbiased = (batch_var * (count / max(1, count - 1))).to(running_var.dtype)
+            running_var.mul_(1 - momentum).add_(unbiased * momentum)
 
 
 # --- the building blocks of a synchronized batch norm ------------------------------
