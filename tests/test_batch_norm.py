@@ -362,6 +362,30 @@ def test_infinite_values_give_torch_statistics(backend_device, layout, request):
     assert var[1:].isnan().all() and torch.isfinite(mean[0]) and torch.isfinite(var[0])
 
 
+@pytest.mark.parametrize("parameter,buffer", [("weight", "running_mean"), ("bias", "running_var"),
+                                              ("weight", "running_var"), ("bias", "running_mean")])
+def test_parameter_that_is_a_running_buffer_follows_torch(backend_device, parameter, buffer):
+    """A weight or bias passed as a running buffer too (the same tensor, or a
+    view of it): torch updates the buffer first and normalizes with the
+    updated value; every backend does the same."""
+    _, device = backend_device
+    gen = torch.Generator().manual_seed(16)
+    x, weight, bias, running_mean, running_var, grad = _make((3, 4, 5, 3), torch.float32, torch.channels_last, device,
+                                                             gen)
+    results = []
+    for fn, view in ((F.batch_norm, False), (regops.batch_norm, False), (regops.batch_norm, True)):
+        args = {"weight": weight.clone(), "bias": bias.clone(), "running_mean": running_mean.clone(),
+                "running_var": running_var.clone()}
+        args[parameter] = args[buffer][:] if view else args[buffer]
+        leaf = x.clone().requires_grad_()
+        y = fn(leaf, args["running_mean"], args["running_var"], args["weight"], args["bias"], True, 0.5)
+        (grad_x,) = torch.autograd.grad(y, leaf, grad)
+        results.append((y, grad_x, args["running_mean"], args["running_var"]))
+    for got in results[1:]:
+        for name, value, want in zip(("output", "grad_input", "running_mean", "running_var"), got, results[0]):
+            _assert_close(value, want, torch.float32, f"{name} with {parameter} = {buffer}", scale=4)
+
+
 def test_thread_count_does_not_change_the_result():
     gen = torch.Generator().manual_seed(6)
     threads = torch.get_num_threads()

@@ -148,9 +148,31 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     forward = _op(backend, "batch_norm_forward")
     if not training:
         return forward(input, w, b, rm, rv, False, eps, relu)[0]
+    if _parameters_alias_buffers((weight, bias), (running_mean, running_var)):
+        # torch updates the running buffers before it normalizes, so a weight
+        # or bias that is also a running buffer takes part with its updated
+        # value: statistics first, then the update, then the fused op.
+        with torch.no_grad():
+            batch_mean, batch_var = _run("batch_norm_stats", input, input)
+        _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum)
+        w, b = _channel_tensor(weight, "weight", input), _channel_tensor(bias, "bias", input)
+        return forward(input, w, b, None, None, True, eps, relu)[0]
     output, batch_mean, _, batch_var = forward(input, w, b, None, None, True, eps, relu)
     _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum)
     return output
+
+
+def _parameters_alias_buffers(parameters, buffers) -> bool:
+    """Whether a weight or bias shares memory with a running buffer. Under
+    torch.compile only the same tensor object counts (storages are not
+    traceable)."""
+    for parameter in parameters:
+        for buffer in buffers:
+            if parameter is None or buffer is None:
+                continue
+            if parameter is buffer or (not torch.compiler.is_compiling() and torch._C._is_alias_of(parameter, buffer)):
+                return True
+    return False
 
 
 def _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum) -> None:
