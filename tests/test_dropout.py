@@ -283,6 +283,28 @@ def test_bad_p_raises_value_error(p):
         regops.nn.Dropout(p)
 
 
+def test_tensor_p_is_read_once_like_torch(backend_device):
+    """torch.nn.functional.dropout takes p as a one-element tensor (converted
+    to a Python float); so does regops, on every entry."""
+    _, device = backend_device
+    x = torch.randn(300, device=device, requires_grad=True)
+    for p in (torch.tensor(0.3), torch.tensor(0.3, dtype=torch.float64, device=device), torch.tensor([0.25])):
+        value = float(p)
+        y = regops.dropout(x, p, seed=5)
+        assert torch.equal(y, regops.dropout(x, value, seed=5))
+        out, mask = regops.dropout_with_mask(x, p, seed=5)
+        assert torch.equal(mask, regops.dropout_with_mask(x, value, seed=5)[1])
+        assert torch.equal(regops.dropout_backward(x.detach(), mask, p), regops.dropout_backward(x.detach(), mask, value))
+        assert regops.nn.Dropout(p).p == value
+    assert torch.equal(regops.dropout(x, torch.tensor(1)), torch.zeros_like(x))  # an integer tensor, as torch
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got 1.5"):
+        regops.dropout(x, torch.tensor(1.5))
+    with pytest.raises(ValueError, match=r"one-element real tensor.*shape \(2,\)"):
+        regops.dropout(x, torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="one-element real tensor"):
+        regops.dropout(x, torch.tensor(True))
+
+
 def test_bad_arguments_raise_clear_errors():
     x = torch.randn(100)
     _, mask = regops.dropout_with_mask(x, 0.5, seed=1)

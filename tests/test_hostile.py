@@ -527,14 +527,6 @@ def test_batch_norm_nan_inf_like_torch(backend_device, training, layout):
     names = ["output", "running_mean", "running_var", "grad_input", "grad_weight", "grad_bias"]
     for name, got, want in zip(names, results[1], results[0]):
         got, want = got.detach().cpu(), want.detach().cpu()
-        if name == "running_var":
-            # Known difference, not fixed: for a channel holding +inf, torch's
-            # variance is NaN (inf - inf) and regops' Welford merge gives +inf.
-            # Both are non-finite, and the output is NaN in both.
-            assert torch.equal(torch.isfinite(got), torch.isfinite(want)), name
-            finite = torch.isfinite(want)
-            torch.testing.assert_close(got[finite], want[finite], atol=1e-4, rtol=1e-4, msg=name)
-            continue
         assert torch.equal(torch.isnan(got), torch.isnan(want)), name
         assert torch.equal(torch.isposinf(got), torch.isposinf(want)), name
         assert torch.equal(torch.isneginf(got), torch.isneginf(want)), name
@@ -575,7 +567,11 @@ def test_batch_norm_bad_arguments_raise_before_any_kernel():
         (dict(momentum=None), ValueError, "momentum must be"),
         (dict(activation="gelu"), ValueError, "activation must be None or 'relu'"),
         (dict(input=torch.randn(1, 3)), ValueError, "Expected more than 1 value per channel when training"),
-        (dict(training=False, running_mean=None), ValueError, "running_mean and running_var must be given"),
+        (dict(training=False, running_mean=None, running_var=None), ValueError,
+         "running_mean and running_var must be given"),
+        (dict(running_mean=None), ValueError, "running_mean and running_var must either both be None or neither"),
+        (dict(running_var=None), ValueError, "running_mean and running_var must either both be None or neither"),
+        (dict(training=False, running_var=None), ValueError, "must either both be None or neither be None"),
     ]
     for overrides, error, message in cases:
         args = dict(input=x, running_mean=torch.zeros(3), running_var=torch.ones(3), weight=torch.ones(3),

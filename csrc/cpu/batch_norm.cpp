@@ -229,7 +229,7 @@ REGOPS_MULTIVERSION Welford<acc_t> channel_statistics(const scalar_t* x, BatchNo
   for (int64_t n = 0; n < g.batch; ++n) {
     const scalar_t* row = x + (n * g.channels + channel) * g.spatial;
     for (int64_t start = 0; start < g.spatial; start += kRunElements) {
-      const acc_t shift = total.count > 0 ? total.mean : load<scalar_t, acc_t>(row[start]);
+      const acc_t shift = welford_shift(total.count > 0 ? total.mean : load<scalar_t, acc_t>(row[start]));
       total = welford_merge(total, run_statistics<scalar_t, acc_t>(row + start, std::min(kRunElements, g.spatial - start), shift));
     }
   }
@@ -391,7 +391,7 @@ REGOPS_MULTIVERSION void group_statistics(const scalar_t* x, int64_t channels, i
   int64_t count = 0;
   for (int64_t c = 0; c < channels; ++c) {
     mean[c] = m2[c] = 0;
-    shift[c] = load<scalar_t, acc_t>(x[first_row * channels + c]);
+    shift[c] = welford_shift(load<scalar_t, acc_t>(x[first_row * channels + c]));
   }
   for (int64_t tile = first_row; tile < end_row; tile += tile_rows) {
     const int64_t rows = std::min(tile_rows, end_row - tile);
@@ -413,7 +413,7 @@ REGOPS_MULTIVERSION void group_statistics(const scalar_t* x, int64_t channels, i
       const Welford<acc_t> merged = welford_merge(Welford<acc_t>{mean[c], m2[c], count}, tile_stats);
       mean[c] = merged.mean;
       m2[c] = merged.m2;
-      shift[c] = merged.mean;
+      shift[c] = welford_shift(merged.mean);
     }
     count += rows;
   }

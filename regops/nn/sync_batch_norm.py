@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
+from torch.autograd.function import once_differentiable
 
 from regops import distributed
 from regops.nn.batch_norm import _BatchNorm
@@ -91,6 +92,7 @@ class _SyncBatchNormFunction(torch.autograd.Function):
         return batch_norm_elementwise(input, mean, invstd, weight, bias, activation=activation)
 
     @staticmethod
+    @once_differentiable  # a second derivative raises a clear error instead of returning zeros
     def backward(ctx, grad_output):
         input, weight, bias, mean, invstd, total = ctx.saved_tensors
         grad_output = grad_output.contiguous(memory_format=memory_format(input))

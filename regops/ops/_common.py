@@ -9,7 +9,14 @@ import torch
 
 
 def check_probability(value, name: str) -> float:
-    """A float in [0, 1]; anything else raises ValueError naming the argument."""
+    """A float in [0, 1] from a real number or, as torch.nn.functional.dropout
+    takes, a one-element real tensor (read once on the host); anything else
+    raises ValueError naming the argument."""
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
+            raise ValueError(f"{name} must be a real number in [0, 1] or a one-element real tensor holding one, "
+                             f"got a {value.dtype} tensor of shape {tuple(value.shape)}")
+        value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or not 0.0 <= value <= 1.0:
         raise ValueError(f"{name} must be in [0, 1], got {value!r}")
     return float(value)

@@ -134,7 +134,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     b = _channel_tensor(bias, "bias", input)
     rm = _channel_tensor(running_mean, "running_mean", input)
     rv = _channel_tensor(running_var, "running_var", input)
-    if not training and (running_mean is None or running_var is None):
+    if (running_mean is None) != (running_var is None):
+        # torch's rule, in its words: otherwise training would update one buffer and not the other.
+        raise ValueError("running_mean and running_var must either both be None or neither be None")
+    if not training and running_mean is None:
         raise ValueError("running_mean and running_var must be given when training=False")
     if training:
         _check_count(input)
@@ -145,23 +148,47 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     forward = _op(backend, "batch_norm_forward")
     if not training:
         return forward(input, w, b, rm, rv, False, eps, relu)[0]
+    if _parameters_alias_buffers((weight, bias), (running_mean, running_var)):
+        # torch updates the running buffers before it normalizes, so a weight
+        # or bias that is also a running buffer takes part with its updated
+        # value: statistics first, then the update, then the fused op.
+        with torch.no_grad():
+            batch_mean, batch_var = _run("batch_norm_stats", input, input)
+        _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum)
+        w, b = _channel_tensor(weight, "weight", input), _channel_tensor(bias, "bias", input)
+        return forward(input, w, b, None, None, True, eps, relu)[0]
     output, batch_mean, _, batch_var = forward(input, w, b, None, None, True, eps, relu)
     _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum)
     return output
 
 
+def _parameters_alias_buffers(parameters, buffers) -> bool:
+    """Whether a weight or bias shares memory with a running buffer. Under
+    torch.compile only the same tensor object counts (storages are not
+    traceable)."""
+    for parameter in parameters:
+        for buffer in buffers:
+            if parameter is None or buffer is None:
+                continue
+            if parameter is buffer or (not torch.compiler.is_compiling() and torch._C._is_alias_of(parameter, buffer)):
+                return True
+    return False
+
+
 def _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum) -> None:
-    """running = (1 - momentum) * running + momentum * batch, in place (as a
-    lerp: two small ops per buffer), with the unbiased variance; an empty
-    batch changes nothing (as in torch)."""
+    """running = (1 - momentum) * running + momentum * batch, in place, with
+    the unbiased variance; an empty batch changes nothing (as in torch).
+    Written as torch writes it rather than as a lerp, whose
+    running + momentum * (batch - running) turns an infinite buffer NaN."""
     count = input.numel() // max(1, input.shape[1])
     if count == 0:
         return
     with torch.no_grad():
         if running_mean is not None:
-            running_mean.lerp_(batch_mean.to(running_mean.dtype), momentum)
+            running_mean.mul_(1 - momentum).add_(batch_mean.to(running_mean.dtype) * momentum)
         if running_var is not None:
-            running_var.lerp_((batch_var * (count / max(1, count - 1))).to(running_var.dtype), momentum)
+            unbiased = (batch_var * (count / max(1, count - 1))).to(running_var.dtype)
+            running_var.mul_(1 - momentum).add_(unbiased * momentum)
 
 
 # --- the building blocks of a synchronized batch norm ------------------------------
@@ -288,6 +315,113 @@ def _register_fakes() -> None:
         return _output_like(input)
 
 
+def _per_channel(tensor: torch.Tensor, input: torch.Tensor) -> torch.Tensor:
+    """A (C,) tensor shaped to broadcast against (N, C, ...) input."""
+    return tensor.reshape((1, -1) + (1,) * (input.dim() - 2))
+
+
+def _reduce_dims(input: torch.Tensor) -> list[int]:
+    return [0] + list(range(2, input.dim()))
+
+
+def _statistics_grad(input, save_mean, save_invstd, grad_mean, grad_invstd, grad_var):
+    """The part of grad_input that flows through the batch statistics the
+    forward returns: mean = sum(x) / n, var = sum((x - mean)^2) / n and
+    invstd = (var + eps)^-1/2, so d mean / dx = 1 / n, d var / dx = 2 (x - mean) / n
+    and d invstd / dx = -invstd^3 (x - mean) / n. Plain torch ops, so that it
+    is differentiable again. An ordinary backward needs none of it; a second
+    derivative does (grad-of-grad reaches save_mean and save_invstd)."""
+    count = input.numel() // input.shape[1]
+    constant = save_mean.new_zeros(save_mean.shape) if grad_mean is None else grad_mean / count
+    xmu_coefficient = save_mean.new_zeros(save_mean.shape)
+    if grad_invstd is not None:
+        xmu_coefficient = xmu_coefficient - grad_invstd * save_invstd.pow(3) / count
+    if grad_var is not None:
+        xmu_coefficient = xmu_coefficient + grad_var * (2.0 / count)
+    xmu = input.to(save_mean.dtype) - _per_channel(save_mean, input)
+    return (_per_channel(constant, input) + xmu * _per_channel(xmu_coefficient, input)).to(input.dtype)
+
+
+def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+    """Vector-Jacobian product of batch_norm_backward (csrc/include/regops/batch_norm.h)
+    in plain torch ops, so that it is compilable and differentiable again.
+
+    With g = dy masked by the ReLU (the mask is constant almost everywhere, so
+    bias gets no gradient), A = sum(g), B = sum(g * (x - mean)) per channel,
+    r = invstd, w = weight and n = count, the op returns grad_bias = A,
+    grad_weight = r * B and, in training,
+    grad_input = w * r * (g - A / n - (x - mean) * r^2 * B / n) (eval:
+    w * r * g). mean and invstd are inputs here: their gradients go to
+    save_mean and save_invstd, whose own backward (_statistics_grad) carries
+    them on to x, so the sum is the derivative through the batch statistics.
+    u, a, b below are the incoming gradients of grad_input, grad_weight and grad_bias."""
+    grad_out, input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
+    training, relu = ctx.training, ctx.relu
+    acc = save_mean.dtype
+    dims = _reduce_dims(input)
+    count = input.numel() // input.shape[1]
+    x = input.to(acc)
+    mean, r = _per_channel(save_mean, input), _per_channel(save_invstd, input)
+    w = _per_channel(weight, input) if weight is not None else None
+    w_r = r if w is None else w * r
+    xmu = x - mean
+    g = grad_out.to(acc)
+    if relu:
+        with torch.no_grad():  # the forward's mask, the same expression as the kernels'
+            scale = w_r.detach()
+            shift = (0 if bias is None else _per_channel(bias.detach(), input)) - mean.detach() * scale
+            blocked = x.detach() * scale + shift <= 0
+        g = torch.where(blocked, torch.zeros_like(g), g)
+    sum_g, sum_g_xmu = g.sum(dims, keepdim=True), (g * xmu).sum(dims, keepdim=True)
+
+    # d L / d g, d L / d x (mean and r held), d L / d mean, d L / d r, d L / d w
+    # for L = sum(u * grad_input) + sum(a * grad_weight) + sum(b * grad_bias).
+    terms = {name: [] for name in ("g", "x", "mean", "r", "w")}
+    if grad_grad_input is not None:
+        u = grad_grad_input.to(acc)
+        sum_u_g = (u * g).sum(dims, keepdim=True)
+        if training:
+            sum_u, sum_u_xmu = u.sum(dims, keepdim=True), (u * xmu).sum(dims, keepdim=True)
+            r2 = r * r
+            terms["g"].append(w_r * (u - sum_u / count - xmu * r2 * sum_u_xmu / count))
+            terms["x"].append(-w_r * r2 * (g * sum_u_xmu + sum_g_xmu * u) / count)
+            terms["mean"].append(w_r * r2 * (sum_g * sum_u_xmu + sum_g_xmu * sum_u) / count)
+            inner = sum_u_g - sum_g * sum_u / count - r2 * sum_g_xmu * sum_u_xmu / count
+            terms["r"].append((1 if w is None else w) * (inner - 2 * r2 * sum_g_xmu * sum_u_xmu / count))
+            terms["w"].append(r * inner)
+        else:
+            terms["g"].append(w_r * u)
+            terms["r"].append((1 if w is None else w) * sum_u_g)
+            terms["w"].append(r * sum_u_g)
+    if grad_grad_weight is not None:
+        a = _per_channel(grad_grad_weight.to(acc), input)
+        terms["g"].append(a * r * xmu)
+        terms["x"].append(a * r * g)
+        terms["mean"].append(-a * r * sum_g)
+        terms["r"].append(a * sum_g_xmu)
+    if grad_grad_bias is not None:
+        terms["g"].append(_per_channel(grad_grad_bias.to(acc), input).expand_as(g))
+
+    def total(name):
+        return sum(terms[name][1:], terms[name][0]) if terms[name] else None
+
+    def channels(value):
+        return None if value is None else value.reshape(-1)
+
+    grad_g = total("g")
+    if grad_g is not None and relu:
+        grad_g = torch.where(blocked, torch.zeros_like(grad_g), grad_g)
+    grad_x = total("x")
+    needs = ctx.needs_input_grad
+    return (grad_g.to(grad_out.dtype) if grad_g is not None and needs[0] else None,
+            grad_x.to(input.dtype) if grad_x is not None and needs[1] else None,
+            channels(total("w")) if weight is not None and needs[2] else None,
+            None,  # bias only places the ReLU mask
+            channels(total("mean")) if needs[4] else None,
+            channels(total("r")) if needs[5] else None,
+            None, None)
+
+
 def _register_autograd(backend: str) -> None:
     forward = _op(backend, "batch_norm_forward")
     backward = _op(backend, "batch_norm_backward")
@@ -297,19 +431,35 @@ def _register_autograd(backend: str) -> None:
         _, save_mean, save_invstd, _ = output
         ctx.training, ctx.relu = training, relu
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        # Gradients of unused outputs stay None: the batch statistics'
+        # backward then costs nothing in an ordinary training step.
+        ctx.set_materialize_grads(False)
         # The ReLU mask is recomputed from x, so only the relu case keeps bias.
         ctx.save_for_backward(input, weight, bias if relu else None, save_mean, save_invstd)
 
-    def backward_fn(ctx, grad_output, *_unused):
+    def backward_fn(ctx, grad_output, grad_mean, grad_invstd, grad_var):
         input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
-        grad_input, grad_weight, grad_bias = backward(grad_output, input, weight, bias, save_mean, save_invstd,
-                                                      ctx.training, ctx.relu)
+        grad_input = grad_weight = grad_bias = None
+        if grad_output is not None:
+            grad_input, grad_weight, grad_bias = backward(grad_output, input, weight, bias, save_mean, save_invstd,
+                                                          ctx.training, ctx.relu)
+        if ctx.training and input.numel() > 0 and ctx.needs_input_grad[0] and (
+                grad_mean is not None or grad_invstd is not None or grad_var is not None):
+            extra = _statistics_grad(input, save_mean, save_invstd, grad_mean, grad_invstd, grad_var)
+            grad_input = extra if grad_input is None else grad_input + extra
         return (grad_input if ctx.needs_input_grad[0] else None,
                 grad_weight if ctx.has_weight and ctx.needs_input_grad[1] else None,
                 grad_bias if ctx.has_bias and ctx.needs_input_grad[2] else None,
                 None, None, None, None, None)
 
+    def setup_backward(ctx, inputs, output):
+        grad_out, input, weight, bias, save_mean, save_invstd, training, relu = inputs
+        ctx.training, ctx.relu = training, relu
+        ctx.set_materialize_grads(False)
+        ctx.save_for_backward(grad_out, input, weight, bias if relu else None, save_mean, save_invstd)
+
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
+    torch.library.register_autograd(backward, _backward_backward, setup_context=setup_backward)
 
 
 _register_fakes()

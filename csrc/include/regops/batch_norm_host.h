@@ -158,6 +158,8 @@ inline void check_forward_arguments(const at::Tensor& input, const std::optional
   check_optional_channel_tensor(bias, input, "bias", op);
   check_optional_channel_tensor(running_mean, input, "running_mean", op);
   check_optional_channel_tensor(running_var, input, "running_var", op);
+  TORCH_CHECK(has_tensor(running_mean) == has_tensor(running_var), "regops ", op,
+              ": running_mean and running_var must either both be None or neither be None");
   TORCH_CHECK(training || (has_tensor(running_mean) && has_tensor(running_var)), "regops ", op,
               ": running_mean and running_var must be given in eval mode (training=False)");
   TORCH_CHECK(!training || input.size(0) * batch_norm_spatial_size(input) != 1, "regops ", op,
