@@ -494,3 +494,27 @@ def test_bad_arguments_raise_clear_errors():
         torch.ops.regops.batch_norm_forward(torch.randn(1, 3), None, None, None, None, True, 1e-5, False)
     with pytest.raises(RuntimeError, match="grad_out must have the input's shape"):
         torch.ops.regops.batch_norm_backward(x[:2], x, None, None, zeros, ones, True, False)
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_many_channels_beyond_one_grid_dimension_match_torch(backend_device, layout):
+    """More channels than a CUDA grid's y dimension holds (65535), which
+    torch accepts: the reductions run on a one-dimensional grid. Forward
+    statistics and the backward against torch."""
+    backend, device = backend_device
+    if triton_interpreted(backend, device):
+        pytest.skip("the interpreter runs one program per channel: too slow for 70000 channels")
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 70001, 3, 1, generator=gen).to(device).contiguous(memory_format=layout).requires_grad_()
+    grad = torch.randn(x.shape, generator=gen).to(device)
+    ours = regops.nn.BatchNorm2d(70001).to(device)
+    theirs = torch.nn.BatchNorm2d(70001).to(device)
+    expected_x = x.detach().clone().requires_grad_()
+    y = ours(x)
+    expected = theirs(expected_x)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-6, rtol=1e-5)
+    y.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, expected_x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-5, rtol=1e-5)
