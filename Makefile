@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 # runs every CPU test there instead.
 SANITIZE_SUBSET ?= tests/test_dropout.py tests/test_hostile.py tests/test_properties.py -k "not triton"
 
-.PHONY: all venv build test demo bench bench-quick gpu-check sanitize sanitize-quick clean
+.PHONY: all venv build test static-gate demo bench bench-quick gpu-check sanitize sanitize-quick clean
 
 all: test
 
@@ -36,10 +36,20 @@ build: venv
 
 test: build
 	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(STATIC_GATE)
 	$(PYTHON) benchmarks/run.py --quick --no-record
 ifneq ($(strip $(SANITIZE_SUBSET)),)
 	$(MAKE) sanitize-quick
 endif
+
+# Every CUDA and Triton kernel compiled offline for sm_90 and sm_80 (no GPU
+# needed): regenerates benchmarks/results/static-sm90.md and fails on spills
+# and on vectorized paths without 128-bit accesses. The nvcc compiles are
+# cached in build/static_cuda, keyed by the sources and flags.
+# `test` runs it after its own build (a second `make build` would rebuild).
+STATIC_GATE = $(PYTHON) benchmarks/static_sm90.py
+static-gate: build
+	$(STATIC_GATE)
 
 # The C++ CPU kernels built with AddressSanitizer + UBSan into build/sanitize
 # (the normal build is untouched), then the CPU tests run against them; any
@@ -61,11 +71,14 @@ bench: build
 bench-quick: build
 	$(PYTHON) benchmarks/run.py --quick --no-record
 
-# On a GPU machine whose Python already has torch (no venv, no network):
-# build for the local GPU, run every test there, compute-sanitizer over a
-# short CUDA subset, then the benchmarks; one markdown report under $(OUT).
+# On a GPU machine whose Python already has torch (no venv, no network), in
+# under 10 minutes: build for the local GPU, the targeted tests, the suite,
+# sync-debug and CUDA-graph checks, compute-sanitizer, the huge tests and the
+# benchmarks, each step under its own time limit; one report, $(OUT)/gpu-check.md.
+# `make gpu-check GPU_CHECK_ARGS=--dry-run` prints the plan.
+GPU_CHECK_ARGS ?=
 gpu-check:
-	OUT=$(OUT) bash benchmarks/gpu_check.sh
+	OUT=$(OUT) bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf build regops/_C*.so *.egg-info

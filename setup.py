@@ -4,30 +4,16 @@ CUDA toolkit and a CUDA build of torch are present (REGOPS_CUDA=0 skips them).
 
 import glob
 import os
-import shutil
-import site
 import sys
 
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, ROOT)  # build_flags.py, next to this file
 
+import build_flags  # noqa: E402
 
-def _find_cuda_home():
-    """torch looks for nvcc on PATH; a stray /usr/local/bin/nvcc would make it
-    guess /usr/local. Prefer an explicit CUDA_HOME, then the usual install."""
-    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
-        return
-    for candidate in ("/usr/local/cuda",):
-        if os.path.exists(os.path.join(candidate, "bin", "nvcc")):
-            os.environ["CUDA_HOME"] = candidate
-            return
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        os.environ["CUDA_HOME"] = os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))
-
-
-_find_cuda_home()
+build_flags.find_cuda_home()
 
 import torch  # noqa: E402  (after CUDA_HOME is settled)
 from torch.utils import cpp_extension  # noqa: E402
@@ -39,30 +25,11 @@ def _want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
-def _cuda_library_includes():
-    """ATen's CUDA headers include cuBLAS/cuSPARSE headers that a bare toolkit
-    may lack; the nvidia-* wheels installed with torch carry them."""
-    dirs = []
-    for base in site.getsitepackages() + [site.getusersitepackages()] + sys.path:
-        for sub in ("cu13", "cu12", "cublas", "cusparse"):
-            path = os.path.join(base, "nvidia", sub, "include")
-            if os.path.isdir(path) and path not in dirs:
-                dirs.append(path)
-    return dirs
-
-
 def _extension():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
-    include_dirs = [os.path.join(ROOT, "csrc", "include")]
-    # torch picks the C++ standard its headers need. -fno-math-errno: sqrtf
-    # setting errno is a side effect that keeps GCC from vectorizing loops
-    # that take square roots (the AdamW update); nothing here reads errno.
-    # -fno-wrapv undoes the -fwrapv of Python's own flags: with signed
-    # overflow defined, GCC cannot vectorize loops indexed by i + lane (the
-    # bfloat16 gradient norm ran 3.5x slower); no code here relies on signed
-    # wrap-around (the sanitizer build checks for it).
-    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-wrapv"]
-    link_flags = ["-fopenmp"]
+    include_dirs = list(build_flags.INCLUDE_DIRS)
+    cxx_flags = list(build_flags.CXX_FLAGS)
+    link_flags = list(build_flags.LINK_FLAGS)
     if os.environ.get("REGOPS_SANITIZE"):
         # tests/sanitize.sh (make sanitize). Linking with the flags too makes
         # the library depend on the UBSan runtime, whose handlers it calls.
@@ -74,15 +41,15 @@ def _extension():
             "regops._C", cpu_sources, include_dirs=include_dirs,
             extra_compile_args={"cxx": cxx_flags}, extra_link_args=link_flags,
         )
-    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    cuda_sources = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build_flags.DEFAULT_CUDA_ARCH_LIST)
+    cuda_sources = sorted(glob.glob(build_flags.CUDA_SOURCE_GLOB))
     return cpp_extension.CUDAExtension(
         "regops._C", cpu_sources + cuda_sources,
-        include_dirs=include_dirs + _cuda_library_includes(),
-        define_macros=[("REGOPS_WITH_CUDA", "1")],
+        include_dirs=include_dirs + build_flags.cuda_library_includes(),
+        define_macros=list(build_flags.CUDA_DEFINES),
         extra_compile_args={
             "cxx": cxx_flags,
-            "nvcc": ["-O3", "-lineinfo", "--expt-relaxed-constexpr"],
+            "nvcc": list(build_flags.NVCC_FLAGS),
         },
         extra_link_args=link_flags,
     )

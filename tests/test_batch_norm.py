@@ -739,3 +739,27 @@ def test_triton_statistics_of_infinite_values_are_torchs(monkeypatch, values, me
         torch.testing.assert_close(got_var[0].cpu(), torch.tensor(float("nan")), equal_nan=True)
         torch.testing.assert_close(running_mean[0].cpu(), torch_mean[0].cpu(), equal_nan=True)
         assert torch.isnan(running_var[0])
+
+
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
+def test_many_channels_beyond_one_grid_dimension_match_torch(backend_device, layout):
+    """More channels than a CUDA grid's y dimension holds (65535), which
+    torch accepts: the reductions run on a one-dimensional grid. Forward
+    statistics and the backward against torch."""
+    backend, device = backend_device
+    if triton_interpreted(backend, device):
+        pytest.skip("the interpreter runs one program per channel: too slow for 70000 channels")
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(2, 70001, 3, 1, generator=gen).to(device).contiguous(memory_format=layout).requires_grad_()
+    grad = torch.randn(x.shape, generator=gen).to(device)
+    ours = regops.nn.BatchNorm2d(70001).to(device)
+    theirs = torch.nn.BatchNorm2d(70001).to(device)
+    expected_x = x.detach().clone().requires_grad_()
+    y = ours(x)
+    expected = theirs(expected_x)
+    torch.testing.assert_close(y, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.running_var, theirs.running_var, atol=1e-6, rtol=1e-5)
+    y.backward(grad)
+    expected.backward(grad)
+    torch.testing.assert_close(x.grad, expected_x.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.weight.grad, theirs.weight.grad, atol=1e-5, rtol=1e-5)

@@ -17,6 +17,11 @@ from regops import reference
 
 pytestmark = pytest.mark.slow
 
+# The CPU kernels everywhere; the CUDA kernels where there is a GPU (the
+# results come back to the host to be checked).
+BACKEND_DEVICES = [("cpu", "cpu")] + ([("cuda", "cuda")] if torch.cuda.is_available()
+                                      and "cuda" in regops.available_backends() else [])
+
 HUGE = 2**31 + 17  # past the int32 range, and not a multiple of 4, 8 or 128
 _MASK32 = 0xFFFFFFFF
 
@@ -65,14 +70,16 @@ def patterned(numel: int, dtype: torch.dtype, indices: torch.Tensor, seed: int) 
     return x
 
 
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
 @pytest.mark.parametrize("dtype", [torch.bfloat16])
-def test_dropout_past_2_31_elements(dtype):
+def test_dropout_past_2_31_elements(dtype, backend, device):
     _needs_memory(10)
     p, seed, offset = 0.3, 0x5EED_0F_D00D, (1 << 32) - 5
     indices = sample_indices(HUGE)
     x = patterned(HUGE, dtype, indices, seed=1)
-    with regops.use_backend("cpu"):
-        y, mask = regops.dropout_with_mask(x, p, seed=seed, offset=offset)
+    with regops.use_backend(backend):
+        y, mask = regops.dropout_with_mask(x.to(device), p, seed=seed, offset=offset)
+    y, mask = y.cpu(), mask.cpu()
     assert y.numel() == HUGE and mask.numel() == reference.mask_bytes(HUGE)
     keep = keep_at(indices, p, seed, offset)
     assert torch.equal(y[indices], reference.dropout_apply(x[indices], keep, p))
@@ -93,20 +100,23 @@ def test_dropout_past_2_31_elements(dtype):
     del x
 
     # The backward reads the same mask: grad = y itself.
-    with regops.use_backend("cpu"):
-        grad_input = regops.dropout_backward(y, mask, p)
+    with regops.use_backend(backend):
+        grad_input = regops.dropout_backward(y.to(device), mask.to(device), p).cpu()
     assert torch.equal(grad_input[indices], reference.dropout_apply(y[indices], keep, p))
     del grad_input
 
     # In place, with no mask stored: applied a second time to y.
-    with regops.use_backend("cpu"):
-        out = regops.dropout(y, p, inplace=True, seed=seed, offset=offset)
-    assert out is y
+    y_on_device = y.to(device)
+    with regops.use_backend(backend):
+        out = regops.dropout(y_on_device, p, inplace=True, seed=seed, offset=offset)
+    assert out is y_on_device
+    y = out.cpu()
     twice = reference.dropout_apply(reference.dropout_apply(samples, keep, p), keep, p)
     assert torch.equal(y[indices], twice)
 
 
-def test_batch_norm_past_2_31_elements():
+@pytest.mark.parametrize("backend,device", BACKEND_DEVICES, ids=[b for b, _ in BACKEND_DEVICES])
+def test_batch_norm_past_2_31_elements(backend, device):
     """(N=2, C=1, L=2^30 + 9): one channel of 2^31 + 18 values, so the
     element count per channel and every index past the first image exceed
     int32. Statistics against float64 sums taken in chunks, a sample of the
@@ -130,9 +140,10 @@ def test_batch_norm_past_2_31_elements():
         total_sq += c.square().sum().item()
     mean = total / count
     var = total_sq / count - mean * mean
-    running_mean, running_var = torch.zeros(1), torch.ones(1)
-    with regops.use_backend("cpu"):
-        y = regops.batch_norm(x, running_mean, running_var, None, None, True, 1.0, 1e-5)
+    running_mean, running_var = torch.zeros(1, device=device), torch.ones(1, device=device)
+    with regops.use_backend(backend):
+        y = regops.batch_norm(x.to(device), running_mean, running_var, None, None, True, 1.0, 1e-5).cpu()
+    running_mean, running_var = running_mean.cpu(), running_var.cpu()
     assert y.shape == x.shape and y.dtype == torch.bfloat16
     torch.testing.assert_close(running_mean.double(), torch.tensor([mean], dtype=torch.float64), atol=1e-4, rtol=1e-4)
     unbiased = var * count / (count - 1)

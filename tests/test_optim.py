@@ -225,6 +225,45 @@ def test_many_chunks_and_every_penalty_combination_match_the_reference(backend_d
         assert sum(int((p == 0).sum()) for p in ours) == sum(int((p == 0).sum()) for p in oracle)
 
 
+# More tensors than one CUDA launch table holds (41 to 96 depending on the
+# number of lists), with sizes from 1 to a few chunks of 65536 elements; on a
+# GPU also one tensor of more blocks than a table holds (320 chunks).
+MANY_TENSOR_SHAPES = [(int(n),) for n in torch.randint(1, 3000, (150,), generator=torch.Generator().manual_seed(5))]
+MANY_TENSOR_SHAPES[::37] = [(65536 * 2 + 3,)] * len(MANY_TENSOR_SHAPES[::37])
+MORE_BLOCKS_THAN_A_TABLE = (320 * 65536 + 4099,)
+
+
+@pytest.mark.parametrize("name", ["sgd", "adamw"])
+def test_more_tensors_and_blocks_than_one_launch_holds_match_the_reference(backend_device, name):
+    """The CUDA step splits a group over several launches when it outgrows
+    the table passed as a kernel argument: every tensor (also one that
+    continues in the next launch) is updated once, against the reference;
+    the gradient norm over the same tensors is bitwise reproducible."""
+    backend, device = backend_device
+    if backend == "reference" or triton_interpreted(backend, device):
+        pytest.skip("the reference is the oracle here; the interpreter is too slow for these sizes")
+    gen = torch.Generator().manual_seed(23)
+    shapes = MANY_TENSOR_SHAPES + ([MORE_BLOCKS_THAN_A_TABLE] if device.type == "cuda" else [])
+    options = dict(lr=0.01, momentum=0.9) if name == "sgd" else dict(lr=1e-3, weight_decay=0.01, amsgrad=True)
+    ours = _random_params(shapes, device, torch.float32, gen)
+    oracle = [p.detach().clone().requires_grad_() for p in ours]
+    optimizer = REGOPS_CLASSES[name](ours, **options)
+    reference_optimizer = REGOPS_CLASSES[name](oracle, **options)
+    for _ in range(3):
+        _set_grads([ours, oracle], gen)
+        optimizer.step()
+        with regops.use_backend("reference"):
+            reference_optimizer.step()
+        _assert_params_close(ours, oracle, atol=2e-6, rtol=1e-5)
+    if name == "adamw":
+        assert all(float(optimizer.state[p]["step"]) == 3.0 for p in ours)
+    grads = [p.grad for p in ours]
+    norm = regops.multi_tensor_norm(grads, squared=True)
+    torch.testing.assert_close(norm.cpu(), reference.multi_tensor_norm([g.cpu() for g in grads], squared=True),
+                               rtol=1e-5, atol=0)
+    assert torch.equal(norm, regops.multi_tensor_norm(grads, squared=True))
+
+
 @pytest.mark.parametrize("max_norm", [0.5, 1e6])
 @pytest.mark.parametrize("name", ["sgd", "adamw"])
 def test_clipping_matches_clip_grad_norm(backend_device, name, max_norm):

@@ -5,9 +5,12 @@
 // reduces one slice of a channel into one partial, then a finalize kernel
 // (a thread per channel) that merges a channel's partials in a fixed order.
 // Splitting every channel over several blocks keeps all SMs busy when C is
-// small. The partial kernel comes in two shapes:
-//   spatial-inner (contiguous NCHW): blockIdx.y is the channel, the threads
-//     of a block walk consecutive elements of its N runs of S (coalesced);
+// small; the grid is one-dimensional, channel-major (batch_norm_launch.h),
+// so any number of channels fits one launch. The partial kernel comes in two
+// shapes:
+//   spatial-inner (contiguous NCHW): a block reduces one slice of one
+//     channel, its threads walking consecutive elements of the channel's N
+//     runs of S (coalesced);
 //   channel-inner (channels_last, or S == 1): a block is 32 channels x 8 rows,
 //     a warp reading 32 consecutive channels of one row (coalesced), the 8
 //     row-threads of each channel merged through shared memory.
@@ -22,6 +25,7 @@
 #include <torch/library.h>
 
 #include "regops/batch_norm_host.h"
+#include "regops/batch_norm_launch.h"
 #include "regops/cuda_utils.cuh"
 #include "regops/welford.h"
 
@@ -114,15 +118,16 @@ __device__ __forceinline__ typename Reducer::State warp_reduce(typename Reducer:
   return s;
 }
 
-// Block (kThreads) b of channel blockIdx.y reduces elements
-// [b * per_block, (b + 1) * per_block) of the channel's N * S.
+// Block (kThreads) channel * splits + k reduces elements
+// [k * per_block, (k + 1) * per_block) of the channel's N * S.
 template <typename Reducer>
 __global__ void reduce_spatial_inner_kernel(Reducer reducer, typename Reducer::State* partial, int64_t batch,
-                                            int64_t channels, int64_t spatial, int64_t per_block) {
+                                            int64_t channels, int64_t spatial, int64_t splits, int64_t per_block) {
   using State = typename Reducer::State;
-  const int64_t channel = blockIdx.y;
+  const int64_t channel = blockIdx.x / splits;
+  const int64_t split = blockIdx.x - channel * splits;
   const int64_t count = batch * spatial;
-  const int64_t begin = static_cast<int64_t>(blockIdx.x) * per_block;
+  const int64_t begin = split * per_block;
   const int64_t end = min(count, begin + per_block);
   const auto ctx = reducer.context(channel);
   State state = reducer.identity();
@@ -147,22 +152,24 @@ __global__ void reduce_spatial_inner_kernel(Reducer reducer, typename Reducer::S
   if (warp == 0) {
     state = lane < static_cast<int>(blockDim.x / 32) ? warp_states[lane] : reducer.identity();
     state = warp_reduce<Reducer>(state);
-    if (lane == 0) partial[channel * gridDim.x + blockIdx.x] = state;
+    if (lane == 0) partial[channel * splits + split] = state;
   }
 }
 
-// Block (kChannelTile x kRowThreads) covers channels blockIdx.y * 32 + [0, 32)
-// and rows blockIdx.x * 8 + threadIdx.y, stepping over the grid.
+// Block (kChannelTile x kRowThreads) tile * splits + k covers channels
+// tile * 32 + [0, 32) and rows k * 8 + threadIdx.y, stepping by splits * 8.
 template <typename Reducer>
 __global__ void reduce_channel_inner_kernel(Reducer reducer, typename Reducer::State* partial, int64_t rows,
-                                            int64_t channels) {
+                                            int64_t channels, int64_t splits) {
   using State = typename Reducer::State;
-  const int64_t channel = static_cast<int64_t>(blockIdx.y) * kChannelTile + threadIdx.x;
+  const int64_t tile = blockIdx.x / splits;
+  const int64_t split = blockIdx.x - tile * splits;
+  const int64_t channel = tile * kChannelTile + threadIdx.x;
   State state = reducer.identity();
   if (channel < channels) {
     const auto ctx = reducer.context(channel);
-    const int64_t step = static_cast<int64_t>(gridDim.x) * kRowThreads;
-    for (int64_t r = static_cast<int64_t>(blockIdx.x) * kRowThreads + threadIdx.y; r < rows; r += step) {
+    const int64_t step = splits * kRowThreads;
+    for (int64_t r = split * kRowThreads + threadIdx.y; r < rows; r += step) {
       reducer.add(state, r * channels + channel, ctx);
     }
   }
@@ -171,7 +178,7 @@ __global__ void reduce_channel_inner_kernel(Reducer reducer, typename Reducer::S
   __syncthreads();
   if (threadIdx.y == 0 && channel < channels) {
     for (int k = 1; k < kRowThreads; ++k) state = Reducer::merge(state, row_states[k][threadIdx.x]);
-    partial[channel * gridDim.x + blockIdx.x] = state;
+    partial[channel * splits + split] = state;
   }
 }
 
@@ -302,44 +309,41 @@ const acc_t* optional_pointer(const std::optional<at::Tensor>& tensor) {
 }
 
 // Runs the partial kernel of `reducer` over the prepared input and returns
-// the partials (C x splits states) and the number of splits.
+// the partials (C x splits states) and the number of splits. The device is
+// full when every SM holds as many blocks as this kernel's occupancy allows.
 template <typename Reducer>
 std::pair<at::Tensor, int64_t> reduce_partials(const Reducer& reducer, const BatchNormInput& p) {
   using State = typename Reducer::State;
   const BatchNormGeometry& g = p.geometry;
   const auto stream = cuda::current_stream();
   const int64_t sms = cuda::device_properties().multiProcessorCount;
-  const int64_t target_blocks = sms * 4;
-  int64_t splits;
+  auto partials = [&](int64_t splits) {
+    return at::empty({g.channels * splits * static_cast<int64_t>(sizeof(State))}, p.input.options().dtype(at::kByte));
+  };
   if (g.channels_inner) {
-    const int64_t channel_tiles = (g.channels + kChannelTile - 1) / kChannelTile;
-    const int64_t rows = g.rows();
-    splits = std::max<int64_t>(1, std::min((rows + kRowThreads * kMinElementsPerThread - 1) / (kRowThreads * kMinElementsPerThread),
-                                           (target_blocks + channel_tiles - 1) / channel_tiles));
-    splits = std::min<int64_t>(splits, 65535);
-    at::Tensor partial = at::empty({g.channels * splits * static_cast<int64_t>(sizeof(State))},
-                                   p.input.options().dtype(at::kByte));
-    TORCH_CHECK(channel_tiles <= 65535, "regops batch_norm: too many channels for one launch: ", g.channels);
-    const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(channel_tiles));
+    const auto kernel = reduce_channel_inner_kernel<Reducer>;
     const dim3 block(kChannelTile, kRowThreads);
-    cuda::launch(reduce_channel_inner_kernel<Reducer>, grid, block, 0, stream,
-        reducer, reinterpret_cast<State*>(partial.mutable_data_ptr()), rows, g.channels);
+    const int64_t target_blocks = sms * cuda::max_active_blocks_per_sm(kernel, kChannelTile * kRowThreads);
+    const ReductionLaunch config = reduction_launch((g.channels + kChannelTile - 1) / kChannelTile, g.rows(),
+                                                    kRowThreads * kMinElementsPerThread, target_blocks);
+    TORCH_CHECK(config.blocks <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
+    at::Tensor partial = partials(config.splits);
+    cuda::launch(kernel, dim3(static_cast<unsigned>(config.blocks)), block, 0, stream,
+        reducer, reinterpret_cast<State*>(partial.mutable_data_ptr()), g.rows(), g.channels, config.splits);
     REGOPS_KERNEL_LAUNCH_CHECK();
-    return {partial, splits};
+    return {partial, config.splits};
   }
-  const int64_t count = g.count_per_channel();
-  const int64_t per_thread_limit = (count + kThreads * kMinElementsPerThread - 1) / (kThreads * kMinElementsPerThread);
-  splits = std::max<int64_t>(1, std::min(per_thread_limit, (target_blocks + g.channels - 1) / g.channels));
-  splits = std::min<int64_t>(splits, 65535);
-  const int64_t per_block = (count + splits - 1) / splits;
-  at::Tensor partial = at::empty({g.channels * splits * static_cast<int64_t>(sizeof(State))},
-                                 p.input.options().dtype(at::kByte));
-  TORCH_CHECK(g.channels <= 65535, "regops batch_norm: too many channels for one launch: ", g.channels);
-  const dim3 grid(static_cast<unsigned>(splits), static_cast<unsigned>(g.channels));
-  cuda::launch(reduce_spatial_inner_kernel<Reducer>, grid, kThreads, 0, stream,
-      reducer, reinterpret_cast<State*>(partial.mutable_data_ptr()), g.batch, g.channels, g.spatial, per_block);
+  const auto kernel = reduce_spatial_inner_kernel<Reducer>;
+  const int64_t target_blocks = sms * cuda::max_active_blocks_per_sm(kernel, kThreads);
+  const ReductionLaunch config =
+      reduction_launch(g.channels, g.count_per_channel(), kThreads * kMinElementsPerThread, target_blocks);
+  TORCH_CHECK(config.blocks <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
+  at::Tensor partial = partials(config.splits);
+  cuda::launch(kernel, dim3(static_cast<unsigned>(config.blocks)), kThreads, 0, stream,
+      reducer, reinterpret_cast<State*>(partial.mutable_data_ptr()), g.batch, g.channels, g.spatial, config.splits,
+      config.items_per_block);
   REGOPS_KERNEL_LAUNCH_CHECK();
-  return {partial, splits};
+  return {partial, config.splits};
 }
 
 // mean, biased var and (with eps >= 0) invstd of every channel.
@@ -387,24 +391,16 @@ void compute_gradient_sums(const BatchNormInput& p, const at::Tensor& dy,
 }
 
 template <typename scalar_t>
-bool can_vectorize(std::initializer_list<const void*> pointers) {
-  constexpr int kBytes = sizeof(scalar_t) * vector_size<scalar_t>();
-  for (const void* pointer : pointers) {
-    if (!is_aligned<kBytes>(pointer)) return false;
-  }
-  return true;
-}
-
-template <typename scalar_t>
 void launch_normalize(const BatchNormInput& p, at::Tensor& output,
                       const ChannelParams<at::opmath_type<scalar_t>>& params, bool relu) {
   const int64_t numel = p.input.numel();
   if (numel == 0) return;
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
   scalar_t* y = output.mutable_data_ptr<scalar_t>();
-  const int64_t blocks = grid_size_for((numel + vector_size<scalar_t>() - 1) / vector_size<scalar_t>(), kThreads);
-  cuda::launch(normalize_kernel<scalar_t, at::opmath_type<scalar_t>>, blocks, kThreads, 0, cuda::current_stream(),
-      x, y, params, elementwise_shape(p), relu, can_vectorize<scalar_t>({x, y}));
+  const auto kernel = normalize_kernel<scalar_t, at::opmath_type<scalar_t>>;
+  const int64_t vectors = (numel + vector_size<scalar_t>() - 1) / vector_size<scalar_t>();
+  cuda::launch(kernel, grid_size_for(kernel, vectors, kThreads), kThreads, 0, cuda::current_stream(),
+      x, y, params, elementwise_shape(p), relu, can_vectorize({x, y}));
   REGOPS_KERNEL_LAUNCH_CHECK();
 }
 
@@ -416,9 +412,10 @@ void launch_grad_input(const BatchNormInput& p, const at::Tensor& dy, at::Tensor
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
   const scalar_t* g = dy.const_data_ptr<scalar_t>();
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-  const int64_t blocks = grid_size_for((numel + vector_size<scalar_t>() - 1) / vector_size<scalar_t>(), kThreads);
-  cuda::launch(grad_input_kernel<scalar_t, at::opmath_type<scalar_t>>, blocks, kThreads, 0, cuda::current_stream(),
-      g, x, out, params, elementwise_shape(p), can_vectorize<scalar_t>({x, g, out}));
+  const auto kernel = grad_input_kernel<scalar_t, at::opmath_type<scalar_t>>;
+  const int64_t vectors = (numel + vector_size<scalar_t>() - 1) / vector_size<scalar_t>();
+  cuda::launch(kernel, grid_size_for(kernel, vectors, kThreads), kThreads, 0, cuda::current_stream(),
+      g, x, out, params, elementwise_shape(p), can_vectorize({x, g, out}));
   REGOPS_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,8 +1,10 @@
 // Dropout on CUDA. One thread handles one mask byte per loop step: eight
 // consecutive elements, two Philox calls, one byte store (a warp writes 32
 // consecutive bytes, so the mask needs neither atomics nor a ballot). Elements
-// move as 16-byte vectors when the pointers allow it (two vectors for float32,
-// one for 16-bit types), with a scalar path for the tail and unaligned views.
+// move as 16-byte vectors when both pointers are 16-byte aligned (one vector
+// for 16-bit types, two for float32, four for float64); the tail and
+// unaligned views go element by element, all eight loads issued before the
+// first store so that they are in flight together.
 // Traffic per element: read x, write y, plus 1/8 byte of mask.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -30,26 +32,41 @@ struct SeedArg {
 };
 
 // Writes out[first + e] = in[first + e] * (bit e of bits ? scale : 0) for the
-// (up to) eight elements of one mask byte: one or two 16-byte vectors when
-// aligned and whole, element by element otherwise.
+// (up to) eight elements of one mask byte. in and out may be the same
+// memory (in place): every element is read before any is written.
 template <typename scalar_t>
 __device__ __forceinline__ void apply_mask_byte(const scalar_t* in, scalar_t* out, int64_t first, int64_t numel,
                                                 uint32_t bits, at::opmath_type<scalar_t> scale, bool vectorized) {
   using acc_t = at::opmath_type<scalar_t>;
-  using Vec = AlignedVector<scalar_t, kElementsPerByte>;
+  constexpr int kVectorElements = 16 / sizeof(scalar_t);
+  constexpr int kVectors = kElementsPerByte / kVectorElements;
+  static_assert(kVectors * kVectorElements == kElementsPerByte, "a mask byte's elements are whole 16-byte vectors");
+  using Vec = AlignedVector<scalar_t, kVectorElements>;
   if (vectorized && first + kElementsPerByte <= numel) {
-    const Vec loaded = load_vector<Vec>(in + first);
-    Vec result;
+    Vec values[kVectors];
 #pragma unroll
-    for (int e = 0; e < kElementsPerByte; ++e) {
-      result.value[e] = static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(loaded.value[e]), (bits >> e) & 1u, scale));
+    for (int v = 0; v < kVectors; ++v) values[v] = load_vector<Vec>(in + first + v * kVectorElements);
+#pragma unroll
+    for (int v = 0; v < kVectors; ++v) {
+#pragma unroll
+      for (int e = 0; e < kVectorElements; ++e) {
+        const uint32_t keep = (bits >> (v * kVectorElements + e)) & 1u;
+        values[v].value[e] = static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(values[v].value[e]), keep, scale));
+      }
     }
-    store_vector(out + first, result);
+#pragma unroll
+    for (int v = 0; v < kVectors; ++v) store_vector(out + first + v * kVectorElements, values[v]);
     return;
   }
-  const int count = static_cast<int>(min(static_cast<int64_t>(kElementsPerByte), numel - first));
-  for (int e = 0; e < count; ++e) {
-    out[first + e] = static_cast<scalar_t>(dropout_apply(static_cast<acc_t>(in[first + e]), (bits >> e) & 1u, scale));
+  const int64_t count = min(static_cast<int64_t>(kElementsPerByte), numel - first);
+  acc_t values[kElementsPerByte];
+#pragma unroll
+  for (int e = 0; e < kElementsPerByte; ++e) {
+    if (e < count) values[e] = static_cast<acc_t>(in[first + e]);
+  }
+#pragma unroll
+  for (int e = 0; e < kElementsPerByte; ++e) {
+    if (e < count) out[first + e] = static_cast<scalar_t>(dropout_apply(values[e], (bits >> e) & 1u, scale));
   }
 }
 
@@ -90,13 +107,6 @@ __global__ void philox_kernel(const int64_t* counter, const int64_t* key, int64_
   for (int w = 0; w < 4; ++w) out[4 * i + w] = r.x[w];
 }
 
-template <typename scalar_t>
-bool can_vectorize(const void* a, const void* b) {
-  // 16-byte accesses only: for float64 a byte's eight elements are 64 bytes.
-  constexpr int kBytes = sizeof(scalar_t) * kElementsPerByte;
-  return sizeof(scalar_t) <= 4 && is_aligned<kBytes>(a) && is_aligned<kBytes>(b);
-}
-
 SeedArg make_seed_arg(const at::Tensor& seed) {
   TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
               "regops dropout: seed must be a one-element int64 tensor");
@@ -114,14 +124,14 @@ at::Tensor run_forward(const at::Tensor& input, at::Tensor& output, double p, co
               " but input is on ", input.device());
   const SeedArg seed_arg = make_seed_arg(seed);
   const auto stream = cuda::current_stream();
-  const int64_t blocks = grid_size_for(mask_bytes, kThreads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_dropout_forward_cuda", [&] {
     const scalar_t* in = input.const_data_ptr<scalar_t>();
     scalar_t* out = output.mutable_data_ptr<scalar_t>();
-    cuda::launch(dropout_forward_kernel<scalar_t>, blocks, kThreads, 0, stream,
+    const auto kernel = dropout_forward_kernel<scalar_t>;
+    cuda::launch(kernel, grid_size_for(kernel, mask_bytes, kThreads), kThreads, 0, stream,
         in, out, store_mask ? mask.mutable_data_ptr<uint8_t>() : nullptr, numel, mask_bytes, seed_arg,
         static_cast<uint64_t>(offset), dropout_threshold(p),
-        static_cast<at::opmath_type<scalar_t>>(dropout_scale(p)), can_vectorize<scalar_t>(in, out));
+        static_cast<at::opmath_type<scalar_t>>(dropout_scale(p)), can_vectorize({in, out}));
     REGOPS_KERNEL_LAUNCH_CHECK();
   });
   return mask;
@@ -150,13 +160,14 @@ at::Tensor dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& mask,
   if (numel == 0) return grad_input;
   const at::Tensor mask_contiguous = mask.contiguous();
   const auto stream = cuda::current_stream();
-  const int64_t blocks = grid_size_for((numel + kElementsPerByte - 1) / kElementsPerByte, kThreads);
+  const int64_t mask_bytes = (numel + kElementsPerByte - 1) / kElementsPerByte;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "regops_dropout_backward_cuda", [&] {
     const scalar_t* in = contiguous.const_data_ptr<scalar_t>();
     scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
-    cuda::launch(dropout_backward_kernel<scalar_t>, blocks, kThreads, 0, stream,
+    const auto kernel = dropout_backward_kernel<scalar_t>;
+    cuda::launch(kernel, grid_size_for(kernel, mask_bytes, kThreads), kThreads, 0, stream,
         in, mask_contiguous.const_data_ptr<uint8_t>(), out, numel,
-        static_cast<at::opmath_type<scalar_t>>(dropout_scale(p)), can_vectorize<scalar_t>(in, out));
+        static_cast<at::opmath_type<scalar_t>>(dropout_scale(p)), can_vectorize({in, out}));
     REGOPS_KERNEL_LAUNCH_CHECK();
   });
   return grad_input;

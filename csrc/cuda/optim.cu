@@ -1,17 +1,19 @@
-// Penalized SGD and AdamW on CUDA: a multi-tensor apply. All tensors of a
-// (device, dtype) group go to one kernel launch: the host packs a table of
-// data pointers, element counts, step-count pointers and, for every CUDA
-// block, which tensor and which chunk of kChunk elements it updates; the
-// table travels in one asynchronous copy from pinned memory (no host sync,
-// no per-tensor launches, no limit on the number of tensors). Each block
-// moves its chunk as 16-byte vectors when every list's pointer is aligned,
-// with a scalar path for the tail and unaligned tensors. The element update
-// is regops/optim.h, shared with the CPU kernel.
+// Penalized SGD and AdamW on CUDA: a multi-tensor apply. The tensors of a
+// (device, dtype) group go to as few kernel launches as the table allows:
+// the host fills a table of data pointers, element counts, step-count
+// pointers and, for every CUDA block, which tensor and which chunk of kChunk
+// elements it updates, and passes it by value as a kernel argument (as
+// Apex's multi_tensor_apply does). Nothing is allocated or copied per step
+// and nothing waits for the device, so a step can be captured in a CUDA
+// graph and replayed; a group larger than one table takes several launches.
+// Each block moves its chunk as 16-byte vectors when every list's pointer is
+// aligned, with a scalar path for the tail and unaligned tensors. The element
+// update is regops/optim.h, shared with the CPU kernel.
 //
 // Bytes per parameter (element size e): SGD 3e (5e with momentum), AdamW 7e
-// (9e with amsgrad); the table adds 16 bytes per block of kChunk elements.
-// lr (tensor overload), GradScaler's grad_scale and found_inf and the clip
-// coefficient are read on the device.
+// (9e with amsgrad); AdamW adds one launch that counts the step. lr (tensor
+// overload), GradScaler's grad_scale and found_inf and the clip coefficient
+// are read on the device.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -25,37 +27,91 @@ namespace regops {
 namespace {
 
 constexpr int kThreads = 512;
-constexpr int64_t kChunk = 1 << 16;  // elements per block: 128 per thread, so the 16-byte table read is noise
+constexpr int64_t kChunk = 1 << 16;  // elements per block: 128 per thread, so the table lookup is noise
 
-// Device views of the packed table (int64 words; pointers as integers).
+// Kernel arguments are limited to 4 KB on older toolkits and drivers (32 KB
+// since CUDA 12.1 on Volta and newer): a table takes 3840 bytes of them, the
+// functor and the other arguments the rest.
+constexpr size_t kArgumentBytes = 4096;
+constexpr size_t kTableBytes = 3840;
+constexpr int kMaxBlocks = 320;  // 320 * 64K elements = 21M elements per launch
+
+// One launch's tensors (kLists data pointers, numel and step count each) and
+// blocks (tensor slot and chunk index each).
+template <int kLists>
 struct TensorTable {
-  const int64_t* addresses;     // [tensor][list]
-  const int64_t* numels;        // [tensor]
-  const int64_t* steps;         // [tensor]: float* of the step count, or 0
-  const int64_t* block_tensor;  // [block]
-  const int64_t* block_start;   // [block]
+  static constexpr int kMaxTensors =
+      static_cast<int>((kTableBytes - kMaxBlocks * (sizeof(int32_t) + sizeof(uint8_t))) / (8 * (kLists + 2)));
+  static_assert(kMaxTensors <= 256, "block_tensor is a uint8_t");
+  void* addresses[kLists][kMaxTensors];
+  int64_t numels[kMaxTensors];
+  float* steps[kMaxTensors];  // AdamW's step counts; null for SGD and the norm
+  int32_t block_chunk[kMaxBlocks];
+  uint8_t block_tensor[kMaxBlocks];
 };
 
 __device__ __forceinline__ bool aligned16(const void* pointer) {
   return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
 }
 
+// Calls launch(table, blocks, first_block) for consecutive tables that
+// together cover every chunk of every non-empty tensor of lists[0], in order
+// (first_block: the number of blocks of the earlier launches). A tensor whose
+// chunks do not all fit continues in the next table.
+template <int kLists, typename Launch>
+void for_each_table(const std::vector<at::TensorList>& lists, at::TensorList steps, const Launch& launch) {
+  using Table = TensorTable<kLists>;
+  TORCH_INTERNAL_ASSERT(lists.size() == kLists);
+  Table table{};
+  int slot = 0, blocks = 0;
+  int64_t first_block = 0;
+  const at::TensorList params = lists[0];
+  for (size_t t = 0; t < params.size(); ++t) {
+    const int64_t numel = params[t].numel();
+    if (numel == 0) continue;
+    for (int l = 0; l < kLists; ++l) table.addresses[l][slot] = lists[l][t].data_ptr();
+    table.numels[slot] = numel;
+    table.steps[slot] = steps.empty() ? nullptr : steps[t].mutable_data_ptr<float>();
+    const int64_t chunks = (numel + kChunk - 1) / kChunk;
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      table.block_tensor[blocks] = static_cast<uint8_t>(slot);
+      table.block_chunk[blocks] = static_cast<int32_t>(chunk);
+      ++blocks;
+      const bool tensor_done = chunk + 1 == chunks;
+      if (blocks < kMaxBlocks && !(tensor_done && slot + 1 == Table::kMaxTensors)) continue;
+      launch(table, blocks, first_block);
+      first_block += blocks;
+      blocks = 0;
+      if (tensor_done) {
+        slot = -1;  // the next tensor starts a fresh table
+      } else {      // this tensor carries on, from slot 0 of the next table
+        for (int l = 0; l < kLists; ++l) table.addresses[l][0] = table.addresses[l][slot];
+        table.numels[0] = table.numels[slot];
+        table.steps[0] = table.steps[slot];
+        slot = 0;
+      }
+    }
+    ++slot;
+  }
+  if (blocks > 0) launch(table, blocks, first_block);
+}
+
 // kLists lists; list 1 (the gradients) is read only. Functor:
 //   using Coefficients = ...;
-//   __device__ bool prepare(const TensorTable&, int64_t tensor, Coefficients&) const  (false: skip)
+//   __device__ bool prepare(const float* step, Coefficients&) const  (false: skip)
 //   __device__ void apply(float (&x)[kLists], const Coefficients&) const
 template <typename scalar_t, int kLists, typename Functor>
-__global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTable table, Functor functor) {
-  const int64_t tensor = table.block_tensor[blockIdx.x];
-  const int64_t start = table.block_start[blockIdx.x];
+__global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTable<kLists> table, Functor functor) {
+  const int tensor = table.block_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunk;
   const int64_t n = min(kChunk, table.numels[tensor] - start);
   typename Functor::Coefficients coefficients;
-  if (!functor.prepare(table, tensor, coefficients)) return;
+  if (!functor.prepare(table.steps[tensor], coefficients)) return;
   scalar_t* lists[kLists];
   bool aligned = true;
 #pragma unroll
   for (int l = 0; l < kLists; ++l) {
-    lists[l] = reinterpret_cast<scalar_t*>(table.addresses[tensor * kLists + l]) + start;
+    lists[l] = static_cast<scalar_t*>(table.addresses[l][tensor]) + start;
     aligned = aligned && aligned16(lists[l]);
   }
   constexpr int kVector = 16 / sizeof(scalar_t);
@@ -113,7 +169,7 @@ struct SGDFunctor {
   float proximal_l1;  // l1 in proximal mode, else 0
   DeviceScalars scalars;
 
-  __device__ bool prepare(const TensorTable&, int64_t, SGDCoefficients& c) const {
+  __device__ bool prepare(const float*, SGDCoefficients& c) const {
     if (scalars.skip()) return false;
     c = base;
     c.gradient.grad_factor = base.gradient.grad_factor * scalars.grad_factor();  // keeps maximize's sign
@@ -139,9 +195,9 @@ struct AdamWFunctor {
 
   // Every thread derives its tensor's factors from the step count (before
   // this step's increment, which a later kernel applies).
-  __device__ bool prepare(const TensorTable& table, int64_t tensor, AdamWCoefficients& c) const {
+  __device__ bool prepare(const float* step_count, AdamWCoefficients& c) const {
     if (scalars.skip()) return false;
-    const double step = static_cast<double>(*reinterpret_cast<const float*>(table.steps[tensor])) + 1.0;
+    const double step = static_cast<double>(*step_count) + 1.0;
     const double rate = scalars.lr != nullptr ? static_cast<double>(*scalars.lr) : lr;
     c = adamw_coefficients(rate, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize, step,
                            scalars.grad_factor());
@@ -154,54 +210,16 @@ struct AdamWFunctor {
   }
 };
 
-__global__ void increment_steps_kernel(const int64_t* steps, int64_t count, const float* found_inf) {
-  const int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i >= count || (found_inf != nullptr && *found_inf != 0.0f)) return;
-  *reinterpret_cast<float*>(steps[i]) += 1.0f;
-}
-
-// The table for `lists` (all of one device), on that device. Layout in int64
-// words: addresses, numels, steps, block_tensor, block_start.
-struct PackedTable {
-  at::Tensor storage;  // keeps the device copy alive until the launch is queued
-  TensorTable table;
-  int64_t blocks;
+// The step counts of up to kMaxSteps tensors, by value as the tables are.
+struct StepTable {
+  static constexpr int kMaxSteps = static_cast<int>(kTableBytes / sizeof(float*));
+  float* steps[kMaxSteps];
 };
 
-PackedTable pack_table(const std::vector<at::TensorList>& lists, at::TensorList steps) {
-  const at::TensorList params = lists[0];
-  const int64_t tensors = static_cast<int64_t>(params.size());
-  const int64_t num_lists = static_cast<int64_t>(lists.size());
-  std::vector<int64_t> block_tensor, block_start;
-  for (int64_t t = 0; t < tensors; ++t) {
-    for (int64_t start = 0; start < params[t].numel(); start += kChunk) {
-      block_tensor.push_back(t);
-      block_start.push_back(start);
-    }
-  }
-  const int64_t blocks = static_cast<int64_t>(block_tensor.size());
-  const int64_t words = tensors * (num_lists + 2) + 2 * blocks;
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
-  int64_t* w = host.mutable_data_ptr<int64_t>();
-  for (int64_t t = 0; t < tensors; ++t) {
-    for (int64_t l = 0; l < num_lists; ++l) w[t * num_lists + l] = reinterpret_cast<int64_t>(lists[l][t].data_ptr());
-  }
-  int64_t* numels = w + tensors * num_lists;
-  int64_t* step_pointers = numels + tensors;
-  int64_t* tensor_of_block = step_pointers + tensors;
-  int64_t* start_of_block = tensor_of_block + blocks;
-  for (int64_t t = 0; t < tensors; ++t) {
-    numels[t] = params[t].numel();
-    step_pointers[t] = steps.empty() ? 0 : reinterpret_cast<int64_t>(steps[t].data_ptr());
-  }
-  std::copy(block_tensor.begin(), block_tensor.end(), tensor_of_block);
-  std::copy(block_start.begin(), block_start.end(), start_of_block);
-  // The caching host allocator keeps the pinned buffer until the copy is done.
-  at::Tensor device = host.to(params[0].device(), /*non_blocking=*/true);
-  const int64_t* d = device.const_data_ptr<int64_t>();
-  TensorTable table{d, d + tensors * num_lists, d + tensors * (num_lists + 1), d + tensors * (num_lists + 2),
-                    d + tensors * (num_lists + 2) + blocks};
-  return {device, table, blocks};
+__global__ void increment_steps_kernel(StepTable table, int count, const float* found_inf) {
+  const int i = static_cast<int>(blockIdx.x * blockDim.x + threadIdx.x);
+  if (i >= count || (found_inf != nullptr && *found_inf != 0.0f)) return;
+  *table.steps[i] += 1.0f;
 }
 
 void check_cuda(const char* op, at::TensorList params) {
@@ -221,11 +239,12 @@ DeviceScalars device_scalars(const at::Tensor* lr, const c10::optional<at::Tenso
 
 template <typename scalar_t, int kLists, typename Functor>
 void launch(const std::vector<at::TensorList>& lists, at::TensorList steps, const Functor& functor) {
-  PackedTable packed = pack_table(lists, steps);
-  if (packed.blocks == 0) return;
-  cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, Functor>, packed.blocks, kThreads, 0, cuda::current_stream(),
-               packed.table, functor);
-  REGOPS_KERNEL_LAUNCH_CHECK();
+  static_assert(sizeof(TensorTable<kLists>) + sizeof(Functor) <= kArgumentBytes, "kernel arguments over 4 KB");
+  const auto stream = cuda::current_stream();
+  for_each_table<kLists>(lists, steps, [&](const TensorTable<kLists>& table, int blocks, int64_t) {
+    cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, Functor>, blocks, kThreads, 0, stream, table, functor);
+    REGOPS_KERNEL_LAUNCH_CHECK();
+  });
 }
 
 void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
@@ -297,11 +316,14 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     }
   });
   // Count the step after the update has read the old count (same stream).
-  PackedTable steps = pack_table({state_steps}, {});
-  const int64_t count = static_cast<int64_t>(state_steps.size());
-  cuda::launch(increment_steps_kernel, (count + 255) / 256, 256, 0, cuda::current_stream(),
-      steps.table.addresses, count, scalars.found_inf);
-  REGOPS_KERNEL_LAUNCH_CHECK();
+  StepTable steps{};
+  for (size_t first = 0; first < state_steps.size(); first += StepTable::kMaxSteps) {
+    const int count = static_cast<int>(std::min<size_t>(StepTable::kMaxSteps, state_steps.size() - first));
+    for (int i = 0; i < count; ++i) steps.steps[i] = state_steps[first + i].mutable_data_ptr<float>();
+    cuda::launch(increment_steps_kernel, (count + 255) / 256, 256, 0, cuda::current_stream(), steps, count,
+                 scalars.found_inf);
+    REGOPS_KERNEL_LAUNCH_CHECK();
+  }
 }
 
 void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -324,7 +346,9 @@ void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::
              weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef);
 }
 
-// --- multi_tensor_norm: per-block float32 partial sums, then one block sums them.
+// --- multi_tensor_norm: per-block float32 partial sums, then one block sums
+// them in block order, so the result does not depend on how many launches
+// the partials took.
 
 // The sum of every thread's value of a block of kThreads, in a fixed order
 // (warp shuffles, then the warp sums in turn), valid in thread 0.
@@ -341,11 +365,11 @@ __device__ __forceinline__ float block_sum(float value) {
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) sum_of_squares_kernel(TensorTable table, float* partials) {
-  const int64_t tensor = table.block_tensor[blockIdx.x];
-  const int64_t start = table.block_start[blockIdx.x];
+__global__ void __launch_bounds__(kThreads) sum_of_squares_kernel(TensorTable<1> table, float* partials) {
+  const int tensor = table.block_tensor[blockIdx.x];
+  const int64_t start = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunk;
   const int64_t n = min(kChunk, table.numels[tensor] - start);
-  const scalar_t* x = reinterpret_cast<const scalar_t*>(table.addresses[tensor]) + start;
+  const scalar_t* x = static_cast<const scalar_t*>(table.addresses[0][tensor]) + start;
   constexpr int kVector = 16 / sizeof(scalar_t);
   using Vector = AlignedVector<scalar_t, kVector>;
   const int64_t vector_end = aligned16(x) ? n / kVector * kVector : 0;
@@ -383,13 +407,16 @@ at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, bool squared) {
   const auto stream = cuda::current_stream();
   dispatch_optimizer_dtype("multi_tensor_norm", tensors[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
-    PackedTable packed = pack_table({at::TensorList(dense)}, {});
-    if (packed.blocks == 0) return;
-    at::Tensor partials = at::empty({packed.blocks}, result.options());
-    cuda::launch(sum_of_squares_kernel<scalar_t>, packed.blocks, kThreads, 0, stream, packed.table,
-                 partials.mutable_data_ptr<float>());
-    REGOPS_KERNEL_LAUNCH_CHECK();
-    cuda::launch(finish_norm_kernel, 1, kThreads, 0, stream, partials.const_data_ptr<float>(), packed.blocks, squared,
+    int64_t blocks = 0;
+    for (const at::Tensor& t : dense) blocks += (t.numel() + kChunk - 1) / kChunk;
+    if (blocks == 0) return;
+    at::Tensor partials = at::empty({blocks}, result.options());
+    float* partial = partials.mutable_data_ptr<float>();
+    for_each_table<1>({at::TensorList(dense)}, {}, [&](const TensorTable<1>& table, int table_blocks, int64_t first) {
+      cuda::launch(sum_of_squares_kernel<scalar_t>, table_blocks, kThreads, 0, stream, table, partial + first);
+      REGOPS_KERNEL_LAUNCH_CHECK();
+    });
+    cuda::launch(finish_norm_kernel, 1, kThreads, 0, stream, partials.const_data_ptr<float>(), blocks, squared,
                  result.mutable_data_ptr<float>());
     REGOPS_KERNEL_LAUNCH_CHECK();
   });

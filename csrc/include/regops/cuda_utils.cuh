@@ -1,10 +1,12 @@
 // Small helpers shared by the CUDA kernels: aligned vectors for 16-byte
-// loads and stores, and a grid size that fills the device without
-// oversubscribing it (kernels use grid-stride loops with int64 indices).
+// loads and stores, the alignment check that selects them, and a grid size
+// that fills the device without oversubscribing it (kernels use grid-stride
+// loops with int64 indices).
 #pragma once
 
 #include <algorithm>
 #include <cstdint>
+#include <initializer_list>
 
 #include "regops/cuda_runtime.cuh"
 
@@ -39,12 +41,26 @@ __device__ __forceinline__ void store_vector(T* pointer, const Vector& value) {
   *reinterpret_cast<Vector*>(pointer) = value;
 }
 
-// Enough resident blocks to saturate memory bandwidth; more only adds tail
-// effects for a grid-stride loop.
-inline int64_t grid_size_for(int64_t work_items, int threads_per_block, int blocks_per_sm = 8) {
+// Whether every pointer allows 16-byte vector accesses.
+inline bool can_vectorize(std::initializer_list<const void*> pointers) {
+  for (const void* pointer : pointers) {
+    if (!is_aligned<16>(pointer)) return false;
+  }
+  return true;
+}
+
+// Blocks for a grid-stride loop of `kernel` over work_items threads' worth
+// of work: as many as are resident at once on the device (the occupancy of
+// this kernel at this block size, so a kernel with many registers gets fewer
+// blocks per SM), or fewer when there is not that much work. More would only
+// add tail effects.
+template <typename... Params>
+int64_t grid_size_for(void (*kernel)(Params...), int64_t work_items, int threads_per_block,
+                      size_t dynamic_shared_bytes = 0) {
   const int64_t sms = cuda::device_properties().multiProcessorCount;
+  const int64_t resident = std::max(1, cuda::max_active_blocks_per_sm(kernel, threads_per_block, dynamic_shared_bytes));
   const int64_t needed = (work_items + threads_per_block - 1) / threads_per_block;
-  return std::max<int64_t>(1, std::min<int64_t>(needed, sms * blocks_per_sm));
+  return std::max<int64_t>(1, std::min<int64_t>(needed, sms * resident));
 }
 
 }  // namespace regops
