@@ -42,19 +42,19 @@ from regops.triton._launch import launch
 REDUCE_TILE = 1024  # elements of a reduction tile: 4 KiB of float32 per load
 ELEMENTWISE_BLOCK = 1024  # elements per elementwise program: 4 KiB of float32 in, 4 KiB out
 MERGE_BLOCK = 128  # channels a merge program combines
-
-
-def reduce_warps(dtype: torch.dtype) -> int:
-    """Warps of a reduction program: eight elements a thread per tile, one
-    128-bit load for a 16-bit dtype; four for wider dtypes (still 128-bit
-    loads) keeps the three-dimensional float32 tiles clear of spills, which
-    eight elements a thread cause on sm_80."""
-    return 4 if dtype.itemsize == 2 else 8
 # A reduction aims at this many programs (four per SM of a 132-SM H100) and
 # gives each at least MIN_ELEMENTS_PER_PROGRAM elements, so that the partials
 # stay a small fraction of the bytes read.
 TARGET_PROGRAMS = 528
 MIN_ELEMENTS_PER_PROGRAM = 4096
+
+
+def reduce_warps(dtype: torch.dtype) -> int:
+    """Warps of a reduction program. A 16-bit dtype takes four: eight
+    elements a thread per tile, one 128-bit load. Wider dtypes take eight:
+    four elements a thread are still a 128-bit load (two for float64), and
+    eight float32 elements a thread spill on sm_80."""
+    return 4 if dtype.itemsize == 2 else 8
 
 
 @triton.jit
