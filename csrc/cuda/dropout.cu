@@ -146,15 +146,15 @@ at::Tensor dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& mask,
   check_dropout_p(p);
   check_dropout_mask(mask, grad);
   const c10::cuda::CUDAGuard guard(grad.device());
-  const at::Tensor contiguous = grad.contiguous();
-  at::Tensor grad_input = at::empty_like(contiguous, at::MemoryFormat::Contiguous);
+  const at::Tensor work = dropout_work_tensor(grad);  // the mask bits follow its memory order
+  at::Tensor grad_input = dropout_output_like(work);
   const int64_t numel = grad.numel();
   if (numel == 0) return grad_input;
   const at::Tensor mask_contiguous = mask.contiguous();
   const auto stream = at::cuda::getCurrentCUDAStream();
   const int64_t blocks = grid_size_for((numel + kElementsPerByte - 1) / kElementsPerByte, kThreads);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "regops_dropout_backward_cuda", [&] {
-    const scalar_t* in = contiguous.const_data_ptr<scalar_t>();
+    const scalar_t* in = work.const_data_ptr<scalar_t>();
     scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
     dropout_backward_kernel<scalar_t><<<blocks, kThreads, 0, stream>>>(
         in, mask_contiguous.const_data_ptr<uint8_t>(), out, numel,
