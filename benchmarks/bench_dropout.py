@@ -53,7 +53,7 @@ def _regops_providers(device: torch.device) -> list[tuple[str, str, bool]]:
 def _check_regops(x: torch.Tensor, backend: str) -> None:
     with regops.use_backend(backend):
         y, mask = regops.dropout_with_mask(x, P, seed=1234)
-        keep = regops.unpack_mask(mask, x.shape)
+        keep = regops.unpack_mask(mask, like=x)
         expected = reference.dropout_apply(x, keep, P)
         if not torch.equal(y, expected):
             raise AssertionError(f"regops-{backend} dropout output differs from x * keep * scale")

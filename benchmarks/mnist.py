@@ -110,7 +110,7 @@ class MaskReplayDropout(nn.Module):
         if not self.training or self.p == 0.0:
             return x
         _, mask = regops.dropout_with_mask(x.detach(), self.p)
-        keep = regops.unpack_mask(mask, x.shape)
+        keep = regops.unpack_mask(mask, like=x)
         return x * (keep.to(x.dtype) / (1.0 - self.p))
 
 

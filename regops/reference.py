@@ -68,9 +68,37 @@ def dropout_keep(numel: int, p: float, seed: int, offset: int, device=None) -> t
     return flat >= dropout_threshold(p)
 
 
+def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
+    """The dims of ``x`` from outermost to innermost in memory when ``x`` is
+    dense (its elements fill numel consecutive places in some order of dims:
+    contiguous, channels_last, any permutation; the strides of size-1 dims do
+    not matter), so that ``x.permute(order)`` is a contiguous view; None when
+    ``x`` is not dense. The dropout random rule numbers a dense tensor's
+    elements in this order, any other tensor's in row-major order."""
+    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
+    return order if x.permute(order).is_contiguous() else None
+
+
+def in_memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``flat`` (numel values in ``like``'s memory order, or row-major when
+    ``like`` is not dense) as a tensor of ``like``'s shape and layout."""
+    order = memory_order(like)
+    if order is None:
+        return flat.reshape(like.shape)
+    inverse = sorted(range(like.dim()), key=lambda d: order[d])
+    return flat.reshape([like.shape[d] for d in order]).permute(inverse)
+
+
+def flat_in_memory_order(x: torch.Tensor) -> torch.Tensor:
+    """The elements of ``x`` in its memory order (row-major when not dense)."""
+    order = memory_order(x)
+    return (x if order is None else x.permute(order)).reshape(-1)
+
+
 def pack_mask(keep: torch.Tensor) -> torch.Tensor:
-    """Packs a bool mask into the regops mask layout (bit i % 8 of byte i // 8)."""
-    flat = keep.reshape(-1).to(torch.uint8)
+    """Packs a bool mask into the regops mask layout: bit i % 8 of byte i // 8
+    holds element i of ``keep`` in its memory order."""
+    flat = flat_in_memory_order(keep).to(torch.uint8)
     numel = flat.numel()
     padded = torch.zeros(mask_bytes(numel) * 8, dtype=torch.uint8, device=keep.device)
     padded[:numel] = flat
@@ -78,14 +106,16 @@ def pack_mask(keep: torch.Tensor) -> torch.Tensor:
     return (padded.view(-1, 8) * weights).sum(dim=1, dtype=torch.int32).to(torch.uint8)
 
 
-def unpack_mask(mask: torch.Tensor, shape) -> torch.Tensor:
-    """The bool keep-mask of ``shape`` stored in a packed mask."""
+def unpack_mask(mask: torch.Tensor, like) -> torch.Tensor:
+    """The bool keep-mask stored in a packed mask, for a tensor ``like`` (its
+    shape and memory order) or a shape (row-major)."""
+    shape = like.shape if isinstance(like, torch.Tensor) else like
     numel = 1
     for size in shape:
         numel *= size
     shifts = torch.arange(8, device=mask.device, dtype=torch.uint8)
-    bits = (mask.unsqueeze(1) >> shifts) & 1
-    return bits.reshape(-1)[:numel].bool().reshape(shape)
+    bits = ((mask.unsqueeze(1) >> shifts) & 1).reshape(-1)[:numel].bool()
+    return in_memory_order(bits, like) if isinstance(like, torch.Tensor) else bits.reshape(shape)
 
 
 def dropout_apply(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor:
@@ -95,13 +125,22 @@ def dropout_apply(x: torch.Tensor, keep: torch.Tensor, p: float) -> torch.Tensor
     return (x.to(compute) * factor).to(x.dtype)
 
 
+def _work_layout(x: torch.Tensor) -> torch.Tensor:
+    """x as the kernels see it: itself when dense, else a contiguous copy."""
+    return x if memory_order(x) is not None else x.contiguous()
+
+
 def dropout_with_mask(x: torch.Tensor, p: float, seed: int, offset: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    keep = dropout_keep(x.numel(), p, seed, offset, device=x.device).reshape(x.shape)
+    """The output keeps a dense input's layout (a non-dense one comes out contiguous)."""
+    x = _work_layout(x)
+    keep = in_memory_order(dropout_keep(x.numel(), p, seed, offset, device=x.device), x)
     return dropout_apply(x, keep, p), pack_mask(keep)
 
 
 def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
-    return dropout_apply(grad, unpack_mask(mask, grad.shape), p)
+    """Bits in the memory order of ``grad`` (row-major when not dense)."""
+    grad = _work_layout(grad)
+    return dropout_apply(grad, unpack_mask(mask, grad), p)
 
 
 # --- optimizers -------------------------------------------------------------------

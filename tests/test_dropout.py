@@ -165,21 +165,114 @@ def test_gradcheck_float64(backend_device):
     assert torch.autograd.gradgradcheck(lambda t: regops.dropout(t, 0.3, seed=4), (x,))
 
 
-def test_non_contiguous_input_uses_logical_order(backend_device):
+def test_non_dense_input_uses_logical_order(backend_device):
+    """A view with gaps is copied to contiguous: its elements are numbered row-major."""
     backend, device = backend_device
     base = torch.randn(40, 30, device=device)
-    for view in (base.t(), base[:, ::3], base[5:, 2:].t()):
+    for view in (base[:, ::3], base[5:, 2:].t(), base[::2, None]):
         y, mask = regops.dropout_with_mask(view, 0.5, seed=21)
         y_contiguous, mask_contiguous = regops.dropout_with_mask(view.contiguous(), 0.5, seed=21)
-        assert y.shape == view.shape
+        assert y.shape == view.shape and y.is_contiguous()
         assert torch.equal(mask, mask_contiguous) and torch.equal(y, y_contiguous)
+        assert torch.equal(regops.unpack_mask(mask, like=view), regops.unpack_mask(mask, view.shape))
 
 
-def test_channels_last_input(backend_device):
-    _, device = backend_device
-    x = torch.randn(2, 3, 5, 7, device=device).to(memory_format=torch.channels_last)
-    y, mask = regops.dropout_with_mask(x, 0.5, seed=2)
-    assert torch.equal(y, reference.dropout_apply(x, regops.unpack_mask(mask, x.shape), 0.5))
+def _dense_layouts(device):
+    """Dense tensors that are not contiguous, and one that is: each is its
+    memory seen through other strides."""
+    gen = torch.Generator().manual_seed(31)
+    x = torch.randn(3, 5, 7, 4, generator=gen).to(device)
+    return {
+        "channels_last": x.contiguous(memory_format=torch.channels_last),
+        "channels_last_3d": torch.randn(2, 3, 4, 5, 3, generator=gen).to(device).contiguous(
+            memory_format=torch.channels_last_3d),
+        "permuted": x.permute(2, 0, 3, 1),
+        "transposed": torch.randn(33, 17, generator=gen).to(device).t(),
+        "offset": torch.randn(9, 7, 5, generator=gen).to(device)[2:].transpose(0, 2),
+        "size-1 strides": torch.randn(5, 1, 13, 1, generator=gen).to(device).as_strided(
+            (5, 1, 13, 1), (13, 1000, 1, 7)),
+        "contiguous": x,
+    }
+
+
+@pytest.mark.parametrize("layout", list(_dense_layouts("cpu")))
+def test_dense_input_keeps_its_layout_and_memory_order(backend_device, layout):
+    """The random rule numbers a dense tensor's elements in memory order: the
+    output has the input's strides, and mask and output are those of the
+    same memory read as a contiguous tensor, bit for bit on every backend."""
+    backend, device = backend_device
+    x = _dense_layouts(device)[layout]
+    order = reference.memory_order(x)
+    assert order is not None
+    y, mask = regops.dropout_with_mask(x, 0.4, seed=17, offset=3)
+    flat_y, flat_mask = regops.dropout_with_mask(x.permute(order).contiguous(), 0.4, seed=17, offset=3)
+    assert all(a == b for a, b, size in zip(y.stride(), x.stride(), x.shape) if size > 1), (y.stride(), x.stride())
+    assert torch.equal(mask, flat_mask) and torch.equal(y.permute(order), flat_y)
+    assert torch.equal(mask.cpu(), reference.dropout_with_mask(x.cpu(), 0.4, 17, 3)[1])
+    keep = regops.unpack_mask(mask, like=x)
+    assert keep.shape == x.shape
+    assert torch.equal(y, torch.where(keep, x * torch.tensor(1 / 0.6, dtype=x.dtype), torch.zeros_like(x)))
+    # In place: the same bits, and still the same layout.
+    inplace = x.clone(memory_format=torch.preserve_format)
+    regops.dropout(inplace, 0.4, inplace=True, seed=17, offset=3)
+    assert torch.equal(inplace, y)
+
+
+@pytest.mark.parametrize("recompute_mask", [False, True], ids=["mask", "recompute"])
+def test_gradient_in_another_layout_gets_the_right_bits(backend_device, recompute_mask):
+    """A contiguous gradient for a channels_last input (autograd may hand
+    either) is read in the input's memory order, as is the second derivative."""
+    backend, device = backend_device
+    layouts = _dense_layouts(device)
+    cases = (layouts["channels_last"], layouts["size-1 strides"])
+    if triton_interpreted(backend, device):
+        # gradgradcheck launches kernels per element: a small case for the interpreter.
+        cases = (torch.randn(2, 3, 2, 2, device=device).contiguous(memory_format=torch.channels_last),)
+    for x in cases:
+        x = x.double().requires_grad_()
+        y = regops.dropout(x, 0.3, seed=9, recompute_mask=recompute_mask)
+        keep = regops.unpack_mask(regops.dropout_with_mask(x.detach(), 0.3, seed=9)[1], like=x)
+        grad = torch.randn(x.shape, dtype=x.dtype, device=device)
+        for grad_layout in (grad, grad.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else grad.t()):
+            (grad_x,) = torch.autograd.grad(y, x, grad_layout, retain_graph=True)
+            assert torch.equal(grad_x, torch.where(keep, grad * (1 / 0.7), torch.zeros_like(grad)))
+        assert torch.autograd.gradgradcheck(lambda t: regops.dropout(t, 0.3, seed=9, recompute_mask=recompute_mask),
+                                            (x,), gen_non_contig_grad_outputs=True)
+    # The public backward, given the input as like=.
+    x = layouts["channels_last"]
+    _, mask = regops.dropout_with_mask(x, 0.3, seed=9)
+    grad = torch.randn(x.shape, device=device)
+    expected = torch.where(regops.unpack_mask(mask, like=x), grad * torch.tensor(1 / 0.7), torch.zeros_like(grad))
+    assert torch.equal(regops.dropout_backward(grad, mask, 0.3, like=x), expected)
+
+
+def test_dense_input_is_not_copied():
+    """The CPU kernels read a dense input where it lies: no copy in the
+    forward or the backward (the profiler does see the copy of a non-dense input)."""
+    def copies(fn):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            fn()
+        return [e.name for e in prof.events() if e.name in ("aten::copy_", "aten::clone", "aten::contiguous")]
+
+    x = _dense_layouts("cpu")["channels_last"].requires_grad_()
+    with regops.use_backend("cpu"):
+        y = regops.dropout(x, 0.5, seed=1)
+        grad = torch.randn_like(y)
+        assert copies(lambda: regops.dropout(x, 0.5, seed=1)) == []
+        assert copies(lambda: torch.autograd.grad(y, x, grad, retain_graph=True)) == []
+        assert copies(lambda: regops.dropout(x.detach()[:, :, ::2], 0.5, seed=1)) != []
+
+
+def test_unpack_mask_arguments():
+    x = torch.randn(4, 6)
+    _, mask = regops.dropout_with_mask(x, 0.5, seed=1)
+    assert torch.equal(regops.unpack_mask(mask, x.shape), regops.unpack_mask(mask, like=x))
+    with pytest.raises(ValueError, match="contradicts like's shape"):
+        regops.unpack_mask(mask, (6, 4), like=x)
+    with pytest.raises(ValueError, match="needs the shape"):
+        regops.unpack_mask(mask)
+    with pytest.raises(ValueError, match="like must have grad's shape"):
+        regops.dropout_backward(x, mask, 0.5, like=x.t())
 
 
 def test_empty_input(backend_device):
@@ -340,7 +433,13 @@ def _opcheck_args():
     _, mask = torch.ops.regops.dropout_forward(x, 0.3, seed, 7, True)
     counter = torch.tensor([kat[0] for kat in PHILOX_KAT], dtype=torch.int64)
     key = torch.tensor([kat[1] for kat in PHILOX_KAT], dtype=torch.int64)
+    # Dense and not contiguous: the output keeps the layout (the fake kernel too).
+    x_nhwc = torch.randn(2, 3, 4, 5, dtype=torch.float64).contiguous(memory_format=torch.channels_last)
+    _, mask_nhwc = torch.ops.regops.dropout_forward(x_nhwc, 0.3, seed, 7, True)
     return [
+        ("dropout_forward", (x_nhwc.clone().requires_grad_(), 0.3, seed, 7, True)),
+        ("dropout_forward_", (x_nhwc.clone(), 0.3, seed, 7, False)),
+        ("dropout_backward", (torch.randn_like(x_nhwc).requires_grad_(), mask_nhwc, 0.3)),
         ("dropout_forward", (x.clone().requires_grad_(), 0.3, seed, 7, True)),
         ("dropout_forward", (x.clone().requires_grad_(), 0.3, seed, 7, False)),
         ("dropout_forward_", (x.clone(), 0.3, seed, 7, True)),

@@ -86,7 +86,7 @@ def test_dropout_nan_inf_like_torch(backend_device, dtype, p):
     n = 300 if triton_interpreted(backend, device) else 2000
     x = specials(n, dtype, device, seed=int(p * 10)).requires_grad_()
     y, mask = regops.dropout_with_mask(x, p, seed=11)
-    keep = regops.unpack_mask(mask, x.shape)
+    keep = regops.unpack_mask(mask, like=x)
     scale = 0.0 if p == 1.0 else 1.0 / (1.0 - p)
     loose = triton_interpreted(backend, device)
     assert_same_floats(y, torch.ops.aten.native_dropout_backward(x.detach(), keep, scale), loose)

@@ -165,7 +165,7 @@ def test_dropout_matches_torch_formula(pair, case, p):
     x = make_tensor(shape, layout, dtype, device, value_seed)
     with regops.use_backend(backend):
         y, mask = regops.dropout_with_mask(x, p, seed=value_seed)
-        keep = regops.unpack_mask(mask, shape)
+        keep = regops.unpack_mask(mask, like=x)
     scale = torch.tensor(0.0 if p == 1.0 else 1.0 / (1.0 - p), dtype=torch.float32)
     assert torch.equal(y, x * torch.where(keep, scale, torch.zeros(())))
     if p == 0.0:

@@ -112,7 +112,8 @@ void dropout_backward_kernel(const scalar_t* grad, const uint8_t* mask, scalar_t
   });
 }
 
-// Writes dropout(input) into output (both contiguous, possibly the same).
+// Writes dropout(input) into output (dense with the same strides, possibly
+// the same tensor), element k in memory taking bit k.
 at::Tensor run_forward(const at::Tensor& input, at::Tensor& output, double p, const at::Tensor& seed,
                        int64_t offset, bool store_mask) {
   const int64_t numel = input.numel();
@@ -146,13 +147,13 @@ at::Tensor dropout_backward_cpu(const at::Tensor& grad, const at::Tensor& mask, 
   check_dropout_input(grad, "grad");
   check_dropout_p(p);
   check_dropout_mask(mask, grad);
-  const at::Tensor contiguous = grad.contiguous();
-  at::Tensor grad_input = at::empty_like(contiguous, at::MemoryFormat::Contiguous);
+  const at::Tensor work = dropout_work_tensor(grad);  // the mask bits follow its memory order
+  at::Tensor grad_input = dropout_output_like(work);
   if (grad.numel() == 0) return grad_input;
   advise_huge_pages(grad_input);
   const at::Tensor mask_contiguous = mask.contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "regops_dropout_backward_cpu", [&] {
-    dropout_backward_kernel<scalar_t>(contiguous.const_data_ptr<scalar_t>(), mask_contiguous.const_data_ptr<uint8_t>(),
+    dropout_backward_kernel<scalar_t>(work.const_data_ptr<scalar_t>(), mask_contiguous.const_data_ptr<uint8_t>(),
                                       grad_input.mutable_data_ptr<scalar_t>(), grad.numel(), dropout_scale(p));
   });
   return grad_input;

@@ -154,15 +154,15 @@ at::Tensor dropout_backward_cuda(const at::Tensor& grad, const at::Tensor& mask,
   check_dropout_p(p);
   check_dropout_mask(mask, grad);
   const cuda::DeviceGuard guard(grad.device());
-  const at::Tensor contiguous = grad.contiguous();
-  at::Tensor grad_input = at::empty_like(contiguous, at::MemoryFormat::Contiguous);
+  const at::Tensor work = dropout_work_tensor(grad);  // the mask bits follow its memory order
+  at::Tensor grad_input = dropout_output_like(work);
   const int64_t numel = grad.numel();
   if (numel == 0) return grad_input;
   const at::Tensor mask_contiguous = mask.contiguous();
   const auto stream = cuda::current_stream();
   const int64_t mask_bytes = (numel + kElementsPerByte - 1) / kElementsPerByte;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "regops_dropout_backward_cuda", [&] {
-    const scalar_t* in = contiguous.const_data_ptr<scalar_t>();
+    const scalar_t* in = work.const_data_ptr<scalar_t>();
     scalar_t* out = grad_input.mutable_data_ptr<scalar_t>();
     const auto kernel = dropout_backward_kernel<scalar_t>;
     cuda::launch(kernel, grid_size_for(kernel, mask_bytes, kThreads), kThreads, 0, stream,

@@ -3,7 +3,10 @@ the backward regenerates it from (seed, offset).
 
 Semantics of ``torch.nn.functional.dropout``: y = x * keep / (1 - p). Which
 elements are kept follows the regops random rule (csrc/include/regops/philox.h,
-README.md), identical on every backend.
+README.md), identical on every backend. A dense input (contiguous,
+channels_last, any permutation of dims) is processed in memory order without
+a copy and its output has the same layout; the rule numbers its elements in
+that order. Any other input is copied to contiguous first.
 """
 
 from __future__ import annotations
@@ -69,9 +72,10 @@ def dropout_with_mask(input: torch.Tensor, p: float, *, seed: int | None = None,
     """Dropout that also returns its packed keep-mask.
 
     Returns ``(output, mask)``; ``mask`` is a flat uint8 tensor where element i
-    (flat row-major index of ``input``) is bit i % 8, least significant first,
-    of byte i // 8, padded with zero bits to a multiple of 16 bytes. The output
-    is differentiable (its backward uses the mask).
+    (in the memory order of a dense ``input``, else row-major) is bit i % 8,
+    least significant first, of byte i // 8, padded with zero bits to a
+    multiple of 16 bytes; ``unpack_mask(mask, like=input)`` reads it back.
+    The output is differentiable (its backward uses the mask).
     """
     check_tensor(input, "input")
     p = check_probability(p, "p")
@@ -107,11 +111,20 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
     return input.copy_(output) if inplace else output
 
 
-def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
-    """grad * keep / (1 - p), with keep read from a packed mask."""
+def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float, *,
+                     like: torch.Tensor | None = None) -> torch.Tensor:
+    """grad * keep / (1 - p), with keep read from a packed mask whose bits
+    follow the memory order of ``like`` (the input of the dropout that made
+    the mask; by default ``grad`` itself): a gradient in another layout is
+    first copied into that one."""
     check_tensor(grad, "grad")
     check_tensor(mask, "mask", floating=False)
     p = check_probability(p, "p")
+    if like is not None:
+        check_tensor(like, "like", floating=False)
+        if like.shape != grad.shape:
+            raise ValueError(f"like must have grad's shape {tuple(grad.shape)}, got {tuple(like.shape)}")
+        grad = _in_layout(grad, _kernel_stride(like))
     expected = reference.mask_bytes(grad.numel())
     if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != expected:
         raise ValueError(f"mask must be a flat uint8 tensor of {expected} bytes for a grad of {grad.numel()} "
@@ -123,15 +136,44 @@ def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.
     return _ops(backend)[2](grad, mask, p)
 
 
-def unpack_mask(mask: torch.Tensor, shape) -> torch.Tensor:
-    """The bool keep-mask of ``shape`` stored in a packed dropout mask."""
+def unpack_mask(mask: torch.Tensor, shape=None, *, like: torch.Tensor | None = None) -> torch.Tensor:
+    """The bool keep-mask stored in a packed dropout mask: for the tensor
+    ``like`` that was dropped out (its shape, and its memory order when it is
+    dense), or for a row-major tensor of ``shape``."""
     check_tensor(mask, "mask", floating=False)
+    if like is not None:
+        check_tensor(like, "like", floating=False)
+        if shape is not None and torch.Size(shape) != like.shape:
+            raise ValueError(f"shape {tuple(shape)} contradicts like's shape {tuple(like.shape)}; give one of them")
+        shape = like.shape
+    if shape is None:
+        raise ValueError("unpack_mask needs the shape of the dropped-out tensor, or the tensor itself as like=")
     shape = torch.Size(shape)
     expected = reference.mask_bytes(shape.numel())
     if mask.dtype != torch.uint8 or mask.dim() != 1 or mask.numel() != expected:
         raise ValueError(f"mask must be a flat uint8 tensor of {expected} bytes for shape {tuple(shape)}, "
                          f"got dtype {mask.dtype} and shape {tuple(mask.shape)}")
-    return reference.unpack_mask(mask, shape)
+    return reference.unpack_mask(mask, shape if like is None else like)
+
+
+def _kernel_stride(like: torch.Tensor) -> tuple[int, ...]:
+    """The strides of the layout the kernels run ``like`` in: its own when
+    dense, else contiguous."""
+    if reference.memory_order(like) is not None:
+        return like.stride()
+    stride, step = [], 1
+    for size in reversed(like.shape):
+        stride.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(stride))
+
+
+def _in_layout(tensor: torch.Tensor, stride) -> torch.Tensor:
+    """``tensor`` with ``stride`` (a dense layout of its shape): as it is when
+    already so (the strides of size-1 dims do not matter), else copied once."""
+    if all(a == b for a, b, size in zip(tensor.stride(), stride, tensor.shape) if size > 1):
+        return tensor
+    return torch.empty_strided(tensor.shape, stride, dtype=tensor.dtype, device=tensor.device).copy_(tensor)
 
 
 def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
@@ -170,11 +212,18 @@ def _philox_fake(counter, key):
     return torch.empty_like(counter)
 
 
+def _output_like(input):
+    """The kernels' output layout: a dense input's own, else contiguous."""
+    if reference.memory_order(input) is not None:
+        return torch.empty_like(input)
+    return torch.empty_like(input, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("regops::dropout_forward")
 def _dropout_forward_fake(input, p, seed, offset, store_mask):
     torch._check(seed.numel() == 1, lambda: "seed must be a one-element int64 tensor")
     _check_seed_device(seed, input)
-    output = torch.empty_like(input, memory_format=torch.contiguous_format)
+    output = _output_like(input)
     mask = input.new_empty((reference.mask_bytes(input.numel()) if store_mask else 0,), dtype=torch.uint8)
     return output, mask
 
@@ -189,7 +238,7 @@ def _dropout_forward_inplace_fake(input, p, seed, offset, store_mask):
 def _dropout_backward_fake(grad, mask, p):
     torch._check(mask.dtype == torch.uint8, lambda: "mask must be uint8")
     torch._check(mask.device == grad.device, lambda: f"mask is on {mask.device} but grad is on {grad.device}")
-    return torch.empty_like(grad, memory_format=torch.contiguous_format)
+    return _output_like(grad)
 
 
 def _register_autograd(backend: str) -> None:
@@ -198,11 +247,14 @@ def _register_autograd(backend: str) -> None:
     def setup_forward(ctx, inputs, output):
         _, p, seed, offset, store_mask = inputs
         ctx.p, ctx.offset, ctx.store_mask = p, offset, store_mask
+        # The output's layout is the memory order the bits were drawn in.
+        ctx.stride = output[0].stride()
         # Either the 1-bit mask or, with recompute, only the 8-byte seed.
         ctx.save_for_backward(output[1] if store_mask else seed)
 
     def backward_forward(ctx, grad_output, _grad_mask):
         (saved,) = ctx.saved_tensors
+        grad_output = _in_layout(grad_output, ctx.stride)
         if ctx.store_mask:
             grad_input = backward(grad_output, saved, ctx.p)
         else:
@@ -211,11 +263,12 @@ def _register_autograd(backend: str) -> None:
 
     def setup_backward(ctx, inputs, output):
         ctx.p = inputs[2]
+        ctx.stride = output.stride()
         ctx.save_for_backward(inputs[1])
 
     def backward_backward(ctx, grad_grad_input):
         (mask,) = ctx.saved_tensors
-        return backward(grad_grad_input, mask, ctx.p), None, None
+        return backward(_in_layout(grad_grad_input, ctx.stride), mask, ctx.p), None, None
 
     torch.library.register_autograd(forward, backward_forward, setup_context=setup_forward)
     torch.library.register_autograd(backward, backward_backward, setup_context=setup_backward)

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from regops.reference import dropout_scale, dropout_threshold, mask_bytes
+from regops.reference import dropout_scale, dropout_threshold, mask_bytes, memory_order
 from regops.triton import _checks
 from regops.triton._launch import launch
 
@@ -133,12 +133,18 @@ def _launch_forward(x: torch.Tensor, y: torch.Tensor, p: float, seed: torch.Tens
     return mask
 
 
+def _work_tensor(x: torch.Tensor) -> torch.Tensor:
+    """A dense tensor as it is (the kernels walk its elements in memory order
+    from its data pointer), anything else as a contiguous copy."""
+    return x if memory_order(x) is not None else x.contiguous()
+
+
 @triton_op("regops::triton_dropout_forward", mutates_args=())
 def dropout_forward(input: torch.Tensor, p: float, seed: torch.Tensor, offset: int,
                     store_mask: bool) -> tuple[torch.Tensor, torch.Tensor]:
     _checks.check_dropout_forward(input, p, seed)
-    x = input.contiguous()
-    y = torch.empty_like(x, memory_format=torch.contiguous_format)
+    x = _work_tensor(input)
+    y = torch.empty_like(x)  # a dense tensor's strides
     mask = _launch_forward(x, y, p, seed, offset, store_mask)
     return y, mask
 
@@ -146,19 +152,18 @@ def dropout_forward(input: torch.Tensor, p: float, seed: torch.Tensor, offset: i
 @triton_op("regops::triton_dropout_forward_", mutates_args={"input"})
 def dropout_forward_(input: torch.Tensor, p: float, seed: torch.Tensor, offset: int, store_mask: bool) -> torch.Tensor:
     _checks.check_dropout_forward(input, p, seed)
-    if input.is_contiguous():
-        return _launch_forward(input, input, p, seed, offset, store_mask)
-    work = input.contiguous()
+    work = _work_tensor(input)
     mask = _launch_forward(work, work, p, seed, offset, store_mask)
-    input.copy_(work)
+    if work is not input:
+        input.copy_(work)
     return mask
 
 
 @triton_op("regops::triton_dropout_backward", mutates_args=())
 def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
     _checks.check_dropout_backward(grad, mask, p)
-    g = grad.contiguous()
-    out = torch.empty_like(g, memory_format=torch.contiguous_format)
+    g = _work_tensor(grad)  # the mask bits follow its memory order
+    out = torch.empty_like(g)
     numel = g.numel()
     if numel > 0:
         launch(_dropout_backward_kernel, (triton.cdiv(triton.cdiv(numel, 8), BLOCK_BYTES),), g.device,

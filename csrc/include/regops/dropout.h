@@ -48,8 +48,21 @@ inline void check_dropout_mask(const at::Tensor& mask, const at::Tensor& grad) {
               " but grad is on ", grad.device());
 }
 
+// The tensor the flat kernels run on. A dense tensor (contiguous,
+// channels_last, any permutation of dims) is used as it is: its numel
+// elements are consecutive in memory, so the kernels walk them in memory
+// order from data_ptr, and the random rule numbers them in that order. Any
+// other tensor is copied to contiguous (row-major order).
+inline at::Tensor dropout_work_tensor(const at::Tensor& tensor) {
+  return tensor.is_non_overlapping_and_dense() ? tensor : tensor.contiguous();
+}
+
+// An output in the layout of a work tensor: empty_like keeps a dense
+// tensor's strides, so element k in memory of one is element k of the other.
+inline at::Tensor dropout_output_like(const at::Tensor& work) { return at::empty_like(work); }
+
 // The host side of the forward ops, shared by the CPU and CUDA files: checks,
-// a contiguous view, the output, then the backend's
+// the work tensor, the output in its layout, then the backend's
 // run_forward(input, output, p, seed, offset, store_mask) -> mask.
 template <typename RunForward>
 std::tuple<at::Tensor, at::Tensor> dropout_forward_out_of_place(const at::Tensor& input, double p,
@@ -57,20 +70,20 @@ std::tuple<at::Tensor, at::Tensor> dropout_forward_out_of_place(const at::Tensor
                                                                 bool store_mask, RunForward run_forward) {
   check_dropout_input(input, "input");
   check_dropout_p(p);
-  const at::Tensor contiguous = input.contiguous();
-  at::Tensor output = at::empty_like(contiguous, at::MemoryFormat::Contiguous);
-  at::Tensor mask = run_forward(contiguous, output, p, seed, offset, store_mask);
+  const at::Tensor work = dropout_work_tensor(input);
+  at::Tensor output = dropout_output_like(work);
+  at::Tensor mask = run_forward(work, output, p, seed, offset, store_mask);
   return {output, mask};
 }
 
-// In place: a non-contiguous input is computed in a contiguous copy and
-// written back.
+// In place: a non-dense input is computed in a contiguous copy and written
+// back.
 template <typename RunForward>
 at::Tensor dropout_forward_in_place(at::Tensor& input, double p, const at::Tensor& seed, int64_t offset,
                                     bool store_mask, RunForward run_forward) {
   check_dropout_input(input, "input");
   check_dropout_p(p);
-  at::Tensor work = input.contiguous();
+  at::Tensor work = dropout_work_tensor(input);
   at::Tensor mask = run_forward(work, work, p, seed, offset, store_mask);
   if (!work.is_same(input)) input.copy_(work);
   return mask;
