@@ -327,17 +327,13 @@ INF = float("inf")
 
 
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])
-def test_infinite_values_give_torch_statistics(backend_device, layout, request):
+def test_infinite_values_give_torch_statistics(backend_device, layout):
     """The mean of a channel holding +inf is +inf (-inf: -inf, both: NaN) and
     its variance NaN, as torch's sum(x) / n and mean((x - mean)^2): in
     batch_norm_stats, in the running statistics and in the output. Channels
     of 25 x 25 x 2 values span more than one block of every reduction, with
     the infinity in the first."""
-    backend, device = backend_device
-    if backend == "triton":
-        request.applymarker(pytest.mark.xfail(
-            reason="the Triton statistics kernel merges an infinite block mean into NaN; it is being rewritten "
-                   "to these semantics", strict=False))
+    _, device = backend_device
     gen = torch.Generator().manual_seed(15)
     x = torch.randn(2, 5, 25, 25, generator=gen)
     x[0, 1, 0, 0] = INF
