@@ -181,7 +181,7 @@ PackedTable pack_table(const std::vector<at::TensorList>& lists, at::TensorList 
   }
   const int64_t blocks = static_cast<int64_t>(block_tensor.size());
   const int64_t words = tensors * (num_lists + 2) + 2 * blocks;
-  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  at::Tensor host = at::empty({words}, at::TensorOptions().dtype(at::kLong).pinned_memory(cuda::kPinnedStaging));
   int64_t* w = host.mutable_data_ptr<int64_t>();
   for (int64_t t = 0; t < tensors; ++t) {
     for (int64_t l = 0; l < num_lists; ++l) w[t * num_lists + l] = reinterpret_cast<int64_t>(lists[l][t].data_ptr());
@@ -329,7 +329,7 @@ void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::
 // The sum of every thread's value of a block of kThreads, in a fixed order
 // (warp shuffles, then the warp sums in turn), valid in thread 0.
 __device__ __forceinline__ float block_sum(float value) {
-  __shared__ float warp_sums[kThreads / 32];
+  REGOPS_SHARED_ARRAY(float, warp_sums, [kThreads / 32]);
   for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xFFFFFFFFu, value, offset);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = value;
   __syncthreads();
