@@ -11,7 +11,7 @@ from torch.library import opcheck
 
 import regops
 from regops import reference
-from conftest import native_op_targets, triton_interpreted
+from conftest import cuda_simulated, native_op_targets, triton_interpreted
 
 # Odd sizes around the CPU chunk (32768) and block (512) and the Triton
 # block (1024); a 0-d and an empty parameter too.
@@ -23,6 +23,8 @@ HALF_TOLERANCE = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dic
 def _steps_and_shapes(backend, device):
     if triton_interpreted(backend, device):
         return 5, TINY_SHAPES  # the interpreter is slow
+    if cuda_simulated(backend, device):
+        return 10, SHAPES  # each simulated block costs a fiber per thread: fewer steps, the same chunking
     return 100, SHAPES
 
 
