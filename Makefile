@@ -12,9 +12,9 @@ export CUDA_HOME
 OUT         ?= benchmarks/results
 PYTEST_ARGS ?=
 # The tests `make test` also runs against the ASan + UBSan build of the C++
-# CPU kernels (`make sanitize-quick`); empty skips that step. `make sanitize`
-# runs every CPU test there instead.
-SANITIZE_SUBSET ?= tests/test_dropout.py tests/test_hostile.py tests/test_properties.py -k "not triton"
+# CPU kernels and the simulated CUDA kernels (`make sanitize-quick`); empty
+# skips that step. `make sanitize` runs every CPU test there instead.
+SANITIZE_SUBSET ?= tests/test_dropout.py tests/test_hostile.py tests/test_properties.py tests/test_cuda_sim.py -k "not triton"
 
 .PHONY: all venv build test static-gate demo bench bench-quick gpu-check sanitize sanitize-quick clean
 
@@ -51,9 +51,10 @@ STATIC_GATE = $(PYTHON) benchmarks/static_sm90.py
 static-gate: build
 	$(STATIC_GATE)
 
-# The C++ CPU kernels built with AddressSanitizer + UBSan into build/sanitize
-# (the normal build is untouched), then the CPU tests run against them; any
-# report aborts with a stack trace. See tests/sanitize.sh.
+# The C++ CPU kernels and the simulated CUDA kernels built with AddressSanitizer
+# + UBSan into build/sanitize (the normal build is untouched), then the CPU
+# tests (the simulated cuda backend's too) run against them; any report aborts
+# with a stack trace. See tests/sanitize.sh.
 sanitize: venv
 	PYTHON=$(PYTHON) bash tests/sanitize.sh
 

@@ -1,5 +1,8 @@
 """Builds regops._C: the C++ CPU kernels always, the CUDA kernels whenever a
-CUDA toolkit and a CUDA build of torch are present (REGOPS_CUDA=0 skips them).
+CUDA toolkit and a CUDA build of torch are present (REGOPS_CUDA=0 skips them);
+and, always, regops._C_cuda_sim: the same CUDA kernel sources compiled by the
+host compiler against the SIMT execution layer (csrc/simt/), which runs them on
+CPU tensors (REGOPS_CUDA_SIM=1).
 """
 
 import glob
@@ -9,7 +12,7 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, ROOT)  # build_flags.py, next to this file
+sys.path.insert(0, os.path.join(ROOT, "csrc"))  # csrc/build_flags.py
 
 import build_flags  # noqa: E402
 
@@ -25,17 +28,22 @@ def _want_cuda():
     return torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None
 
 
+def _sanitize_flags():
+    """tests/sanitize.sh (make sanitize): compile and link flags. Linking with
+    the flags too makes the libraries depend on the UBSan runtime, whose
+    handlers they call."""
+    if not os.environ.get("REGOPS_SANITIZE"):
+        return [], []
+    sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
+    return sanitize + ["-fno-omit-frame-pointer", "-O1", "-g"], sanitize
+
+
 def _extension():
     cpu_sources = sorted(glob.glob(os.path.join("csrc", "*.cpp")) + glob.glob(os.path.join("csrc", "cpu", "*.cpp")))
     include_dirs = list(build_flags.INCLUDE_DIRS)
-    cxx_flags = list(build_flags.CXX_FLAGS)
-    link_flags = list(build_flags.LINK_FLAGS)
-    if os.environ.get("REGOPS_SANITIZE"):
-        # tests/sanitize.sh (make sanitize). Linking with the flags too makes
-        # the library depend on the UBSan runtime, whose handlers it calls.
-        sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-        cxx_flags += sanitize + ["-fno-omit-frame-pointer", "-O1", "-g"]
-        link_flags += sanitize
+    sanitize_compile, sanitize_link = _sanitize_flags()
+    cxx_flags = list(build_flags.CXX_FLAGS) + sanitize_compile
+    link_flags = list(build_flags.LINK_FLAGS) + sanitize_link
     if not _want_cuda():
         return cpp_extension.CppExtension(
             "regops._C", cpu_sources, include_dirs=include_dirs,
@@ -55,9 +63,25 @@ def _extension():
     )
 
 
+def _simulation_extension():
+    """csrc/cuda/*.cu through the wrappers of csrc/simt/ (each includes one
+    .cu file) plus the SIMT runtime, by the host compiler. -O2: the kernels
+    run per simulated thread, between fiber switches that cost far more than
+    what -O3 would add. -fno-fast-math is the default: float results stay
+    the IEEE ones of the source."""
+    sanitize_compile, sanitize_link = _sanitize_flags()
+    return cpp_extension.CppExtension(
+        "regops._C_cuda_sim", sorted(glob.glob(os.path.join("csrc", "simt", "*.cpp"))),
+        include_dirs=list(build_flags.INCLUDE_DIRS),
+        define_macros=[("REGOPS_CUDA_SIM", "1")],
+        extra_compile_args={"cxx": ["-O2", "-fopenmp", "-fno-math-errno"] + sanitize_compile},
+        extra_link_args=["-fopenmp"] + sanitize_link,
+    )
+
+
 setup(
     name="regops",
     packages=find_packages(include=["regops", "regops.*"]),
-    ext_modules=[_extension()],
+    ext_modules=[_extension(), _simulation_extension()],
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

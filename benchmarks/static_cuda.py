@@ -1,7 +1,7 @@
 """What every CUDA kernel costs, read without a GPU: the static CUDA gate.
 
 Each csrc/cuda/*.cu is compiled once, with the flags of the real build
-(build_flags.py, which setup.py uses too, plus the flags torch's
+(csrc/build_flags.py, which setup.py uses too, plus the flags torch's
 BuildExtension adds), to one fatbin holding an sm_80 and an sm_90 cubin.
 `cuobjdump -res-usage` gives each kernel's registers, shared memory, stack
 and local memory; `cuobjdump -sass` gives its instructions. rows() returns
@@ -55,8 +55,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
+if os.path.join(ROOT, "csrc") not in sys.path:
+    sys.path.insert(0, os.path.join(ROOT, "csrc"))  # csrc/build_flags.py
 
 import build_flags  # noqa: E402
 

@@ -80,7 +80,7 @@ def collect() -> list[tuple[str, str, list[dict]]]:
     if missing:
         sections.append(("CUDA kernels", f"Not generated: {', '.join(missing)} not found.", []))
     else:
-        sections.append(("CUDA kernels (csrc/cuda)", f"{_nvcc_version()}, the flags of setup.py (build_flags.py).",
+        sections.append(("CUDA kernels (csrc/cuda)", f"{_nvcc_version()}, the flags of setup.py (csrc/build_flags.py).",
                          static_cuda.rows()))
     try:
         from benchmarks import static_triton

@@ -1,8 +1,11 @@
-// The one place where regops' operator schemas are defined. Backend files
-// (cpu/*.cpp, cuda/*.cu) only add implementations with TORCH_LIBRARY_IMPL;
-// Python adds fake kernels and autograd (regops/ops/*.py).
+// The regops operator library: its schemas (regops/schemas.h, shared with the
+// CUDA simulation's library). Backend files (cpu/*.cpp, cuda/*.cu) only add
+// implementations with TORCH_LIBRARY_IMPL; Python adds fake kernels and
+// autograd (regops/ops/*.py).
 #include <Python.h>
 #include <torch/library.h>
+
+#include "regops/schemas.h"
 
 extern "C" {
 // Importing regops._C loads this library, which runs the registrations below.
@@ -12,68 +15,4 @@ PyObject* PyInit__C(void) {
 }
 }
 
-TORCH_LIBRARY(regops, m) {
-  // Dropout. seed is a one-element int64 tensor on the input's device (or the
-  // CPU) so that a seed drawn from the device generator needs no host sync;
-  // mask is one bit per element (see csrc/include/regops/philox.h).
-  m.def("dropout_forward(Tensor input, float p, Tensor seed, int offset, bool store_mask) -> (Tensor, Tensor)");
-  m.def("dropout_forward_(Tensor(a!) input, float p, Tensor seed, int offset, bool store_mask) -> Tensor");
-  m.def("dropout_backward(Tensor grad, Tensor mask, float p) -> Tensor");
-  // The raw generator, for known-answer tests: counter (N, 4) and key (N, 2)
-  // hold uint32 words in int64; returns the (N, 4) output words.
-  m.def("philox4x32_10(Tensor counter, Tensor key) -> Tensor");
-
-  // Optimizers (regops/optim/, csrc/include/regops/optim.h): one call updates
-  // every tensor of a (device, dtype) group in place. grad_scale (GradScaler's
-  // scale: gradients are divided by it), found_inf (nonzero: skip the step,
-  // steps are not counted) and clip_coef (multiplies the gradients) are
-  // one-element float32 tensors on the parameters' device, read by the kernel
-  // so that nothing waits for the host. lr comes as a float or, in the
-  // .tensor_lr overloads, as a one-element tensor (changing it then needs no
-  // recompilation under torch.compile). first_step: the momentum buffers are
-  // new and take the gradient as is (torch's first step). adamw_step_
-  // increments state_steps (float32, one element each) unless found_inf.
-  m.def("sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, float momentum, "
-        "float dampening, float weight_decay, bool nesterov, bool maximize, float l1, bool proximal, bool first_step, "
-        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
-  m.def("sgd_step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor lr, "
-        "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, float l1, bool proximal, "
-        "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
-  m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, float eps, "
-        "float weight_decay, float l2, float l1, bool proximal, bool amsgrad, bool maximize, "
-        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
-  m.def("adamw_step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-        "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor lr, float beta1, float beta2, float eps, "
-        "float weight_decay, float l2, float l1, bool proximal, bool amsgrad, bool maximize, "
-        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
-  // The L2 norm (or, squared=True, its square) of all tensors together as a
-  // float32 scalar on their device, accumulated in float32 in one pass.
-  m.def("multi_tensor_norm(Tensor[] tensors, bool squared=False) -> Tensor");
-  // Batch normalization (csrc/include/regops/batch_norm.h has the formulas).
-  // input is (N, C, ...), contiguous or channels_last / channels_last_3d;
-  // mean, invstd, weight, bias, running statistics and the per-channel sums
-  // are (C,) float32 (float64 for float64 inputs); relu fuses a ReLU after the
-  // affine transform, its backward mask recomputed from the forward value.
-  // The fused pair: training normalizes with the batch statistics and also
-  // returns the biased batch variance (the caller moves its running buffers
-  // towards save_mean and it, so momentum may be a traced tensor under
-  // torch.compile); eval normalizes with running_mean and running_var and
-  // returns batch_var empty. The backward is one reduction pass and one
-  // elementwise pass.
-  m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
-        "bool training, float eps, bool relu) -> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor batch_var)");
-  m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
-        "Tensor save_invstd, bool training, bool relu) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
-  // The pieces of a synchronized batch norm, which sums per-rank statistics
-  // and gradient sums across ranks between them: mean and biased variance;
-  // the normalization; the per-channel gradient sums; and grad_input, where
-  // count is the element count per channel over all ranks.
-  m.def("batch_norm_stats(Tensor input) -> (Tensor mean, Tensor var)");
-  m.def("batch_norm_elementwise(Tensor input, Tensor mean, Tensor invstd, Tensor? weight, Tensor? bias, "
-        "bool relu) -> Tensor");
-  m.def("batch_norm_backward_reduce(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
-        "Tensor? bias, bool relu) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
-  m.def("batch_norm_backward_elementwise(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
-        "Tensor? bias, Tensor sum_dy, Tensor sum_dy_xmu, int count, bool relu) -> Tensor");
-}
+TORCH_LIBRARY(regops, m) { regops::define_schemas(m); }

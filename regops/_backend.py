@@ -5,6 +5,12 @@ and ``"reference"`` (pure torch, the oracle of the tests). By default a CPU
 tensor uses ``cpu`` and a CUDA tensor ``cuda`` (``triton`` if this build has no
 CUDA kernels). ``set_backend``, ``use_backend`` or the environment variable
 ``REGOPS_BACKEND`` force one.
+
+``REGOPS_CUDA_SIM=1`` makes the ``cuda`` backend available for CPU tensors, as
+``TRITON_INTERPRET=1`` does for ``triton``: the same CUDA kernel sources,
+compiled by the host compiler against a SIMT execution layer
+(regops._C_cuda_sim, csrc/simt/), run on the CPU with every barrier, warp
+collective, shared-memory index and launch configuration checked.
 """
 
 from __future__ import annotations
@@ -16,6 +22,10 @@ import os
 import torch
 
 from regops import _C  # noqa: F401  (loads the operator library)
+
+_CUDA_SIMULATED = os.environ.get("REGOPS_CUDA_SIM", "0") == "1"
+if _CUDA_SIMULATED:
+    from regops import _C_cuda_sim  # noqa: F401  (loads the simulated CUDA kernels: regops_cuda_sim::*)
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
@@ -38,8 +48,9 @@ def _validate(name: str | None, where: str) -> str | None:
 def _why_unavailable(name: str) -> str:
     if name == "cuda":
         if not has_cuda_kernels():
-            return "this build of regops has no CUDA kernels (built with REGOPS_CUDA=0 or without a CUDA toolkit)"
-        return "no CUDA device is visible"
+            return ("this build of regops has no CUDA kernels (built with REGOPS_CUDA=0 or without a CUDA toolkit); "
+                    "REGOPS_CUDA_SIM=1 runs them on CPU tensors")
+        return "no CUDA device is visible; REGOPS_CUDA_SIM=1 runs the CUDA kernels on CPU tensors"
     if name == "triton":
         return "triton needs a CUDA device, or TRITON_INTERPRET=1 to run on CPU tensors"
     return "the regops._C extension is not built"
@@ -56,6 +67,27 @@ def has_cuda_kernels() -> bool:
     return _HAS_CUDA_KERNELS
 
 
+def cuda_simulated() -> bool:
+    """Whether the cuda backend runs on CPU tensors under the SIMT simulation (REGOPS_CUDA_SIM=1)."""
+    return _CUDA_SIMULATED
+
+
+def native_ops(backend: str, device_type: str):
+    """The namespace of the compiled operators that run ``backend`` on
+    tensors of ``device_type``: ``torch.ops.regops_cuda_sim`` for the cuda
+    backend on CPU tensors (the simulation, same schemas), else
+    ``torch.ops.regops`` (where the triton ops are ``triton_``-prefixed)."""
+    if backend == "cuda" and device_type == "cpu":
+        return torch.ops.regops_cuda_sim
+    return torch.ops.regops
+
+
+def native_namespaces() -> tuple[str, ...]:
+    """The operator libraries loaded with regops' schemas (fake kernels and
+    autograd go to each)."""
+    return ("regops", "regops_cuda_sim") if _CUDA_SIMULATED else ("regops",)
+
+
 def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
@@ -63,7 +95,7 @@ def triton_interpreted() -> bool:
 def available_backends() -> list[str]:
     """The backends this build and machine offer, fastest first."""
     names = []
-    if has_cuda_kernels() and torch.cuda.is_available():
+    if (has_cuda_kernels() and torch.cuda.is_available()) or _CUDA_SIMULATED:
         names.append("cuda")
     if _TRITON_IMPORTABLE and (torch.cuda.is_available() or triton_interpreted()):
         names.append("triton")
@@ -103,8 +135,9 @@ def backend_for(tensor: torch.Tensor) -> str:
         if device == "cuda":
             return "cuda" if _HAS_CUDA_KERNELS else "triton"
         return "cpu" if device == "cpu" else "reference"
-    if name == "cuda" and device != "cuda":
-        raise RuntimeError(f"regops backend 'cuda' needs CUDA tensors, got a tensor on {tensor.device}")
+    if name == "cuda" and device != "cuda" and not (device == "cpu" and _CUDA_SIMULATED):
+        raise RuntimeError(f"regops backend 'cuda' needs CUDA tensors (or CPU tensors with REGOPS_CUDA_SIM=1), "
+                           f"got a tensor on {tensor.device}")
     if name == "cpu" and device != "cpu":
         raise RuntimeError(f"regops backend 'cpu' needs CPU tensors, got a tensor on {tensor.device}")
     if name == "triton" and device != "cuda" and not (device == "cpu" and triton_interpreted()):

@@ -1,8 +1,10 @@
 """Shared test setup.
 
-Without a GPU the Triton kernels run under the interpreter on CPU tensors:
-TRITON_INTERPRET must be set before any @triton.jit function is created,
-so before regops is imported.
+Without a GPU the Triton kernels run under the interpreter on CPU tensors
+(TRITON_INTERPRET must be set before any @triton.jit function is created, so
+before regops is imported) and the CUDA kernels under the SIMT simulation
+(REGOPS_CUDA_SIM, read when regops is imported): the cuda backend then runs on
+CPU tensors.
 """
 
 import os
@@ -11,6 +13,7 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    os.environ.setdefault("REGOPS_CUDA_SIM", "1")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
@@ -31,6 +34,11 @@ settings.register_profile("thorough", max_examples=2000, deadline=None, print_bl
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 HAS_CUDA = torch.cuda.is_available()
+CUDA_SIMULATED = regops._backend.cuda_simulated()
+# Where the tests of the cuda backend run: a GPU, else CPU tensors under the
+# simulation; None when neither is there.
+CUDA_DEVICE = "cuda" if HAS_CUDA else ("cpu" if CUDA_SIMULATED else None)
+needs_cuda_backend = pytest.mark.skipif(CUDA_DEVICE is None, reason="needs a CUDA device or REGOPS_CUDA_SIM=1")
 
 
 def backend_devices() -> list[tuple[str, str]]:
@@ -39,6 +47,8 @@ def backend_devices() -> list[tuple[str, str]]:
     pairs = [("cpu", "cpu"), ("reference", "cpu")]
     if "triton" in available and not HAS_CUDA:
         pairs.append(("triton", "cpu"))  # under TRITON_INTERPRET=1
+    if CUDA_SIMULATED:
+        pairs.append(("cuda", "cpu"))  # under REGOPS_CUDA_SIM=1
     if HAS_CUDA:
         if "cuda" in available:
             pairs.append(("cuda", "cuda"))
@@ -46,6 +56,24 @@ def backend_devices() -> list[tuple[str, str]]:
             pairs.append(("triton", "cuda"))
         pairs.append(("reference", "cuda"))
     return pairs
+
+
+def reschedule(seed: int) -> None:
+    """Another thread schedule for the simulated CUDA kernels (nothing on a GPU)."""
+    if CUDA_SIMULATED:
+        torch.ops.regops_cuda_sim.set_schedule_seed(seed)
+
+
+def native_op_targets() -> list[tuple[str, str]]:
+    """(operator namespace, device) of every compiled C++/CUDA op set this
+    machine runs: regops on the CPU (and a GPU), regops_cuda_sim on the CPU
+    under the simulation."""
+    targets = [("regops", "cpu")]
+    if HAS_CUDA:
+        targets.append(("regops", "cuda"))
+    if CUDA_SIMULATED:
+        targets.append(("regops_cuda_sim", "cpu"))
+    return targets
 
 
 def compile_backend_devices() -> list[tuple[str, str]]:
@@ -85,3 +113,7 @@ def _no_leaked_backend():
 
 def triton_interpreted(backend: str, device) -> bool:
     return backend == "triton" and torch.device(device).type == "cpu"
+
+
+def cuda_simulated(backend: str, device) -> bool:
+    return backend == "cuda" and torch.device(device).type == "cpu"

@@ -9,7 +9,8 @@ from torch.library import opcheck
 
 import regops
 from regops import reference
-from conftest import (HAS_CUDA, TRITON_OPCHECK_UTILS, backend_devices, compile_backend_devices,
+from conftest import (CUDA_DEVICE, HAS_CUDA, TRITON_OPCHECK_UTILS, backend_devices, compile_backend_devices,
+                      native_op_targets, needs_cuda_backend,
                       triton_interpreted)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -448,11 +449,11 @@ def _opcheck_args():
     ]
 
 
-@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if HAS_CUDA else []))
-def test_opcheck_native_ops(device):
+@pytest.mark.parametrize("namespace, device", native_op_targets())
+def test_opcheck_native_ops(namespace, device):
     for name, args in _opcheck_args():
         args = tuple(a.to(device) if isinstance(a, torch.Tensor) else a for a in args)
-        opcheck(getattr(torch.ops.regops, name).default, args)
+        opcheck(getattr(getattr(torch.ops, namespace), name).default, args)
 
 
 def test_opcheck_triton_ops():
@@ -525,7 +526,7 @@ def test_dropout_module():
 def test_backend_selection_errors():
     with pytest.raises(ValueError, match="backend must be one of"):
         regops.set_backend("fast")
-    if not HAS_CUDA:
+    if "cuda" not in regops.available_backends():
         with pytest.raises(RuntimeError, match="not available"):
             regops.set_backend("cuda")
     with regops.use_backend("reference"):
@@ -533,12 +534,13 @@ def test_backend_selection_errors():
     assert regops.get_backend() is None
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@needs_cuda_backend
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_cuda_unaligned_views_and_large_sizes(dtype):
     """Views that start off a 16-byte boundary take the scalar path; large
-    sizes take the grid-stride loop. Both must equal the CPU result."""
-    base = torch.randn((1 << 22) + 5, dtype=dtype, device="cuda")
+    sizes take the grid-stride loop (more mask bytes than 132 SMs x 8 blocks
+    x 256 threads). Both must equal the CPU result."""
+    base = torch.randn((1 << 22) + 5, dtype=dtype, device=CUDA_DEVICE)
     for view in (base, base[1:], base[3:-1]):
         with regops.use_backend("cuda"):
             y, mask = regops.dropout_with_mask(view, 0.3, seed=77, offset=(1 << 32) - 5)
@@ -547,15 +549,16 @@ def test_cuda_unaligned_views_and_large_sizes(dtype):
         assert torch.equal(mask.cpu(), mask_cpu) and torch.equal(y.cpu(), y_cpu)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@needs_cuda_backend
 def test_cuda_poisoned_output_is_fully_written():
     """Fill the allocator's next block with NaN, free it, and check that the
     kernel overwrites every element and mask byte it returns."""
     n = 1 << 20
-    poison = torch.full((n,), float("nan"), device="cuda")
-    poison_mask = torch.full((n // 8 + 16,), 0xFF, dtype=torch.uint8, device="cuda")
+    poison = torch.full((n,), float("nan"), device=CUDA_DEVICE)
+    poison_mask = torch.full((n // 8 + 16,), 0xFF, dtype=torch.uint8, device=CUDA_DEVICE)
     del poison, poison_mask
-    x = torch.randn(n, device="cuda")
-    y, mask = regops.dropout_with_mask(x, 0.5, seed=1)
+    x = torch.randn(n, device=CUDA_DEVICE)
+    with regops.use_backend("cuda"):
+        y, mask = regops.dropout_with_mask(x, 0.5, seed=1)
     assert not torch.isnan(y).any()
     assert torch.equal(mask.cpu(), reference.dropout_with_mask(x.cpu(), 0.5, 1)[1])

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import regops
-from conftest import HAS_CUDA, backend_devices, triton_interpreted
+from conftest import CUDA_DEVICE, HAS_CUDA, backend_devices, reschedule, triton_interpreted
 
 NAN, INF = float("nan"), float("inf")
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -208,15 +208,17 @@ def test_dropout_same_bits_for_any_thread_count(dtype):
     same_bits_for_thread_counts(run)
 
 
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
 @pytest.mark.parametrize("backend", ["cuda", "triton"])
 def test_dropout_same_bits_across_gpu_runs(backend):
-    if backend not in regops.available_backends():
-        pytest.skip(f"{backend} backend not available")
-    x = specials((1 << 20) + 3, torch.float32, "cuda")
+    """Also under the CUDA simulation, each run with another thread schedule."""
+    device = CUDA_DEVICE if backend == "cuda" else ("cuda" if HAS_CUDA else None)
+    if device is None or backend not in regops.available_backends():
+        pytest.skip(f"{backend} backend not available on a GPU or simulated")
+    x = specials((1 << 20) + 3, torch.float32, device)
     with regops.use_backend(backend):
         first = regops.dropout_with_mask(x, 0.4, seed=9)
-        for _ in range(3):
+        for run in range(3):
+            reschedule(run + 1)
             again = regops.dropout_with_mask(x, 0.4, seed=9)
             assert_same_floats(again[0], first[0]) and torch.equal(again[1], first[1])
 
@@ -624,17 +626,20 @@ def test_batch_norm_same_bits_for_any_thread_count(layout, dtype, training):
 
 
 @needs_batch_norm
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA device")
+@pytest.mark.skipif(CUDA_DEVICE is None, reason="needs a CUDA device or REGOPS_CUDA_SIM=1")
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_batch_norm_same_bits_across_gpu_runs(layout):
-    x = torch.randn(32, 64, 28, 28, device="cuda")
+    """Also under the CUDA simulation, each run with another thread schedule."""
+    x = torch.randn(32, 64, 28, 28, device=CUDA_DEVICE)
     if layout == "channels_last":
         x = x.to(memory_format=torch.channels_last)
     grad = torch.randn_like(x)
     results = []
-    for _ in range(3):
+    for run in range(3):
+        reschedule(run + 1)
         xs = x.clone().requires_grad_()
-        y = regops.batch_norm(xs, None, None, None, None, True)
+        with regops.use_backend("cuda"):
+            y = regops.batch_norm(xs, None, None, None, None, True)
         results.append((y, *torch.autograd.grad(y, xs, grad)))
     for other in results[1:]:
         for a, b in zip(results[0], other):

@@ -11,7 +11,7 @@ from torch.library import opcheck
 
 import regops
 from regops import reference
-from conftest import triton_interpreted
+from conftest import cuda_simulated, native_op_targets, triton_interpreted
 
 # Odd sizes around the CPU chunk (32768) and block (512) and the Triton
 # block (1024); a 0-d and an empty parameter too.
@@ -23,6 +23,8 @@ HALF_TOLERANCE = {torch.float16: dict(atol=2e-3, rtol=2e-3), torch.bfloat16: dic
 def _steps_and_shapes(backend, device):
     if triton_interpreted(backend, device):
         return 5, TINY_SHAPES  # the interpreter is slow
+    if cuda_simulated(backend, device):
+        return 10, SHAPES  # each simulated block costs a fiber per thread: fewer steps, the same chunking
     return 100, SHAPES
 
 
@@ -495,14 +497,16 @@ def _op_samples():
     return sgd, adamw
 
 
-def test_opcheck():
+@pytest.mark.parametrize("namespace", [namespace for namespace, device in native_op_targets() if device == "cpu"])
+def test_opcheck(namespace):
+    ops = getattr(torch.ops, namespace)
     sgd, adamw = _op_samples()
-    opcheck(torch.ops.regops.sgd_step_.default, copy.deepcopy(sgd))
-    opcheck(torch.ops.regops.adamw_step_.default, copy.deepcopy(adamw))
+    opcheck(ops.sgd_step_.default, copy.deepcopy(sgd))
+    opcheck(ops.adamw_step_.default, copy.deepcopy(adamw))
     tensor_lr_adamw = copy.deepcopy(adamw)
     tensor_lr_adamw = tensor_lr_adamw[:6] + (torch.tensor(0.01),) + tensor_lr_adamw[7:]
-    opcheck(torch.ops.regops.adamw_step_.tensor_lr, tensor_lr_adamw)
-    opcheck(torch.ops.regops.multi_tensor_norm.default, (copy.deepcopy(sgd[0]), True))
+    opcheck(ops.adamw_step_.tensor_lr, tensor_lr_adamw)
+    opcheck(ops.multi_tensor_norm.default, (copy.deepcopy(sgd[0]), True))
 
 
 def test_compiled_step_matches_eager():

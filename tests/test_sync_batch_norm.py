@@ -35,7 +35,13 @@ CASES = {
              affine=True, momentum=0.1, track=True, backend="reference"),
     ] + ([dict(sizes=[2, 3], sample=(3, 5), layout=torch.contiguous_format, dtype=torch.float32, activation="relu",
                affine=True, momentum=0.1, track=True, backend="triton")]
-         if "triton" in regops.available_backends() else []),
+         if "triton" in regops.available_backends() else [])
+      # The CUDA kernels on the ranks' CPU tensors, under the simulation.
+      + ([dict(sizes=[4, 3], sample=(5, 3, 2), layout=torch.channels_last, dtype=torch.float32, activation="relu",
+               affine=True, momentum=0.1, track=True, backend="cuda"),
+          dict(sizes=[2, 5], sample=(3, 7), layout=torch.contiguous_format, dtype=torch.float16, activation=None,
+               affine=True, momentum=0.2, track=True, backend="cuda")]
+         if regops._backend.cuda_simulated() else []),
     3: [
         dict(sizes=[2, 0, 5], sample=(3, 4), layout=torch.contiguous_format, dtype=torch.float32,
              activation="relu", affine=True, momentum=0.1, track=True),

@@ -144,7 +144,7 @@ __global__ void reduce_spatial_inner_kernel(Reducer reducer, typename Reducer::S
       s %= spatial;
     }
   }
-  __shared__ State warp_states[kThreads / 32];
+  REGOPS_SHARED_ARRAY(State, warp_states, [kThreads / 32]);
   state = warp_reduce<Reducer>(state);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) warp_states[warp] = state;
@@ -173,7 +173,7 @@ __global__ void reduce_channel_inner_kernel(Reducer reducer, typename Reducer::S
       reducer.add(state, r * channels + channel, ctx);
     }
   }
-  __shared__ State row_states[kRowThreads][kChannelTile];
+  REGOPS_SHARED_ARRAY(State, row_states, [kRowThreads][kChannelTile]);
   row_states[threadIdx.y][threadIdx.x] = state;
   __syncthreads();
   if (threadIdx.y == 0 && channel < channels) {

@@ -353,7 +353,7 @@ void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::
 // The sum of every thread's value of a block of kThreads, in a fixed order
 // (warp shuffles, then the warp sums in turn), valid in thread 0.
 __device__ __forceinline__ float block_sum(float value) {
-  __shared__ float warp_sums[kThreads / 32];
+  REGOPS_SHARED_ARRAY(float, warp_sums, [kThreads / 32]);
   for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xFFFFFFFFu, value, offset);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = value;
   __syncthreads();

@@ -21,7 +21,7 @@ import numbers
 import torch
 
 from regops import reference
-from regops._backend import _TRITON_IMPORTABLE, backend_for
+from regops._backend import _TRITON_IMPORTABLE, backend_for, cuda_simulated, native_namespaces, native_ops
 from regops.ops._common import check_tensor
 
 if _TRITON_IMPORTABLE:
@@ -32,15 +32,17 @@ _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ACTIVATIONS = (None, "relu")
 
 
-_OPS: dict[tuple[str, str], torch._ops.OpOverload] = {}
+_OPS: dict[tuple[str, str, str], torch._ops.OpOverload] = {}
 
 
-def _op(backend: str, name: str):
-    """The registered operator `name` of a compiled backend (cached: looking
-    up torch.ops costs more than the checks of a small call)."""
-    key = (backend == "triton", name)
+def _op(backend: str, name: str, device_type: str):
+    """The registered operator `name` of a compiled backend for tensors of
+    `device_type` (cached: looking up torch.ops costs more than the checks of
+    a small call)."""
+    key = (backend, name, device_type)
     if key not in _OPS:
-        _OPS[key] = getattr(_native, f"triton_{name}" if key[0] else name).default
+        _OPS[key] = (getattr(_native, f"triton_{name}") if backend == "triton"
+                     else getattr(native_ops(backend, device_type), name)).default
     return _OPS[key]
 
 
@@ -145,7 +147,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if backend == "reference":
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                     activation=activation)
-    forward = _op(backend, "batch_norm_forward")
+    forward = _op(backend, "batch_norm_forward", input.device.type)
     if not training:
         return forward(input, w, b, rm, rv, False, eps, relu)[0]
     if _parameters_alias_buffers((weight, bias), (running_mean, running_var)):
@@ -253,7 +255,7 @@ def _run(name: str, input: torch.Tensor, *args):
     backend = backend_for(input)
     if backend == "reference":
         return getattr(reference, name)(*args)
-    return _op(backend, name)(*args)
+    return _op(backend, name, input.device.type)(*args)
 
 
 def _check_grad_out(grad_out, input: torch.Tensor) -> None:
@@ -283,33 +285,33 @@ def _check_fake_channels(input, *tensors) -> None:
                          lambda: f"per-channel tensors must be on the input's device ({input.device}), got {tensor.device}")
 
 
-def _register_fakes() -> None:
-    @torch.library.register_fake("regops::batch_norm_forward")
+def _register_fakes(namespace: str) -> None:
+    @torch.library.register_fake(f"{namespace}::batch_norm_forward")
     def _forward_fake(input, weight, bias, running_mean, running_var, training, eps, relu):
         _check_fake_channels(input, weight, bias, running_mean, running_var)
         batch_var = _channels_like(input, None if training else 0)
         return _output_like(input), _channels_like(input), _channels_like(input), batch_var
 
-    @torch.library.register_fake("regops::batch_norm_backward")
+    @torch.library.register_fake(f"{namespace}::batch_norm_backward")
     def _backward_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu):
         _check_fake_channels(input, weight, bias, save_mean, save_invstd)
         return _output_like(input), _channels_like(input), _channels_like(input)
 
-    @torch.library.register_fake("regops::batch_norm_stats")
+    @torch.library.register_fake(f"{namespace}::batch_norm_stats")
     def _stats_fake(input):
         return _channels_like(input), _channels_like(input)
 
-    @torch.library.register_fake("regops::batch_norm_elementwise")
+    @torch.library.register_fake(f"{namespace}::batch_norm_elementwise")
     def _elementwise_fake(input, mean, invstd, weight, bias, relu):
         _check_fake_channels(input, mean, invstd, weight, bias)
         return _output_like(input)
 
-    @torch.library.register_fake("regops::batch_norm_backward_reduce")
+    @torch.library.register_fake(f"{namespace}::batch_norm_backward_reduce")
     def _backward_reduce_fake(grad_out, input, mean, invstd, weight, bias, relu):
         _check_fake_channels(input, mean, invstd, weight, bias)
         return _channels_like(input), _channels_like(input)
 
-    @torch.library.register_fake("regops::batch_norm_backward_elementwise")
+    @torch.library.register_fake(f"{namespace}::batch_norm_backward_elementwise")
     def _backward_elementwise_fake(grad_out, input, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count, relu):
         _check_fake_channels(input, mean, invstd, weight, bias, sum_dy, sum_dy_xmu)
         return _output_like(input)
@@ -422,9 +424,9 @@ def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
             None, None)
 
 
-def _register_autograd(backend: str) -> None:
-    forward = _op(backend, "batch_norm_forward")
-    backward = _op(backend, "batch_norm_backward")
+def _register_autograd(backend: str, device_type: str) -> None:
+    forward = _op(backend, "batch_norm_forward", device_type)
+    backward = _op(backend, "batch_norm_backward", device_type)
 
     def setup_context(ctx, inputs, output):
         input, weight, bias, _, _, training, _, relu = inputs
@@ -462,7 +464,10 @@ def _register_autograd(backend: str) -> None:
     torch.library.register_autograd(backward, _backward_backward, setup_context=setup_backward)
 
 
-_register_fakes()
-_register_autograd("cpu")
+for _namespace in native_namespaces():
+    _register_fakes(_namespace)
+_register_autograd("cpu", "cpu")  # regops::*, which also holds the CUDA kernels
+if cuda_simulated():
+    _register_autograd("cuda", "cpu")
 if _TRITON_IMPORTABLE:
-    _register_autograd("triton")
+    _register_autograd("triton", "cuda")

@@ -16,7 +16,7 @@ import numbers
 import torch
 
 from regops import reference
-from regops._backend import _TRITON_IMPORTABLE, backend_for
+from regops._backend import _TRITON_IMPORTABLE, backend_for, cuda_simulated, native_namespaces, native_ops
 from regops.ops._common import check_probability, check_tensor
 
 _OFFSET_LIMIT = 1 << 62  # keeps offset + i // 4 inside int64 in every backend
@@ -28,12 +28,14 @@ if _TRITON_IMPORTABLE:
 _native = torch.ops.regops
 
 
-def _ops(backend: str):
-    """(forward, in-place forward, backward) operators of a compiled backend."""
+def _ops(backend: str, device_type: str):
+    """(forward, in-place forward, backward) operators of a compiled backend
+    for tensors of ``device_type``."""
     if backend == "triton":
         return (_native.triton_dropout_forward.default, _native.triton_dropout_forward_.default,
                 _native.triton_dropout_backward.default)
-    return _native.dropout_forward.default, _native.dropout_forward_.default, _native.dropout_backward.default
+    ops = native_ops(backend, device_type)
+    return ops.dropout_forward.default, ops.dropout_forward_.default, ops.dropout_backward.default
 
 
 def _check_seed_offset(seed, offset) -> None:
@@ -83,7 +85,7 @@ def dropout_with_mask(input: torch.Tensor, p: float, *, seed: int | None = None,
     backend = backend_for(input)
     if backend == "reference":
         return reference.dropout_with_mask(input, p, _reference_seed(seed), offset)
-    forward, _, _ = _ops(backend)
+    forward, _, _ = _ops(backend, input.device.type)
     return forward(input, p, _seed_tensor(seed, input.device), offset, True)
 
 
@@ -101,7 +103,7 @@ def dropout(input: torch.Tensor, p: float = 0.5, training: bool = True, inplace:
     if backend == "reference":
         output, _ = reference.dropout_with_mask(input, p, _reference_seed(seed), offset)
         return input.copy_(output) if inplace else output
-    forward, forward_, _ = _ops(backend)
+    forward, forward_, _ = _ops(backend, input.device.type)
     seed_tensor = _seed_tensor(seed, input.device)
     needs_grad = torch.is_grad_enabled() and input.requires_grad
     if inplace and not needs_grad:
@@ -133,7 +135,7 @@ def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float, *,
     backend = backend_for(grad)
     if backend == "reference":
         return reference.dropout_backward(grad, mask, p)
-    return _ops(backend)[2](grad, mask, p)
+    return _ops(backend, grad.device.type)[2](grad, mask, p)
 
 
 def unpack_mask(mask: torch.Tensor, shape=None, *, like: torch.Tensor | None = None) -> torch.Tensor:
@@ -193,7 +195,7 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         return torch.stack(reference.philox4x32_10(list(counter.unbind(1)), (key[:, 0], key[:, 1])), dim=1)
     if backend == "triton":
         return _native.triton_philox4x32_10(counter, key)
-    return _native.philox4x32_10(counter, key)
+    return native_ops(backend, counter.device.type).philox4x32_10(counter, key)
 
 
 # --- fake kernels and autograd -------------------------------------------------
@@ -206,7 +208,6 @@ def _check_seed_device(seed, input):
                  lambda: f"seed must be on the input's device ({input.device}) or the CPU, got {seed.device}")
 
 
-@torch.library.register_fake("regops::philox4x32_10")
 def _philox_fake(counter, key):
     torch._check(key.device == counter.device, lambda: "counter and key must be on one device")
     return torch.empty_like(counter)
@@ -219,7 +220,6 @@ def _output_like(input):
     return torch.empty_like(input, memory_format=torch.contiguous_format)
 
 
-@torch.library.register_fake("regops::dropout_forward")
 def _dropout_forward_fake(input, p, seed, offset, store_mask):
     torch._check(seed.numel() == 1, lambda: "seed must be a one-element int64 tensor")
     _check_seed_device(seed, input)
@@ -228,21 +228,26 @@ def _dropout_forward_fake(input, p, seed, offset, store_mask):
     return output, mask
 
 
-@torch.library.register_fake("regops::dropout_forward_")
 def _dropout_forward_inplace_fake(input, p, seed, offset, store_mask):
     _check_seed_device(seed, input)
     return input.new_empty((reference.mask_bytes(input.numel()) if store_mask else 0,), dtype=torch.uint8)
 
 
-@torch.library.register_fake("regops::dropout_backward")
 def _dropout_backward_fake(grad, mask, p):
     torch._check(mask.dtype == torch.uint8, lambda: "mask must be uint8")
     torch._check(mask.device == grad.device, lambda: f"mask is on {mask.device} but grad is on {grad.device}")
     return _output_like(grad)
 
 
-def _register_autograd(backend: str) -> None:
-    forward, _, backward = _ops(backend)
+for _namespace in native_namespaces():
+    torch.library.register_fake(f"{_namespace}::philox4x32_10", _philox_fake)
+    torch.library.register_fake(f"{_namespace}::dropout_forward", _dropout_forward_fake)
+    torch.library.register_fake(f"{_namespace}::dropout_forward_", _dropout_forward_inplace_fake)
+    torch.library.register_fake(f"{_namespace}::dropout_backward", _dropout_backward_fake)
+
+
+def _register_autograd(backend: str, device_type: str) -> None:
+    forward, _, backward = _ops(backend, device_type)
 
     def setup_forward(ctx, inputs, output):
         _, p, seed, offset, store_mask = inputs
@@ -274,6 +279,8 @@ def _register_autograd(backend: str) -> None:
     torch.library.register_autograd(backward, backward_backward, setup_context=setup_backward)
 
 
-_register_autograd("cpu")
+_register_autograd("cpu", "cpu")  # regops::*, which also holds the CUDA kernels
+if cuda_simulated():
+    _register_autograd("cuda", "cpu")
 if _TRITON_IMPORTABLE:
-    _register_autograd("triton")
+    _register_autograd("triton", "cuda")

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from regops import reference
-from regops._backend import _TRITON_IMPORTABLE, backend_for
+from regops._backend import _TRITON_IMPORTABLE, backend_for, native_namespaces, native_ops
 
 if _TRITON_IMPORTABLE:
     from regops.triton import optim as _triton_optim  # noqa: F401  (registers the triton ops)
@@ -17,11 +17,12 @@ if _TRITON_IMPORTABLE:
 _native = torch.ops.regops
 
 
-def _op(backend: str, name: str, tensor_lr: bool):
-    """The compiled operator of ``backend`` for ``name`` ("sgd" or "adamw")."""
+def _op(backend: str, name: str, tensor_lr: bool, device_type: str):
+    """The compiled operator of ``backend`` for ``name`` ("sgd" or "adamw")
+    on tensors of ``device_type``."""
     if backend == "triton":  # custom_op has no overloads: the tensor-lr variant is its own op
         return getattr(_native, f"triton_{name}_step_tensor_lr_" if tensor_lr else f"triton_{name}_step_").default
-    packet = getattr(_native, f"{name}_step_")
+    packet = getattr(native_ops(backend, device_type), f"{name}_step_")
     return packet.tensor_lr if tensor_lr else packet.default
 
 
@@ -64,7 +65,7 @@ def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weigh
             for target, value in zip(momentum_buffers, buffers):
                 target.copy_(value)
         return
-    op = _op(backend, "sgd", isinstance(lr, torch.Tensor))
+    op = _op(backend, "sgd", isinstance(lr, torch.Tensor), params[0].device.type)
     op(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
        first_step, grad_scale, found_inf, clip_coef)
 
@@ -83,7 +84,7 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
                              maximize=maximize, l2=l2, l1=l1, l1_mode="proximal" if proximal else "subgradient",
                              grad_factor=_grad_factor(grad_scale, clip_coef))
         return
-    op = _op(backend, "adamw", isinstance(lr, torch.Tensor))
+    op = _op(backend, "adamw", isinstance(lr, torch.Tensor), params[0].device.type)
     op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, l2,
        l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef)
 
@@ -99,7 +100,7 @@ def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:
         return reference.multi_tensor_norm(tensors, squared)
     if backend == "triton":
         return _native.triton_multi_tensor_norm(tensors, squared)
-    return _native.multi_tensor_norm(tensors, squared)
+    return native_ops(backend, tensors[0].device.type).multi_tensor_norm(tensors, squared)
 
 
 # --- fake kernels ------------------------------------------------------------------
@@ -109,11 +110,12 @@ def _no_output(*args, **kwargs):
     return None
 
 
-for _name in ("sgd_step_", "sgd_step_.tensor_lr", "adamw_step_", "adamw_step_.tensor_lr"):
-    torch.library.register_fake(f"regops::{_name}", _no_output)
-
-
-@torch.library.register_fake("regops::multi_tensor_norm")
 def _multi_tensor_norm_fake(tensors, squared=False):
     torch._check(len(tensors) > 0, lambda: "multi_tensor_norm needs at least one tensor")
     return tensors[0].new_empty((), dtype=torch.float32)
+
+
+for _namespace in native_namespaces():
+    for _name in ("sgd_step_", "sgd_step_.tensor_lr", "adamw_step_", "adamw_step_.tensor_lr"):
+        torch.library.register_fake(f"{_namespace}::{_name}", _no_output)
+    torch.library.register_fake(f"{_namespace}::multi_tensor_norm", _multi_tensor_norm_fake)

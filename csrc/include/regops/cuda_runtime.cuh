@@ -13,6 +13,15 @@
 
 #include "regops/simt/runtime.h"
 
+// A block's shared array, e.g. REGOPS_SHARED_ARRAY(float, sums, [8][32]): the
+// simulation's arrays check every index (the static tag names the declaration,
+// one array per block as a __shared__ variable is).
+#define REGOPS_SHARED_ARRAY(Type, name, ...)  \
+  static char name##_declaration;             \
+  const auto name = ::regops::simt::shared_array<Type __VA_ARGS__>(&name##_declaration, #name)
+// extern __shared__ Type name[]: the launch's dynamic shared memory.
+#define REGOPS_DYNAMIC_SHARED(Type, name) const ::regops::simt::DynamicShared<Type> name(#name)
+
 #else
 
 #include <ATen/cuda/CUDAContext.h>
@@ -56,6 +65,8 @@ inline void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t dyna
 }  // namespace cuda
 }  // namespace regops
 
+#define REGOPS_SHARED_ARRAY(Type, name, ...) __shared__ Type name __VA_ARGS__
+#define REGOPS_DYNAMIC_SHARED(Type, name) extern __shared__ Type name[]
 #define REGOPS_KERNEL_LAUNCH_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
 // TORCH_LIBRARY_IMPL block of a kernel file's CUDA implementations.
 #define REGOPS_CUDA_LIBRARY_IMPL(m) TORCH_LIBRARY_IMPL(regops, CUDA, m)

@@ -9,7 +9,7 @@ import shutil
 import site
 import sys
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 INCLUDE_DIRS = [os.path.join(ROOT, "csrc", "include")]
 CUDA_SOURCE_GLOB = os.path.join("csrc", "cuda", "*.cu")
 CUDA_DEFINES = [("REGOPS_WITH_CUDA", "1")]
