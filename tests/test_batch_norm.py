@@ -753,6 +753,9 @@ def test_many_channels_beyond_one_grid_dimension_match_torch(backend_device, lay
     backend, device = backend_device
     if triton_interpreted(backend, device):
         pytest.skip("the interpreter runs one program per channel: too slow for 70000 channels")
+    if backend == "cuda" and device.type == "cpu":
+        pytest.skip("the simulation runs a block of fibers per channel: minutes for 70000 channels; "
+                    "tests/test_batch_norm_launch.py checks the launch arithmetic")
     gen = torch.Generator().manual_seed(31)
     x = torch.randn(2, 70001, 3, 1, generator=gen).to(device).contiguous(memory_format=layout).requires_grad_()
     grad = torch.randn(x.shape, generator=gen).to(device)
