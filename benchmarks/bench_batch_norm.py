@@ -128,8 +128,8 @@ def run(device: torch.device, shapes: list[tuple[int, ...]], dtypes: list[str], 
                     provider = f"regops-{backend}"
                     with regops.use_backend(backend):
                         _check(provider, _regops_batch_norm, x, dy, weight, bias)
-                        forward = _op(backend, "batch_norm_forward")
-                        backward = _op(backend, "batch_norm_backward")
+                        forward = _op(backend, "batch_norm_forward", x.device.type)
+                        backward = _op(backend, "batch_norm_backward", x.device.type)
                         if "forward" in cases:
                             add("forward", provider, lambda: _regops_batch_norm(x, running_mean, running_var, weight, bias))
                         if "backward" in cases:
