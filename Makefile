@@ -5,12 +5,16 @@
 VENV        ?= .venv
 PYTHON      ?= $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
-DEV_DEPS    ?= pytest pytest-timeout hypothesis numpy matplotlib tqdm ninja
+DEV_DEPS    ?= pytest pytest-timeout pytest-xdist hypothesis numpy matplotlib tqdm ninja
 CUDA_HOME   ?= $(firstword $(wildcard /usr/local/cuda))
 export CUDA_HOME
 # Where gpu-check writes its report (the device tool collects $OUT).
 OUT         ?= benchmarks/results
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` and `make sanitize-quick` (the suite is
+# CPU-bound: one per core). --durations names the slowest tests in the log.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --durations=30
 # The tests `make test` also runs against the ASan + UBSan build of the C++
 # CPU kernels and the simulated CUDA kernels (`make sanitize-quick`): the CPU
 # backend's cases and the simulation's own tests (the simulated cuda backend's
@@ -37,7 +41,7 @@ build: venv
 	MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 	$(STATIC_GATE)
 	$(PYTHON) benchmarks/run.py --quick --no-record
 ifneq ($(strip $(SANITIZE_SUBSET)),)
@@ -61,7 +65,7 @@ sanitize: venv
 	PYTHON=$(PYTHON) bash tests/sanitize.sh
 
 sanitize-quick: venv
-	PYTHON=$(PYTHON) bash tests/sanitize.sh $(SANITIZE_SUBSET)
+	PYTHON=$(PYTHON) bash tests/sanitize.sh $(PYTEST_XDIST) $(SANITIZE_SUBSET)
 
 demo: build
 	$(PYTHON) benchmarks/mnist.py

@@ -20,6 +20,17 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import regops  # noqa: E402
 
+if os.environ.get("REGOPS_SANITIZED"):
+    # tests/sanitize.sh: every process (pytest-xdist workers too) must import
+    # the instrumented build, not the normal one next to the sources.
+    import sys
+
+    _sanitized_lib = os.path.join("build", "sanitize", "lib", "regops")
+    for _name in ("regops._C", "regops._C_cuda_sim"):
+        _module = sys.modules.get(_name)
+        if _module is not None and _sanitized_lib not in _module.__file__:
+            raise RuntimeError(f"REGOPS_SANITIZED is set but {_name} comes from {_module.__file__}")
+
 # Hypothesis profiles (tests/test_properties.py, tests/test_hostile.py), chosen
 # with HYPOTHESIS_PROFILE. "ci", the default, is bounded and derandomized: the
 # same examples every run, so a CI failure replays anywhere. "dev" draws fresh
