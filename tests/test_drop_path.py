@@ -30,7 +30,8 @@ def test_matches_timm_with_the_rules_keep_decisions(backend_device, dtype, scale
         torch.testing.assert_close(out, _timm_drop_path(x, keep.to(device), p, scale_by_keep), atol=0, rtol=rtol)
         residual = torch.randn_like(x)
         fused = regops.drop_path_add(x, residual, p, scale_by_keep=scale_by_keep, seed=11, offset=4)
-        torch.testing.assert_close(fused, residual + out, atol=1e-6, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+        loose = dtype == torch.bfloat16  # addcmul rounds once, out + residual twice
+        torch.testing.assert_close(fused, residual + out, atol=1e-2 if loose else 1e-6, rtol=1e-2 if loose else 1e-6)
 
 
 def test_keep_decisions_identical_across_backends():
