@@ -112,11 +112,11 @@ def run(device: torch.device, shapes: list[tuple[int, int]], dtypes: list[str], 
                         add("forward", provider, lambda: fn(x, residual, weight, bias))
                     if "backward" in cases:
                         out = fn(*leaves)
-                        add("backward", provider, lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True))
+                        add("backward", provider, lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True, allow_unused=True))
                         del out
                     if "forward+backward" in cases:
                         def step():
-                            torch.autograd.grad(fn(*leaves), leaves, grad)
+                            torch.autograd.grad(fn(*leaves), leaves, grad, allow_unused=True)
                         saved = saved_bytes_per_element(lambda: fn(*leaves), n, exclude=tuple(leaves))
                         add("forward+backward", provider, step, saved)
 
