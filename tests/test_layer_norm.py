@@ -186,6 +186,25 @@ def test_dropout_add_norm_matches_composite(ln_backend, dtype, rms, config):
             assert_close(g, e, dtype)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_splits_and_vector_paths(ln_backend, dtype):
+    """Hidden sizes that take each work split and access width of the CUDA
+    kernels (a warp or a block per row; 16-byte vectors or scalars), checked
+    against the reference backend with the same mask."""
+    backend, device = ln_backend
+    gen = torch.Generator().manual_seed(4)
+    for rows, hidden in [(5, 64), (9, 1000), (3, 1100), (2, 2048)]:
+        x, res, w, b = _inputs((rows, hidden), dtype, device, gen, residual_dtype=torch.float32 if rows % 2 else None)
+        grads = [torch.randn(rows, hidden, generator=gen).to(dtype), torch.randn(rows, hidden, generator=gen)]
+        results = []
+        for which in (backend, "reference"):
+            with regops.use_backend(which):
+                out, h = regops.dropout_add_layer_norm(x, res, w, b, 0.2, prenorm=True, seed=rows, offset=hidden)
+                results.append([out, h] + list(torch.autograd.grad([out, h], [x, res, w, b], grads)))
+        for got, want in zip(*results):
+            assert_close(got, want, dtype)
+
+
 def test_masks_identical_across_backends():
     masks = {}
     for backend, device in backend_devices():
