@@ -110,7 +110,8 @@ def run(device: torch.device, shapes: list[tuple[int, int]], dtypes: list[str], 
                 def measure(provider, fn):
                     if "forward" in cases:
                         add("forward", provider, lambda: fn(x, residual, weight, bias))
-                    if "backward" in cases:
+                    # A compiled backward donates its buffers: it cannot be replayed on one graph.
+                    if "backward" in cases and provider != "torch.compile":
                         out = fn(*leaves)
                         add("backward", provider, lambda: torch.autograd.grad(out, leaves, grad, retain_graph=True, allow_unused=True))
                         del out
