@@ -39,6 +39,9 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int64_t kWarpRowLimit = 1024;
+// Four resident blocks per SM in the launch bounds: without a minimum, ptxas
+// held the 16-bit-input / float32-h variants to 32 registers and spilled.
+constexpr int kMinBlocksPerSm = 4;
 // The backward's partial rows (slots x hidden, two of them) stay under this
 // many elements.
 constexpr int64_t kMaxPartialElements = int64_t{1} << 23;
@@ -157,7 +160,7 @@ __device__ __forceinline__ void for_row_elements(const ForwardArgs<scalar_t, h_t
 }
 
 template <int kVec, typename scalar_t, typename h_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     layer_norm_forward_kernel(ForwardArgs<scalar_t, h_t> args, RowSplit split, bool vectorized) {
   using acc_t = at::opmath_type<scalar_t>;
   REGOPS_SHARED_ARRAY(acc_t, warp_sums, [kWarps]);
@@ -298,7 +301,7 @@ struct BackwardArgs {
 };
 
 template <typename scalar_t, typename h_t>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     layer_norm_backward_kernel(BackwardArgs<scalar_t, h_t> args, RowSplit split) {
   using acc_t = at::opmath_type<scalar_t>;
   REGOPS_SHARED_ARRAY(acc_t, warp_sums, [kWarps]);
