@@ -258,10 +258,11 @@ def test_recompute_mask_gives_the_same_gradients(ln_backend):
 
 def test_weight_grad_is_deterministic(ln_backend):
     backend, device = ln_backend
-    x = torch.randn(257, 33, device=device, requires_grad=True)
+    rows = 37 if _slow(backend, device) else 257  # more rows than the kernels' row chunks or slots
+    x = torch.randn(rows, 33, device=device, requires_grad=True)
     w = torch.randn(33, device=device, requires_grad=True)
     b = torch.randn(33, device=device, requires_grad=True)
-    grad = torch.randn(257, 33, device=device)
+    grad = torch.randn(rows, 33, device=device)
     first = torch.autograd.grad(regops.layer_norm(x, (33,), w, b), (w, b), grad)
     for _ in range(2):
         again = torch.autograd.grad(regops.layer_norm(x, (33,), w, b), (w, b), grad)
@@ -327,6 +328,8 @@ def test_nan_propagates(ln_backend):
 @pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
 def test_gradcheck_float64(ln_backend, rms):
     backend, device = ln_backend
+    if triton_interpreted(backend, device):
+        pytest.skip("minutes under the interpreter; the triton kernels are checked against the reference instead")
     gen = torch.Generator().manual_seed(3)
     x, res, w, b = _inputs((3, 6), torch.float64, device, gen, bias=not rms)
 
