@@ -327,3 +327,30 @@ def layer_norm_backward(grad_out: torch.Tensor, grad_h: torch.Tensor | None, h: 
     if has_bias:
         grad_bias = db.sum(0)
     return dx, dres, grad_weight, grad_bias
+
+
+# --- what the offline compile gate compiles (benchmarks/static_triton.py) ---------------
+
+def compile_cases() -> None:
+    """Calls whose recorded launches cover every kernel, each bool constexpr
+    both ways and the int arguments at 1 and at multiples of 16: every dtype,
+    with and without dropout, residual, weight, bias, a stored h, a grad_h,
+    LayerNorm and RMSNorm."""
+    seed = torch.zeros(1, dtype=torch.int64)
+    for dtype in _INPUT_DTYPES:
+        acc = batch_norm_accumulate_dtype(dtype)
+        for rows, hidden in ((16, 32), (5, 17), (1, 1), (1024, 16)):
+            x = torch.empty(rows, hidden, dtype=dtype)
+            w, b = torch.empty(hidden, dtype=acc), torch.empty(hidden, dtype=acc)
+            full = rows % 2 == 0  # every flag on, else every flag off
+            layer_norm_forward(x, x if full else None, w if full else None, b if full else None, 0.5,
+                               seed if full or rows == 1 else None, 3, 1e-5, not full, full, full, False)
+            mean = torch.empty(0 if not full else rows, dtype=acc)
+            rstd = torch.empty(rows, dtype=acc)
+            mask = torch.empty(mask_bytes(x.numel()), dtype=torch.uint8)
+            layer_norm_backward(x, x if full else None, x, w if full else None, mean, rstd, mask if full else None,
+                                seed if rows == 1 else None, 0.5, 0, not full, full, full)
+
+
+# Int arguments that never take the value 1, and why.
+NEVER_ONE = {"total_bytes": "a multiple of 16 by construction (mask_bytes)"}
