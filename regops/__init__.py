@@ -1,6 +1,7 @@
 """regops: fused regularization kernels for PyTorch.
 
-Dropout that returns a 1-bit mask (or regenerates it), batch normalization and
+Dropout that returns a 1-bit mask (or regenerates it), batch normalization,
+layer norm and RMSNorm fused with dropout and a residual add, DropPath, and
 penalized SGD/AdamW updates, each with hand-written CUDA, Triton, C++ CPU and
 pure-torch reference backends.
 """
@@ -11,7 +12,9 @@ from regops import _C  # noqa: F401  (registers the operators)
 from regops._backend import BACKENDS, available_backends, get_backend, set_backend, use_backend
 from regops.ops.batch_norm import (batch_norm, batch_norm_backward_elementwise, batch_norm_backward_reduce,
                                    batch_norm_elementwise, batch_norm_stats)
+from regops.ops.drop_path import drop_path, drop_path_add
 from regops.ops.dropout import dropout, dropout_backward, dropout_with_mask, philox4x32_10, unpack_mask
+from regops.ops.layer_norm import dropout_add_layer_norm, dropout_add_rms_norm, layer_norm, rms_norm
 from regops.ops.optim import multi_tensor_norm
 from regops import nn, optim  # noqa: E402
 from regops.convert import convert  # noqa: E402
@@ -29,14 +32,20 @@ __all__ = [
     "batch_norm_stats",
     "convert",
     "distributed",
+    "drop_path",
+    "drop_path_add",
     "dropout",
+    "dropout_add_layer_norm",
+    "dropout_add_rms_norm",
     "dropout_backward",
     "dropout_with_mask",
     "get_backend",
+    "layer_norm",
     "multi_tensor_norm",
     "nn",
     "optim",
     "philox4x32_10",
+    "rms_norm",
     "set_backend",
     "unpack_mask",
     "use_backend",

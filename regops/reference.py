@@ -331,3 +331,46 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
     if activation == "relu":
         y = torch.relu(y)
     return y.to(x.dtype)
+
+
+# --- layer normalization -----------------------------------------------------------
+# The formulas of csrc/include/regops/layer_norm.h in plain torch on (rows,
+# hidden) tensors, in the accumulate dtype and cast once; differentiable by
+# autograd. Dropout follows the random rule over the row-major flat index.
+
+def layer_norm_h_dtype(x_dtype: torch.dtype, residual_dtype: torch.dtype | None, residual_in_fp32: bool) -> torch.dtype:
+    """The dtype of h = dropout(x) + residual."""
+    if residual_in_fp32:
+        return batch_norm_accumulate_dtype(x_dtype)
+    return x_dtype if residual_dtype is None else residual_dtype
+
+
+def dropout_add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                     bias: torch.Tensor | None, p: float, seed: int | None, offset: int, eps: float, rms: bool,
+                     residual_in_fp32: bool = False):
+    """(output, h, packed mask or None) for x (rows, hidden): h =
+    round_h(round_x(x * keep * scale) + residual), output = norm(h) * weight
+    + bias rounded to x's dtype; the statistics are those of h as stored."""
+    acc = batch_norm_accumulate_dtype(x.dtype)
+    mask = None
+    d = x
+    if seed is not None:
+        keep = dropout_keep(x.numel(), p, seed, offset, device=x.device).reshape(x.shape)
+        d = dropout_apply(x, keep, p)
+        mask = pack_mask(keep)
+    h_dtype = layer_norm_h_dtype(x.dtype, None if residual is None else residual.dtype, residual_in_fp32)
+    h = d.to(h_dtype) if residual is None else (d.to(acc) + residual.to(acc)).to(h_dtype)
+    hf = h.to(acc)
+    if rms:
+        rstd = 1.0 / torch.sqrt(hf.square().mean(-1, keepdim=True) + eps)
+        xhat = hf * rstd
+    else:
+        mean = hf.mean(-1, keepdim=True)
+        rstd = 1.0 / torch.sqrt((hf - mean).square().mean(-1, keepdim=True) + eps)
+        xhat = (hf - mean) * rstd
+    y = xhat
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), h, mask
