@@ -21,7 +21,8 @@ class _BatchNorm(_TorchBatchNorm):
     (``bias=False``: an affine weight without a bias, as torch's)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, bias: bool = True,
+                 track_running_stats: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *, bias: bool = True,
                  activation: str | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.activation = check_activation(activation)

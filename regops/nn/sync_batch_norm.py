@@ -135,7 +135,8 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
+                 track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
                  bias: bool = True, activation: str | None = None) -> None:
         super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          activation=activation)

@@ -6,6 +6,8 @@ per (device, dtype) group; the argument checks users see live there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from regops import reference
@@ -99,7 +101,7 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
        l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef)
 
 
-def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:
+def multi_tensor_norm(tensors: Sequence[torch.Tensor], squared: bool = False) -> torch.Tensor:
     """The L2 norm of all ``tensors`` together (one device and dtype), or its
     square, as a float32 scalar on their device, in one pass without a host
     synchronization."""
