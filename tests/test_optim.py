@@ -469,7 +469,7 @@ def test_sparse_gradients_raise():
 
 def test_unsupported_parameter_dtypes_raise():
     with pytest.raises(TypeError, match="float32, float64, float16, bfloat16, complex64 and complex128"):
-        regops.optim.SGD([torch.zeros(3, dtype=torch.complex32, requires_grad=True)], lr=0.1)
+        regops.optim.SGD([torch.zeros(3, dtype=torch.int64)], lr=0.1)
 
 
 def test_kernel_entry_checks():
