@@ -29,7 +29,8 @@ def test_one_version_from_pyproject():
 
 def test_runtime_dependencies_are_torch_alone():
     assert [d.split(">")[0].split("=")[0].strip() for d in PYPROJECT["project"]["dependencies"]] == ["torch"]
-    imports = [line for path in _package_sources() for line in open(path) if line.lstrip().startswith(("import ", "from "))]
+    imports = [line for path in _package_sources() for line in open(path)
+               if line.lstrip().startswith(("import ", "from "))]
     assert imports and not [line for line in imports if "numpy" in line]
 
 

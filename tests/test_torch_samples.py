@@ -61,7 +61,8 @@ STEPS = 4
 def _sample_id(case) -> str:
     info, sample, where = case
     flags = ",".join(f"{k}" for k in IMPLEMENTATION_FLAGS if sample.kwargs.get(k))
-    return f"{info.optim_cls.__name__}-{sample.desc}{'-' + flags if flags else ''}{'-cudasample' if where == 'cuda' else ''}"
+    origin = "-cudasample" if where == "cuda" else ""
+    return f"{info.optim_cls.__name__}-{sample.desc}{'-' + flags if flags else ''}{origin}"
 
 
 def _optim_samples():

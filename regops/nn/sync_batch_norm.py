@@ -177,7 +177,8 @@ class SyncBatchNorm(_BatchNorm):
         converted = module
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group, bias=not module.affine or module.bias is not None,
+                            module.track_running_stats, process_group,
+                            bias=not module.affine or module.bias is not None,
                             activation=getattr(module, "activation", None))
             if module.affine:
                 with torch.no_grad():
