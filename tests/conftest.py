@@ -37,12 +37,21 @@ if os.environ.get("REGOPS_SANITIZED"):
 # random examples each run and prints a reproduction blob on failure
 # (@reproduce_failure); "thorough" is for a long local hunt.
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
-settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
-                          suppress_health_check=_SLOW_OK)
-settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK)
-settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True,
-                          suppress_health_check=_SLOW_OK)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def load_hypothesis_profiles() -> None:
+    """Registers and loads the profiles; called again after importing
+    torch.testing._internal, which registers and loads profiles of its own."""
+    settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
+                              suppress_health_check=_SLOW_OK)
+    settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True,
+                              suppress_health_check=_SLOW_OK)
+    settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True,
+                              suppress_health_check=_SLOW_OK)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+load_hypothesis_profiles()
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA_SIMULATED = regops._backend.cuda_simulated()

@@ -8,7 +8,8 @@
 // vectorizes, on float32 tensors directly and on bfloat16 tensors as bits
 // converted in registers (shift to widen, round-to-nearest-even with bit
 // operations to narrow: c10's per-element bfloat16 conversion does not
-// vectorize); float16 goes through float32 blocks of kBlock elements.
+// vectorize); float16 goes through float32 blocks of kBlock elements;
+// float64 runs the same loops with float64 math.
 //
 // Traffic per parameter (element size e): SGD reads p, g and the momentum
 // buffer and writes p and the buffer (5e; 3e without momentum); AdamW reads
@@ -53,6 +54,12 @@ using Bits16 = uint16_t;  // bfloat16 storage
 
 REGOPS_ALWAYS_INLINE float load_element(const float* data, int64_t i) { return data[i]; }
 REGOPS_ALWAYS_INLINE void store_element(float* data, int64_t i, float value) { data[i] = value; }
+REGOPS_ALWAYS_INLINE double load_element(const double* data, int64_t i) { return data[i]; }
+REGOPS_ALWAYS_INLINE void store_element(double* data, int64_t i, double value) { data[i] = value; }
+
+// The math type of the loops on storage T: float64 for float64, else float32.
+template <typename T>
+using Math = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // bfloat16 <-> float32 as bit operations: widening is a shift; narrowing
 // rounds to nearest even and keeps NaN a quiet NaN, as c10::BFloat16 does.
@@ -79,14 +86,14 @@ REGOPS_ALWAYS_INLINE void store_element(Bits16* data, int64_t i, float value) {
 template <typename T, bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient,
           bool kL1Proximal>
 REGOPS_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buffer, int64_t n,
-                             const SGDCoefficients& coefficients) {
-  SGDCoefficients c = coefficients;
+                             const SGDCoefficientsT<Math<T>>& coefficients) {
+  SGDCoefficientsT<Math<T>> c = coefficients;
   c.has_momentum = kMomentum;
   c.first_step = kFirstStep;
   c.nesterov = kNesterov;
   for (int64_t i = 0; i < n; ++i) {
-    float param = load_element(p, i);
-    float buf = kMomentum && !kFirstStep ? load_element(buffer, i) : 0.0f;
+    Math<T> param = load_element(p, i);
+    Math<T> buf = kMomentum && !kFirstStep ? load_element(buffer, i) : Math<T>(0);
     sgd_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), buf, c);
     store_element(p, i, param);
     if (kMomentum) store_element(buffer, i, buf);
@@ -94,18 +101,18 @@ REGOPS_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __re
 }
 
 template <typename T>
-using SGDBlock = void (*)(T*, const T*, T*, int64_t, const SGDCoefficients&);
+using SGDBlock = void (*)(T*, const T*, T*, int64_t, const SGDCoefficientsT<Math<T>>&);
 
 template <typename T, bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
 REGOPS_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ exp_avg,
                                T* __restrict__ exp_avg_sq, T* __restrict__ max_exp_avg_sq, int64_t n,
-                               const AdamWCoefficients& coefficients) {
-  AdamWCoefficients c = coefficients;
+                               const AdamWCoefficientsT<Math<T>>& coefficients) {
+  AdamWCoefficientsT<Math<T>> c = coefficients;
   c.amsgrad = kAmsgrad;
   c.exp_avg_weight.from_start = kLerpFromStart;
   for (int64_t i = 0; i < n; ++i) {
-    float param = load_element(p, i), m = load_element(exp_avg, i), v = load_element(exp_avg_sq, i);
-    float v_max = kAmsgrad ? load_element(max_exp_avg_sq, i) : 0.0f;
+    Math<T> param = load_element(p, i), m = load_element(exp_avg, i), v = load_element(exp_avg_sq, i);
+    Math<T> v_max = kAmsgrad ? load_element(max_exp_avg_sq, i) : Math<T>(0);
     adamw_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), m, v, v_max, c);
     store_element(p, i, param);
     store_element(exp_avg, i, m);
@@ -115,7 +122,7 @@ REGOPS_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T* __
 }
 
 template <typename T>
-using AdamWBlock = void (*)(T*, const T*, T*, T*, T*, int64_t, const AdamWCoefficients&);
+using AdamWBlock = void (*)(T*, const T*, T*, T*, T*, int64_t, const AdamWCoefficientsT<Math<T>>&);
 
 // variants.template get<flags...>() for the runtime values of flags.
 template <typename Variants, bool... kChosen>
@@ -144,7 +151,7 @@ struct SGDVariants {
 };
 
 template <typename T>
-SGDBlock<T> select_sgd_block(const SGDCoefficients& c) {
+SGDBlock<T> select_sgd_block(const SGDCoefficientsT<Math<T>>& c) {
   const bool momentum = c.has_momentum;
   return select_variant(SGDVariants<T>{}, momentum, momentum && c.first_step, momentum && c.nesterov,
                         c.gradient.coupled_l2 != 0.0f, c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
@@ -165,29 +172,30 @@ struct AdamWVariants {
 // The flags are the same for every tensor of a call (only the step-dependent
 // factors differ), so one variant serves them all.
 template <typename T>
-AdamWBlock<T> select_adamw_block(const AdamWCoefficients& c) {
+AdamWBlock<T> select_adamw_block(const AdamWCoefficientsT<Math<T>>& c) {
   return select_variant(AdamWVariants<T>{}, c.amsgrad, c.exp_avg_weight.from_start, c.gradient.coupled_l2 != 0.0f,
                         c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
 }
 
-// Sum of squares with 16 independent float32 accumulators (a plain float sum
-// does not vectorize without reassociation), on float32 or bfloat16 bits.
+// Sum of squares with 16 independent accumulators (a plain float sum does
+// not vectorize without reassociation), on float32 or bfloat16 bits in
+// float32, on float64 in float64.
 template <typename T>
 REGOPS_CLONES double sum_of_squares(const T* __restrict__ x, int64_t n) {
   constexpr int kLanes = 16;
-  float acc[kLanes] = {};
+  Math<T> acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float value = load_element(x, i + l);
+      const Math<T> value = load_element(x, i + l);
       acc[l] += value * value;
     }
   }
   for (; i < n; ++i) {
-    const float value = load_element(x, i);
+    const Math<T> value = load_element(x, i);
     acc[0] += value * value;
   }
-  float total = 0.0f;
+  Math<T> total = 0;
   for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
 }
@@ -255,10 +263,11 @@ class TensorSpan {
   int64_t size_ = 0;
 };
 
-// The type the loops run on: float32 and bfloat16 (as Bits16) directly,
-// float16 through float32 blocks.
+// The type the loops run on: float32, float64 and bfloat16 (as Bits16)
+// directly, float16 through float32 blocks.
 template <typename scalar_t>
-using LoopType = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, Bits16, float>;
+using LoopType = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, Bits16,
+                                    std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>;
 
 // Runs block_fn(LoopType* views[kLists], n, tensor) over every element of
 // the tensors of `lists` (lists[l][t] is tensor t of list l; list 1 holds the
@@ -324,14 +333,14 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   if (params.empty()) return;
   check_cpu(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
-  SGDCoefficients c = make_sgd_coefficients(lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
-                                            first_step);
   float grad_factor = 1.0f;
   if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
-  c.gradient.grad_factor *= grad_factor;  // keeps maximize's sign
-  dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
+  dispatch_optimizer_dtype<true>(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using T = LoopType<scalar_t>;
+    SGDCoefficientsT<Math<T>> c = make_sgd_coefficients<Math<T>>(lr, momentum, dampening, weight_decay, nesterov,
+                                                                 maximize, l1, proximal, first_step);
+    c.gradient.grad_factor *= grad_factor;  // keeps maximize's sign
     const SGDBlock<T> block = select_sgd_block<T>(c);
     if (momentum != 0.0) {
       apply_blocks<scalar_t, 3>({params, grads, momentum_buffers}, [&](const auto& v, int64_t n, int64_t) {
@@ -370,17 +379,22 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
   // The step counts are incremented first, as torch does, and the bias
   // corrections computed from the new count in double.
-  std::vector<AdamWCoefficients> coefficients;
-  coefficients.reserve(params.size());
+  std::vector<double> counts;
+  counts.reserve(params.size());
   for (const at::Tensor& step : state_steps) {
     float* count = step.mutable_data_ptr<float>();
     *count += 1.0f;
-    coefficients.push_back(adamw_coefficients(lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad,
-                                              maximize, *count, grad_factor));
+    counts.push_back(*count);
   }
-  dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
+  dispatch_optimizer_dtype<true>(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using T = LoopType<scalar_t>;
+    std::vector<AdamWCoefficientsT<Math<T>>> coefficients;
+    coefficients.reserve(params.size());
+    for (double count : counts) {
+      coefficients.push_back(adamw_coefficients<Math<T>>(lr, beta1, beta2, eps, weight_decay, l2, l1, proximal,
+                                                         amsgrad, maximize, count, grad_factor));
+    }
     const AdamWBlock<T> block = select_adamw_block<T>(coefficients[0]);
     if (amsgrad) {
       apply_blocks<scalar_t, 5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
@@ -416,7 +430,7 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, bool squared) {
   // One partial per chunk, summed in a fixed order: the result does not
   // depend on the number of threads.
   std::vector<double> partials(span.chunks(), 0.0);
-  dispatch_optimizer_dtype("multi_tensor_norm", tensors[0].scalar_type(), [&](auto tag) {
+  dispatch_optimizer_dtype<true>("multi_tensor_norm", tensors[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     span.parallel_chunks([&](int64_t first, int64_t last) {
       for (int64_t chunk = first; chunk < last; ++chunk) {

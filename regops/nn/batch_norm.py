@@ -17,11 +17,14 @@ from regops.ops.batch_norm import batch_norm, check_activation
 
 
 class _BatchNorm(_TorchBatchNorm):
-    """torch's ``_BatchNorm`` running regops.batch_norm, plus ``activation``."""
+    """torch's ``_BatchNorm`` running regops.batch_norm, plus ``activation``
+    (``bias=False``: an affine weight without a bias, as torch's)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, activation: str | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *, bias: bool = True,
+                 activation: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.activation = check_activation(activation)
 
     def _momentum_and_training(self) -> tuple[float | torch.Tensor, bool]:

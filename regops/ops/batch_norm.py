@@ -64,8 +64,10 @@ def check_activation(activation) -> str | None:
 
 def _check_input(input) -> torch.Tensor:
     check_tensor(input, "input")
-    if input.dim() < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    if input.dim() < 2 and input.numel() > 0:
+        # torch takes the channels from dim 1 and so accepts only an empty 1-D input.
+        raise ValueError(f"input must have at least 2 dimensions (N, C, ...) or be empty, got shape "
+                         f"{tuple(input.shape)}")
     if input.dtype not in _INPUT_DTYPES:
         raise TypeError(f"input must be float32, float16, bfloat16 or float64, got {input.dtype}")
     return input
@@ -130,8 +132,13 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     relu = check_activation(activation) == "relu"
     momentum = _check_momentum(momentum)
     eps = _check_real(eps, "eps")
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, got {eps}")
     if eps < 0:
         raise ValueError(f"eps must be non-negative, got {eps}")
+    if input.dim() < 2:
+        # An empty 1-D input (N = C = 0) has nothing to normalize; torch returns a copy.
+        return input.clone()
     w = _channel_tensor(weight, "weight", input)
     b = _channel_tensor(bias, "bias", input)
     rm = _channel_tensor(running_mean, "running_mean", input)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from regops.ops.optim import sgd_step_
-from regops.optim._base import PenalizedOptimizer, check_l1_mode, check_max_grad_norm, check_nonnegative
+from regops.optim._base import ParamsT, PenalizedOptimizer, check_l1_mode, check_max_grad_norm, check_nonnegative
 
 
 class SGD(PenalizedOptimizer):
@@ -35,14 +35,20 @@ class SGD(PenalizedOptimizer):
     in ``last_grad_norm``. Every option can be set per param group.
     """
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, l1=0.0, l1_mode="subgradient", max_grad_norm=None):
+    def __init__(self, params: ParamsT, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 l1: float = 0.0, l1_mode: str = "subgradient", max_grad_norm: float | None = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, l1=l1, l1_mode=l1_mode, max_grad_norm=max_grad_norm)
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused, l1=l1, l1_mode=l1_mode, max_grad_norm=max_grad_norm)
         super().__init__(params, defaults)
 
     def _extra_defaults(self) -> dict:
         return {"nesterov": False, "maximize": False, "l1": 0.0, "l1_mode": "subgradient", "max_grad_norm": None}
+
+    def _torch_flag_defaults(self) -> dict:
+        return {"nesterov": False, "fused": False}  # torch.optim.SGD.__setstate__'s
 
     def _check_group(self, group: dict, read_tensors: bool = True) -> None:
         for name in ("lr", "momentum", "dampening", "weight_decay", "l1"):
