@@ -92,12 +92,21 @@ struct GradientSumsReducer {
   const scalar_t* x;
   ChannelParams<acc_t> params;
   bool relu;
+  const scalar_t* residual;  // may be null; else the mask includes it and
+  scalar_t* grad_residual;   // receives the masked dy
 
   __device__ __forceinline__ State identity() const { return State{acc_t(0), acc_t(0)}; }
   __device__ __forceinline__ Context context(int64_t c) const { return Context{params.mean[c], params.affine(c)}; }
   __device__ __forceinline__ void add(State& state, int64_t offset, const Context& ctx) const {
     const acc_t xi = static_cast<acc_t>(x[offset]);
-    const acc_t g = batch_norm_masked_grad(static_cast<acc_t>(dy[offset]), xi, ctx.affine, relu);
+    acc_t g;
+    if (residual != nullptr) {
+      g = batch_norm_masked_grad(static_cast<acc_t>(dy[offset]), xi, static_cast<acc_t>(residual[offset]), ctx.affine,
+                                 relu);
+      grad_residual[offset] = static_cast<scalar_t>(g);
+    } else {
+      g = batch_norm_masked_grad(static_cast<acc_t>(dy[offset]), xi, ctx.affine, relu);
+    }
     state.sum_dy += g;
     state.sum_dy_xmu += g * (xi - ctx.mean);
   }
@@ -268,6 +277,18 @@ __global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __res
       [=](int64_t i, acc_t xi) { return batch_norm_normalize(xi, params.affine(shape.channel(i)), relu); }, x);
 }
 
+template <typename scalar_t, typename acc_t>
+__global__ void normalize_residual_kernel(const scalar_t* __restrict__ x, const scalar_t* __restrict__ z,
+                                          scalar_t* __restrict__ y, ChannelParams<acc_t> params,
+                                          ElementwiseShape shape, bool relu, bool vectorized) {
+  map_elements<scalar_t, acc_t>(
+      y, shape.numel, vectorized,
+      [=](int64_t i, acc_t xi, acc_t zi) {
+        return batch_norm_normalize(xi, zi, params.affine(shape.channel(i)), relu);
+      },
+      x, z);
+}
+
 template <typename acc_t>
 struct BackwardParams {
   ChannelParams<acc_t> channel;
@@ -368,10 +389,13 @@ void compute_statistics(const BatchNormInput& p, at::Tensor& mean, at::Tensor& v
   REGOPS_KERNEL_LAUNCH_CHECK();
 }
 
+// With a defined residual the mask includes it and grad_residual receives
+// the masked dy.
 template <typename scalar_t>
 void compute_gradient_sums(const BatchNormInput& p, const at::Tensor& dy,
                            const ChannelParams<at::opmath_type<scalar_t>>& params, bool relu, at::Tensor& sum_dy,
-                           at::Tensor& sum_dy_xmu) {
+                           at::Tensor& sum_dy_xmu, const at::Tensor& residual = at::Tensor(),
+                           at::Tensor grad_residual = at::Tensor()) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t channels = p.geometry.channels;
   if (channels == 0) return;
@@ -381,7 +405,10 @@ void compute_gradient_sums(const BatchNormInput& p, const at::Tensor& dy,
     return;
   }
   auto [partial, splits] = reduce_partials(
-      GradientSumsReducer<scalar_t, acc_t>{dy.const_data_ptr<scalar_t>(), p.input.const_data_ptr<scalar_t>(), params, relu}, p);
+      GradientSumsReducer<scalar_t, acc_t>{
+          dy.const_data_ptr<scalar_t>(), p.input.const_data_ptr<scalar_t>(), params, relu,
+          residual.defined() ? residual.const_data_ptr<scalar_t>() : nullptr,
+          residual.defined() ? grad_residual.mutable_data_ptr<scalar_t>() : nullptr}, p);
   const auto stream = cuda::current_stream();
   cuda::launch(finalize_sums_kernel<acc_t>, (channels + kFinalizeThreads - 1) / kFinalizeThreads, kFinalizeThreads, 0,
                stream,
@@ -392,13 +419,22 @@ void compute_gradient_sums(const BatchNormInput& p, const at::Tensor& dy,
 
 template <typename scalar_t>
 void launch_normalize(const BatchNormInput& p, at::Tensor& output,
-                      const ChannelParams<at::opmath_type<scalar_t>>& params, bool relu) {
+                      const ChannelParams<at::opmath_type<scalar_t>>& params, bool relu,
+                      const at::Tensor& residual = at::Tensor()) {
   const int64_t numel = p.input.numel();
   if (numel == 0) return;
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
   scalar_t* y = output.mutable_data_ptr<scalar_t>();
-  const auto kernel = normalize_kernel<scalar_t, at::opmath_type<scalar_t>>;
   const int64_t vectors = (numel + vector_size<scalar_t>() - 1) / vector_size<scalar_t>();
+  if (residual.defined()) {
+    const scalar_t* z = residual.const_data_ptr<scalar_t>();
+    const auto kernel = normalize_residual_kernel<scalar_t, at::opmath_type<scalar_t>>;
+    cuda::launch(kernel, grid_size_for(kernel, vectors, kThreads), kThreads, 0, cuda::current_stream(),
+        x, z, y, params, elementwise_shape(p), relu, can_vectorize({x, z, y}));
+    REGOPS_KERNEL_LAUNCH_CHECK();
+    return;
+  }
+  const auto kernel = normalize_kernel<scalar_t, at::opmath_type<scalar_t>>;
   cuda::launch(kernel, grid_size_for(kernel, vectors, kThreads), kThreads, 0, cuda::current_stream(),
       x, y, params, elementwise_shape(p), relu, can_vectorize({x, y}));
   REGOPS_KERNEL_LAUNCH_CHECK();
@@ -502,11 +538,12 @@ at::Tensor batch_norm_backward_elementwise_cuda(const at::Tensor& grad_out, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
-    double eps, bool relu) {
+    double eps, bool relu, const std::optional<at::Tensor>& residual) {
   const char* op = "batch_norm_forward";
-  check_forward_arguments(input, weight, bias, running_mean, running_var, training, op);
+  check_forward_arguments(input, weight, bias, running_mean, running_var, training, residual, op);
   const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
+  const at::Tensor z = prepare_residual(residual, p);
   const at::TensorOptions options = accumulate_options(input);
   at::Tensor output = at::empty_like(p.input);
   at::Tensor mean, invstd, batch_var;
@@ -522,20 +559,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cu
   const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_forward_cuda", [&] {
     if (training) compute_statistics<scalar_t>(p, mean, batch_var, &invstd, eps);
-    launch_normalize<scalar_t>(p, output, channel_params<at::opmath_type<scalar_t>>(mean, invstd, w, b), relu);
+    launch_normalize<scalar_t>(p, output, channel_params<at::opmath_type<scalar_t>>(mean, invstd, w, b), relu, z);
   });
   return {output, mean, invstd, batch_var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
-    bool relu) {
+    bool relu, const std::optional<at::Tensor>& residual) {
   const char* op = "batch_norm_backward";
-  check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, op);
+  check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, residual, op);
   const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
+  const at::Tensor z = prepare_residual(residual, p);
+  at::Tensor grad_residual = z.defined() ? at::empty_like(p.input) : at::empty({0}, input.options());
   at::Tensor dx = at::empty_like(p.input);
   const at::TensorOptions options = accumulate_options(input);
   at::Tensor sum_dy = at::empty({input.size(1)}, options);
@@ -546,12 +585,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const ChannelParams<acc_t> params = channel_params<acc_t>(m, s, w, b);
-    compute_gradient_sums<scalar_t>(p, dy, params, relu, sum_dy, sum_dy_xmu);
+    compute_gradient_sums<scalar_t>(p, dy, params, relu, sum_dy, sum_dy_xmu, z, grad_residual);
+    // With a residual the reduction wrote the masked dy: grad_input needs no mask.
     const BackwardParams<acc_t> backward{params, sum_dy.const_data_ptr<acc_t>(), sum_dy_xmu.const_data_ptr<acc_t>(),
-                                         static_cast<acc_t>(count), training, relu};
-    launch_grad_input<scalar_t>(p, dy, dx, backward);
+                                         static_cast<acc_t>(count), training, relu && !z.defined()};
+    launch_grad_input<scalar_t>(p, z.defined() ? grad_residual : dy, dx, backward);
   });
-  return {dx, sum_dy_xmu * s, sum_dy};
+  return {dx, sum_dy_xmu * s, sum_dy, grad_residual};
 }
 
 }  // namespace
