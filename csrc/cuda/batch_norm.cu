@@ -80,6 +80,23 @@ __device__ __forceinline__ AlignedVector<scalar_t, kVec> load_elements(const sca
   return load_vector<AlignedVector<scalar_t, kVec>>(pointer);
 }
 
+// A vector store: one uint4 for a 16-byte vector on the GPU; the simulation
+// keeps store_vector and its alignment check.
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ void store_elements(scalar_t* pointer, const AlignedVector<scalar_t, kVec>& value) {
+#if defined(REGOPS_CUDA_SIM)
+  store_vector(pointer, value);
+#else
+  if constexpr (sizeof(AlignedVector<scalar_t, kVec>) == 16) {
+    uint4 bits;
+    memcpy(&bits, &value, sizeof(bits));
+    *reinterpret_cast<uint4*>(pointer) = bits;
+  } else {
+    store_vector(pointer, value);
+  }
+#endif
+}
+
 // Per-channel coefficient rows (C values each) of the elementwise passes.
 enum ForwardRow { kScale = 0, kShift = 1, kForwardRows = 2 };
 enum BackwardRow { kDyScale = 0, kXmuScale = 1, kConstant = 2, kMaskScale = 3, kMaskShift = 4, kBackwardRows = 5 };
@@ -128,7 +145,7 @@ struct NormalizeOp {
       }
       out.value[e] = static_cast<scalar_t>(value);
     }
-    store_vector(y + offset, out);
+    store_elements<scalar_t, kVec>(y + offset, out);
   }
 };
 
@@ -177,7 +194,7 @@ struct GradInputOp {
       const acc_t g = batch_norm_masked_grad(static_cast<acc_t>(l.in[0].value[e]), xe, ch[e].mask, relu);
       out.value[e] = static_cast<scalar_t>(batch_norm_grad_input(g, xe, ch[e].mean, ch[e].k));
     }
-    store_vector(dx + offset, out);
+    store_elements<scalar_t, kVec>(dx + offset, out);
   }
 };
 
@@ -266,7 +283,7 @@ struct GradientSumsOp {
       state[e].first += g;
       state[e].second += g * (xe - ch[e].mean);
     }
-    if constexpr (kResidual) store_vector(dz + offset, masked);
+    if constexpr (kResidual) store_elements<scalar_t, kVec>(dz + offset, masked);
   }
 };
 
