@@ -80,17 +80,22 @@ __device__ __forceinline__ AlignedVector<scalar_t, kVec> load_elements(const sca
   return load_vector<AlignedVector<scalar_t, kVec>>(pointer);
 }
 
-// A vector store: one uint4 for a 16-byte vector on the GPU; the simulation
-// keeps store_vector and its alignment check.
+// A vector store. On the GPU a 16-byte vector goes out as one st.global.v4:
+// in the spatial-inner kernel (all kVec elements of one channel) nvcc's
+// optimizer splits the aligned struct store (plain or as a uint4) into
+// element stores before the PTX, so the 128-bit store is spelled out. The
+// simulation keeps store_vector and its alignment check.
 template <typename scalar_t, int kVec>
 __device__ __forceinline__ void store_elements(scalar_t* pointer, const AlignedVector<scalar_t, kVec>& value) {
 #if defined(REGOPS_CUDA_SIM)
   store_vector(pointer, value);
 #else
   if constexpr (sizeof(AlignedVector<scalar_t, kVec>) == 16) {
-    uint4 bits;
-    memcpy(&bits, &value, sizeof(bits));
-    *reinterpret_cast<uint4*>(pointer) = bits;
+    unsigned words[4];
+    memcpy(words, &value, sizeof(words));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(pointer), "r"(words[0]), "r"(words[1]),
+                 "r"(words[2]), "r"(words[3])
+                 : "memory");
   } else {
     store_vector(pointer, value);
   }
