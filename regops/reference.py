@@ -316,9 +316,11 @@ def batch_norm_backward_elementwise(grad_out, x, mean, invstd, weight, bias, sum
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False, momentum: float = 0.1,
-               eps: float = 1e-5, *, activation: str | None = None) -> torch.Tensor:
-    """torch.nn.functional.batch_norm (plus the optional ReLU) from torch
-    primitives; differentiable by autograd. Updates the running buffers in place."""
+               eps: float = 1e-5, *, activation: str | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.nn.functional.batch_norm (plus the optional residual, added
+    before the optional ReLU) from torch primitives; differentiable by
+    autograd. Updates the running buffers in place."""
     acc = batch_norm_accumulate_dtype(x.dtype)
     if training:
         mean, var = batch_norm_stats(x)
@@ -333,6 +335,8 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     y = _affine(x, mean, torch.rsqrt(var + eps), weight, bias)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
     if activation == "relu":
         y = torch.relu(y)
     return y.to(x.dtype)

@@ -56,11 +56,17 @@ inline void define_schemas(torch::Library& m) {
   // towards save_mean and it, so momentum may be a traced tensor under
   // torch.compile); eval normalizes with running_mean and running_var and
   // returns batch_var empty. The backward is one reduction pass and one
-  // elementwise pass.
+  // elementwise pass. residual (the input's shape and dtype, any layout) is
+  // added before the ReLU: output = act(bn(input) + residual), the ResNet
+  // bottleneck's tail; the backward recomputes the mask from input and
+  // residual and returns grad_residual (the masked grad_out; empty without a
+  // residual), written by its reduction pass.
   m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
-        "bool training, float eps, bool relu) -> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor batch_var)");
+        "bool training, float eps, bool relu, Tensor? residual=None) -> (Tensor output, Tensor save_mean, "
+        "Tensor save_invstd, Tensor batch_var)");
   m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
-        "Tensor save_invstd, bool training, bool relu) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+        "Tensor save_invstd, bool training, bool relu, Tensor? residual=None) -> (Tensor grad_input, "
+        "Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   // The pieces of a synchronized batch norm, which sums per-rank statistics
   // and gradient sums across ranks between them: mean and biased variance;
   // the normalization; the per-channel gradient sums; and grad_input, where
