@@ -87,7 +87,11 @@ def test_import_without_a_built_extension_says_how_to_build(tmp_path, broken):
     if broken:
         suffix = ".cpython-%d%d-x86_64-linux-gnu.so" % sys.version_info[:2]
         (copy / f"_C{suffix}").write_bytes(b"not a shared library")
-    out = subprocess.run([sys.executable, "-c", "import regops"], capture_output=True, text=True, cwd=tmp_path,
+    # An editable install (`make build`) maps regops' modules to the source
+    # tree through a meta-path finder; dropped, so only the copy can be found.
+    code = ("import sys; sys.meta_path[:] = [f for f in sys.meta_path if 'editable' not in repr(f).lower()]; "
+            "import regops")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
                          env={**os.environ, "PYTHONPATH": str(tmp_path), "REGOPS_CUDA_SIM": "0"})
     assert out.returncode != 0
     assert "ImportError: regops' compiled extension regops._C could not be loaded" in out.stderr, out.stderr

@@ -15,12 +15,22 @@ from regops.ops.layer_norm import dropout_add_layer_norm, dropout_add_rms_norm, 
 class LayerNorm(torch.nn.LayerNorm):
     """Drop-in for ``torch.nn.LayerNorm`` on the regops kernels."""
 
+    def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float = 1e-5,
+                 elementwise_affine: bool = True, bias: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, bias, device, dtype)
+
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return layer_norm(input, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
 class RMSNorm(torch.nn.RMSNorm):
     """Drop-in for ``torch.nn.RMSNorm`` on the regops kernels."""
+
+    def __init__(self, normalized_shape: int | list[int] | torch.Size, eps: float | None = None,
+                 elementwise_affine: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None) -> None:
+        super().__init__(normalized_shape, eps, elementwise_affine, device, dtype)
 
     def forward(self, input: torch.Tensor) -> torch.Tensor:
         return rms_norm(input, self.normalized_shape, self.weight, self.eps)
@@ -34,7 +44,8 @@ class DropoutAddLayerNorm(torch.nn.Module):
     ``residual_in_fp32``). ``recompute_mask=True`` saves no mask for the backward."""
 
     def __init__(self, hidden_size: int, p: float = 0.0, eps: float = 1e-5, prenorm: bool = False,
-                 residual_in_fp32: bool = False, device=None, dtype=None, *, bias: bool = True,
+                 residual_in_fp32: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *, bias: bool = True,
                  recompute_mask: bool = False) -> None:
         super().__init__()
         self.hidden_size, self.p, self.eps = int(hidden_size), check_probability(p, "p"), float(eps)
@@ -63,7 +74,8 @@ class DropoutAddRMSNorm(torch.nn.Module):
     (eps=None: the input dtype's epsilon, as torch.nn.RMSNorm)."""
 
     def __init__(self, hidden_size: int, p: float = 0.0, eps: float | None = None, prenorm: bool = False,
-                 residual_in_fp32: bool = False, device=None, dtype=None, *, recompute_mask: bool = False) -> None:
+                 residual_in_fp32: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *, recompute_mask: bool = False) -> None:
         super().__init__()
         self.hidden_size, self.p = int(hidden_size), check_probability(p, "p")
         self.eps = None if eps is None else float(eps)

@@ -127,7 +127,7 @@ def _norm(input, residual, hidden, weight, bias, p, eps, *, rms, prenorm=False, 
     return results[0] if len(results) == 1 else tuple(results)
 
 
-def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+def layer_norm(input: torch.Tensor, normalized_shape: int | list[int] | torch.Size, weight: torch.Tensor | None = None,
                bias: torch.Tensor | None = None, eps: float = 1e-5) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.layer_norm``."""
     _check_input(input)
@@ -135,7 +135,7 @@ def layer_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | Non
     return _norm(input, None, hidden, weight, bias, 0.0, _check_eps(eps), rms=False)
 
 
-def rms_norm(input: torch.Tensor, normalized_shape, weight: torch.Tensor | None = None,
+def rms_norm(input: torch.Tensor, normalized_shape: int | list[int] | torch.Size, weight: torch.Tensor | None = None,
              eps: float | None = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.rms_norm`` (eps=None: the input dtype's epsilon)."""
     _check_input(input)
@@ -170,7 +170,8 @@ def _dropout_add_norm(input, residual, weight, bias, p, eps, rms, prenorm, resid
 def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
                            bias: torch.Tensor | None, p: float, eps: float = 1e-5, *, prenorm: bool = False,
                            residual_in_fp32: bool = False, return_dropout_mask: bool = False,
-                           recompute_mask: bool = False, seed: int | None = None, offset: int = 0):
+                           recompute_mask: bool = False, seed: int | None = None,
+                           offset: int = 0) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``layer_norm(dropout(input, p) + residual)`` over the last dimension in
     one pass. Returns ``out``; with ``prenorm=True`` ``(out, h)`` (h the
     residual stream, float32 with ``residual_in_fp32`` for 16-bit inputs);
@@ -182,7 +183,7 @@ def dropout_add_layer_norm(input: torch.Tensor, residual: torch.Tensor | None, w
 def dropout_add_rms_norm(input: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None, p: float,
                          eps: float | None = None, *, prenorm: bool = False, residual_in_fp32: bool = False,
                          return_dropout_mask: bool = False, recompute_mask: bool = False, seed: int | None = None,
-                         offset: int = 0):
+                         offset: int = 0) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """``rms_norm(dropout(input, p) + residual)``, as ``dropout_add_layer_norm``."""
     _check_input(input)
     eps = torch.finfo(input.dtype).eps if eps is None else _check_eps(eps)
