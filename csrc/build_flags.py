@@ -22,7 +22,7 @@ DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 # that take square roots (the AdamW update); nothing here reads errno.
 # -fno-wrapv undoes the -fwrapv of Python's own flags: with signed
 # overflow defined, GCC cannot vectorize loops indexed by i + lane (the
-# bfloat16 gradient norm ran 3.5x slower); no code here relies on signed
+# bfloat16 gradient norm among them); no code here relies on signed
 # wrap-around (the sanitizer build checks for it).
 # -g0 undoes the -g of Python's own flags: debug information for the ATen
 # headers doubles the compile time of every translation unit (51 s -> 27 s

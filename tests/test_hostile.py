@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import regops
-from conftest import CUDA_DEVICE, HAS_CUDA, backend_devices, reschedule, triton_interpreted
+from conftest import CUDA_DEVICE, HAS_CUDA, assert_same_bits, backend_devices, reschedule, triton_interpreted
 
 NAN, INF = float("nan"), float("inf")
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
@@ -65,9 +65,7 @@ def same_bits_for_thread_counts(fn):
         results.append([t.detach().clone() for t in (out if isinstance(out, (tuple, list)) else (out,))])
     for other in results[1:]:
         for a, b in zip(results[0], other):
-            assert a.dtype == b.dtype and a.shape == b.shape
-            assert torch.equal(a.reshape(-1).view(torch.uint8) if a.dtype.is_floating_point else a,
-                               b.reshape(-1).view(torch.uint8) if b.dtype.is_floating_point else b)
+            assert_same_bits(a, b)
 
 
 # --- dropout: NaN and inf --------------------------------------------------------
