@@ -77,9 +77,21 @@ def _simulation_extension():
     )
 
 
+def _extensions():
+    """REGOPS_NO_EXTENSIONS=1: none, for `make build`'s editable install of
+    the package metadata after `setup.py build_ext --inplace` has built the
+    extensions in the tree (whose objects, kept in build/temp.*, make the
+    next build incremental and serve the static gate)."""
+    if os.environ.get("REGOPS_NO_EXTENSIONS") == "1":
+        return []
+    if os.environ.get("REGOPS_CUDA_SIM_BUILD", "1") == "0":
+        return [_extension()]
+    return [_extension(), _simulation_extension()]
+
+
 setup(
     name="regops",
     packages=find_packages(include=["regops", "regops.*"]),
-    ext_modules=[_extension()] + ([_simulation_extension()] if os.environ.get("REGOPS_CUDA_SIM_BUILD", "1") != "0" else []),
+    ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )
