@@ -1,8 +1,8 @@
 """Builds regops._C: the C++ CPU kernels always, the CUDA kernels whenever a
 CUDA toolkit and a CUDA build of torch are present (REGOPS_CUDA=0 skips them);
-and, always, regops._C_cuda_sim: the same CUDA kernel sources compiled by the
-host compiler against the SIMT execution layer (csrc/simt/), which runs them on
-CPU tensors (REGOPS_CUDA_SIM=1).
+and regops._C_cuda_sim: the same CUDA kernel sources compiled by the host
+compiler against the SIMT execution layer (csrc/simt/), which runs them on CPU
+tensors (REGOPS_CUDA_SIM=1). REGOPS_CUDA_SIM_BUILD=0 leaves the simulation out.
 """
 
 import glob
@@ -35,7 +35,7 @@ def _sanitize_flags():
     if not os.environ.get("REGOPS_SANITIZE"):
         return [], []
     sanitize = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
-    return sanitize + ["-fno-omit-frame-pointer", "-O1", "-g"], sanitize
+    return sanitize + ["-fno-omit-frame-pointer", "-O1", "-g1"], sanitize
 
 
 def _extension():
@@ -65,23 +65,33 @@ def _extension():
 
 def _simulation_extension():
     """csrc/cuda/*.cu through the wrappers of csrc/simt/ (each includes one
-    .cu file) plus the SIMT runtime, by the host compiler. -O2: the kernels
-    run per simulated thread, between fiber switches that cost far more than
-    what -O3 would add. -fno-fast-math is the default: float results stay
-    the IEEE ones of the source."""
+    .cu file) plus the SIMT runtime, by the host compiler, with
+    build_flags.SIM_CXX_FLAGS."""
     sanitize_compile, sanitize_link = _sanitize_flags()
     return cpp_extension.CppExtension(
         "regops._C_cuda_sim", sorted(glob.glob(os.path.join("csrc", "simt", "*.cpp"))),
         include_dirs=list(build_flags.INCLUDE_DIRS),
         define_macros=[("REGOPS_CUDA_SIM", "1")],
-        extra_compile_args={"cxx": ["-O2", "-fopenmp", "-fno-math-errno"] + sanitize_compile},
+        extra_compile_args={"cxx": list(build_flags.SIM_CXX_FLAGS) + sanitize_compile},
         extra_link_args=["-fopenmp"] + sanitize_link,
     )
+
+
+def _extensions():
+    """REGOPS_NO_EXTENSIONS=1: none, for `make build`'s editable install of
+    the package metadata after `setup.py build_ext --inplace` has built the
+    extensions in the tree (whose objects, kept in build/temp.*, make the
+    next build incremental and serve the static gate)."""
+    if os.environ.get("REGOPS_NO_EXTENSIONS") == "1":
+        return []
+    if os.environ.get("REGOPS_CUDA_SIM_BUILD", "1") == "0":
+        return [_extension()]
+    return [_extension(), _simulation_extension()]
 
 
 setup(
     name="regops",
     packages=find_packages(include=["regops", "regops.*"]),
-    ext_modules=[_extension(), _simulation_extension()],
+    ext_modules=_extensions(),
     cmdclass={"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)},
 )

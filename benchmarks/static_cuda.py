@@ -2,7 +2,8 @@
 
 Each csrc/cuda/*.cu is compiled once, with the flags of the real build
 (csrc/build_flags.py, which setup.py uses too, plus the flags torch's
-BuildExtension adds), to one fatbin holding an sm_80 and an sm_90 cubin.
+BuildExtension adds), to one fatbin holding an sm_80 and an sm_90 cubin; or,
+when `make build` has just compiled it, the build's own object is read.
 `cuobjdump -res-usage` gives each kernel's registers, shared memory, stack
 and local memory; `cuobjdump -sass` gives its instructions. rows() returns
 one row per (kernel instantiation, arch):
@@ -193,9 +194,40 @@ def _source_digest(source: str, command: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _regops_inputs(source: str) -> list[str]:
+    """The files of this tree a compile of ``source`` depends on."""
+    paths = [source, os.path.join(ROOT, "setup.py"), os.path.join(ROOT, "csrc", "build_flags.py")]
+    return paths + glob.glob(os.path.join(ROOT, "csrc", "include", "**", "*"), recursive=True)
+
+
+def build_object(source: str, archs=ARCHS) -> str | None:
+    """The object file the extension build made of ``source``, when it can
+    stand for the gate's own compile: `make build` (setup.py build_ext
+    --inplace) keeps it under build/temp.*/, compiled with the same flags; it
+    must be newer than every regops file the compile reads and hold SASS for
+    every arch of the gate (TORCH_CUDA_ARCH_LIST may have chosen others).
+    None otherwise."""
+    stem = os.path.splitext(os.path.basename(source))[0]
+    candidates = glob.glob(os.path.join(ROOT, "build", "temp.*", "csrc", "cuda", f"{stem}.o"))
+    if len(candidates) != 1:
+        return None
+    obj = candidates[0]
+    if os.path.getmtime(obj) < max(os.path.getmtime(p) for p in _regops_inputs(source) if os.path.isfile(p)):
+        return None
+    listing = subprocess.run([find_tool("cuobjdump"), "-lelf", obj], capture_output=True, text=True)
+    if listing.returncode != 0 or any(f".{arch}." not in listing.stdout for arch in archs):
+        return None
+    return obj
+
+
 def compile_fatbin(source: str, archs=ARCHS) -> str:
-    """One nvcc call per source for every arch; cached under build/static_cuda
-    by the hash of the command and the sources."""
+    """The device code of ``source`` for every arch: the extension build's
+    object when it is current (build_object), else one nvcc call per source,
+    cached under build/static_cuda by the hash of the command and the
+    sources."""
+    obj = build_object(source, archs)
+    if obj is not None:
+        return obj
     gencode = []
     for arch in archs:
         gencode += ["-gencode", f"arch=compute_{arch[3:]},code={arch}"]

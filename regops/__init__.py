@@ -6,6 +6,7 @@ penalized SGD/AdamW updates, each with hand-written CUDA, Triton, C++ CPU and
 pure-torch reference backends.
 """
 
+import os as _os
 from importlib import metadata as _metadata
 
 import torch  # noqa: F401  (loads libtorch before the extension)
@@ -19,6 +20,15 @@ except ImportError as _error:  # not built, or built against another torch
         "or install regops with `pip install --no-build-isolation regops-<version>.tar.gz`, against the torch "
         f"that runs here (torch {torch.__version__})."
     ) from _error
+
+if _os.environ.get("REGOPS_CUDA_SIM", "0") == "1":
+    try:
+        from regops import _C_cuda_sim  # noqa: F401  (the simulated CUDA kernels: regops_cuda_sim::*)
+    except ImportError as _error:
+        raise ImportError(
+            f"REGOPS_CUDA_SIM=1 runs the CUDA kernels under the simulation, regops._C_cuda_sim, which could not be "
+            f"loaded ({_error}); it is built unless REGOPS_CUDA_SIM_BUILD=0 was set"
+        ) from _error
 
 from regops._backend import BACKENDS, available_backends, get_backend, set_backend, use_backend
 from regops.ops.batch_norm import (batch_norm, batch_norm_backward_elementwise, batch_norm_backward_reduce,

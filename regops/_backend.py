@@ -22,11 +22,9 @@ from collections.abc import Iterator
 
 import torch
 
-from regops import _C  # noqa: F401  (loads the operator library)
-
+# regops/__init__.py has loaded the operator libraries (regops._C, and
+# regops._C_cuda_sim under REGOPS_CUDA_SIM=1) before this module.
 _CUDA_SIMULATED = os.environ.get("REGOPS_CUDA_SIM", "0") == "1"
-if _CUDA_SIMULATED:
-    from regops import _C_cuda_sim  # noqa: F401  (loads the simulated CUDA kernels: regops_cuda_sim::*)
 
 BACKENDS = ("cuda", "triton", "cpu", "reference")
 
@@ -81,6 +79,45 @@ def native_ops(backend: str, device_type: str):
     if backend == "cuda" and device_type == "cpu":
         return torch.ops.regops_cuda_sim
     return torch.ops.regops
+
+
+_OPS: dict[tuple[str, str, str, str], torch._ops.OpOverload] = {}
+
+
+def resolve_op(backend: str, name: str, device_type: str, overload: str = "default") -> torch._ops.OpOverload:
+    """The operator ``name`` (a schema name of csrc/include/regops/schemas.h,
+    e.g. ``"dropout_forward"``) that runs ``backend`` on tensors of
+    ``device_type``: ``torch.ops.regops.triton_<name>`` for triton (a Triton
+    op registers each overload under its own name, ``triton_<name><overload>_``
+    for a named overload of a ``<name>_`` op), the simulation's for the cuda
+    backend on CPU tensors, else ``torch.ops.regops.<name>``. Cached: looking up
+    torch.ops costs more than the checks of a small call."""
+    key = (backend, name, device_type, overload)
+    op = _OPS.get(key)
+    if op is None:
+        if backend == "triton":
+            if overload != "default":
+                name = f"{name.removesuffix('_')}_{overload}_"
+            op = getattr(torch.ops.regops, f"triton_{name}").default
+        else:
+            op = getattr(getattr(native_ops(backend, device_type), name), overload)
+        _OPS[key] = op
+    return op
+
+
+def op_libraries() -> list[tuple[str, str]]:
+    """One (backend, device_type) for each library of regops operators, for
+    code that registers something once on every operator (autograd):
+    resolve_op gives ``regops::<name>`` for ("cpu", "cpu") (the library that
+    also holds the CUDA kernels of a CUDA build), ``regops_cuda_sim::<name>``
+    for ("cuda", "cpu") under the simulation and ``regops::triton_<name>`` for
+    ("triton", "cuda") where triton is importable."""
+    libraries = [("cpu", "cpu")]
+    if _CUDA_SIMULATED:
+        libraries.append(("cuda", "cpu"))
+    if _TRITON_IMPORTABLE:
+        libraries.append(("triton", "cuda"))
+    return libraries
 
 
 def native_namespaces() -> tuple[str, ...]:

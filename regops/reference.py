@@ -2,7 +2,7 @@
 backend against, and the ``"reference"`` backend itself.
 
 They follow the same written specs as the kernels (the dropout random rule in
-README.md and csrc/include/regops/philox.h), using only torch operations on
+README.md and csrc/include/regops/dropout.h), using only torch operations on
 int64 tensors, so they run on any device and share no code with the kernels.
 """
 
@@ -10,9 +10,23 @@ from __future__ import annotations
 
 import torch
 
+# The spec values every backend shares (re-exported: the tests and the ops
+# read them from here too).
+from regops._spec import (  # noqa: F401
+    PHILOX_M0,
+    PHILOX_M1,
+    PHILOX_W0,
+    PHILOX_W1,
+    batch_norm_accumulate_dtype,
+    batch_norm_memory_format,
+    dropout_scale,
+    dropout_threshold,
+    layer_norm_h_dtype,
+    mask_bytes,
+    memory_order,
+)
+
 _MASK32 = 0xFFFFFFFF
-PHILOX_M0, PHILOX_M1 = 0xD2511F53, 0xCD9E8D57
-PHILOX_W0, PHILOX_W1 = 0x9E3779B9, 0xBB67AE85
 
 
 def _mul_hi_lo(a: torch.Tensor, b: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,20 +55,6 @@ def philox4x32_10(counter: list[torch.Tensor], key) -> list[torch.Tensor]:
     return [c0, c1, c2, c3]
 
 
-def dropout_threshold(p: float) -> int:
-    """floor(p * 2^32): a word keeps its element iff it is >= this."""
-    return 1 << 32 if p >= 1.0 else int(p * 4294967296.0)
-
-
-def dropout_scale(p: float) -> float:
-    return 0.0 if p >= 1.0 else 1.0 / (1.0 - p)
-
-
-def mask_bytes(numel: int) -> int:
-    """Packed-mask length: one bit per element, padded to 16 bytes."""
-    return (numel + 127) // 128 * 16
-
-
 def dropout_keep(numel: int, p: float, seed: int, offset: int, device=None) -> torch.Tensor:
     """The flat bool keep-mask of the dropout random rule: element i takes word
     i % 4 of Philox at counter (lo32(offset + i // 4), hi32(offset + i // 4), 0, 0)
@@ -66,17 +66,6 @@ def dropout_keep(numel: int, p: float, seed: int, offset: int, device=None) -> t
     words = philox4x32_10([counters & _MASK32, counters >> 32, zeros, zeros], (seed & _MASK32, seed >> 32))
     flat = torch.stack(words, dim=1).reshape(-1)[:numel]
     return flat >= dropout_threshold(p)
-
-
-def memory_order(x: torch.Tensor) -> tuple[int, ...] | None:
-    """The dims of ``x`` from outermost to innermost in memory when ``x`` is
-    dense (its elements fill numel consecutive places in some order of dims:
-    contiguous, channels_last, any permutation; the strides of size-1 dims do
-    not matter), so that ``x.permute(order)`` is a contiguous view; None when
-    ``x`` is not dense. The dropout random rule numbers a dense tensor's
-    elements in this order, any other tensor's in row-major order."""
-    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))
-    return order if x.permute(order).is_contiguous() else None
 
 
 def in_memory_order(flat: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -239,21 +228,6 @@ def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:
 # The formulas of csrc/include/regops/batch_norm.h in plain torch, computed in
 # the accumulate dtype (float32, float64 for float64) and cast once.
 
-def batch_norm_accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def batch_norm_memory_format(x: torch.Tensor) -> torch.memory_format:
-    """The kernels' working (and output) layout: the input's when it is
-    contiguous or channels_last(_3d), else contiguous."""
-    if x.is_contiguous():
-        return torch.contiguous_format
-    if x.dim() == 4 and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    if x.dim() == 5 and x.is_contiguous(memory_format=torch.channels_last_3d):
-        return torch.channels_last_3d
-    return torch.contiguous_format
-
 
 def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """A (C,) tensor shaped to broadcast against (N, C, ...) x."""
@@ -346,12 +320,6 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
 # The formulas of csrc/include/regops/layer_norm.h in plain torch on (rows,
 # hidden) tensors, in the accumulate dtype and cast once; differentiable by
 # autograd. Dropout follows the random rule over the row-major flat index.
-
-def layer_norm_h_dtype(x_dtype: torch.dtype, residual_dtype: torch.dtype | None, residual_in_fp32: bool) -> torch.dtype:
-    """The dtype of h = dropout(x) + residual."""
-    if residual_in_fp32:
-        return batch_norm_accumulate_dtype(x_dtype)
-    return x_dtype if residual_dtype is None else residual_dtype
 
 
 def dropout_add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,

@@ -137,3 +137,17 @@ def triton_interpreted(backend: str, device) -> bool:
 
 def cuda_simulated(backend: str, device) -> bool:
     return backend == "cuda" and torch.device(device).type == "cpu"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The bytes of a tensor in logical (row-major) order, so that equal bits
+    compare equal whatever the layout: NaN == NaN, -0 != +0."""
+    flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.detach().reshape(-1))
+    return flat.view(torch.uint8)
+
+
+def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    """actual and expected hold the same dtype, shape and bits."""
+    assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
+        actual.dtype, expected.dtype, actual.shape, expected.shape)
+    assert torch.equal(bits(actual), bits(expected))

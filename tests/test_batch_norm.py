@@ -21,7 +21,7 @@ TOLERANCES = {
     torch.float16: (4e-3, 4e-3),
     torch.bfloat16: (3e-2, 2e-2),
 }
-# Odd shapes from the issue: C = 1, 3, 7; spatial 1, 7x7, 13x17; N = 2, 3.
+# Odd shapes: C = 1, 3, 7; spatial 1, 7x7, 13x17; N = 2, 3.
 SHAPES = [(2, 3), (3, 7, 1, 1), (2, 1, 7, 7), (3, 3, 13, 17), (2, 7, 7, 7), (3, 7, 13, 17), (2, 3, 11), (2, 3, 3, 5, 7)]
 # The interpreter is slow: a few shapes, still covering both layouts and 1-D.
 TRITON_SHAPES = [(2, 3), (2, 3, 5, 7), (3, 7, 1, 1)]

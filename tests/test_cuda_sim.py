@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import regops
-from conftest import CUDA_SIMULATED, reschedule
+from conftest import CUDA_SIMULATED, assert_same_bits, reschedule
 
 pytestmark = pytest.mark.skipif(not CUDA_SIMULATED, reason="needs REGOPS_CUDA_SIM=1")
 
@@ -225,5 +225,4 @@ def test_two_schedules_give_identical_bits(run):
         with regops.use_backend("cuda"):
             results.append(run())
     for first, second in zip(*results):
-        assert first.dtype == second.dtype and torch.equal(first.contiguous().flatten().view(torch.uint8),
-                                                           second.contiguous().flatten().view(torch.uint8))
+        assert_same_bits(first, second)

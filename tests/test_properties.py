@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import regops
 from regops import reference
-from conftest import backend_devices, triton_interpreted
+from conftest import assert_same_bits, backend_devices, triton_interpreted
 
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LAYOUTS = ["contiguous", "transposed", "sliced", "expanded", "channels_last"]
@@ -91,17 +91,11 @@ OFFSETS = st.one_of(st.integers(0, 2**33), st.integers(0, 2**62 - 1))
 def assert_bits_equal(actual, expected, backend, device):
     """Bit equality; the Triton interpreter rounds float32 -> bfloat16 by
     truncation (a GPU rounds to nearest), so there 1 bf16 ulp is allowed."""
-    assert actual.shape == expected.shape and actual.dtype == expected.dtype
     if triton_interpreted(backend, device) and actual.dtype == torch.bfloat16:
+        assert actual.shape == expected.shape and actual.dtype == expected.dtype
         torch.testing.assert_close(actual, expected, atol=0, rtol=2**-7, equal_nan=True)
     else:
-        assert torch.equal(_bits(actual), _bits(expected))
-
-
-def _bits(t: torch.Tensor) -> torch.Tensor:
-    """The bytes of a float tensor in logical order (NaN == NaN, -0 != +0)."""
-    flat = torch.empty(t.numel(), dtype=t.dtype).copy_(t.detach().reshape(-1))
-    return flat.view(torch.uint8)
+        assert_same_bits(actual, expected)
 
 
 # --- dropout -------------------------------------------------------------------

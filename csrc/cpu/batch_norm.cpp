@@ -31,17 +31,23 @@
 #include <cstring>
 #include <immintrin.h>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include "regops/batch_norm_host.h"
 #include "regops/cpu_memory.h"
 #include "regops/welford.h"
 
-#define REGOPS_MULTIVERSION __attribute__((target_clones("avx512f", "avx2", "default")))
-#define REGOPS_ALWAYS_INLINE inline __attribute__((always_inline))
 
 namespace regops {
 namespace {
+
+// f(std::true_type{}) or f(std::false_type{}): a runtime flag (the fused
+// ReLU) as the template argument of the loop f instantiates.
+template <typename F>
+REGOPS_ALWAYS_INLINE decltype(auto) with_flag(bool flag, F&& f) {
+  return flag ? f(std::true_type{}) : f(std::false_type{});
+}
 
 // Spatial-inner runs longer than this are reduced in pieces, each shifted by
 // the mean of the pieces before it.
@@ -224,7 +230,7 @@ REGOPS_ALWAYS_INLINE Welford<acc_t> run_statistics(const scalar_t* __restrict__ 
 }
 
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION Welford<acc_t> channel_statistics(const scalar_t* x, BatchNormGeometry g, int64_t channel) {
+REGOPS_CPU_CLONES Welford<acc_t> channel_statistics(const scalar_t* x, BatchNormGeometry g, int64_t channel) {
   Welford<acc_t> total = welford_empty<acc_t>();
   for (int64_t n = 0; n < g.batch; ++n) {
     const scalar_t* row = x + (n * g.channels + channel) * g.spatial;
@@ -246,22 +252,20 @@ REGOPS_ALWAYS_INLINE void normalize_run(const scalar_t* __restrict__ x, scalar_t
 
 // Normalizes the runs [first_row, end_row) of (n, c) rows.
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION void normalize_runs(const scalar_t* x, scalar_t* y, BatchNormGeometry g, int64_t first_row,
+REGOPS_CPU_CLONES void normalize_runs(const scalar_t* x, scalar_t* y, BatchNormGeometry g, int64_t first_row,
                                         int64_t end_row, const BatchNormAffine<acc_t>* affine, bool relu) {
   for (int64_t row = first_row; row < end_row; ++row) {
     const int64_t offset = row * g.spatial;
-    const BatchNormAffine<acc_t> a = affine[row % g.channels];
-    if (relu) {
-      normalize_run<true>(x + offset, y + offset, g.spatial, a);
-    } else {
-      normalize_run<false>(x + offset, y + offset, g.spatial, a);
-    }
+    const BatchNormAffine<acc_t> channel_affine = affine[row % g.channels];
+    with_flag(relu, [&](auto kRelu) {
+      normalize_run<decltype(kRelu)::value>(x + offset, y + offset, g.spatial, channel_affine);
+    });
   }
 }
 
 // Normalizes the N runs of one channel.
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION void normalize_channel(const scalar_t* x, scalar_t* y, BatchNormGeometry g, int64_t channel,
+REGOPS_CPU_CLONES void normalize_channel(const scalar_t* x, scalar_t* y, BatchNormGeometry g, int64_t channel,
                                            BatchNormAffine<acc_t> affine, bool relu) {
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t offset = (n * g.channels + channel) * g.spatial;
@@ -271,11 +275,9 @@ REGOPS_MULTIVERSION void normalize_channel(const scalar_t* x, scalar_t* y, Batch
         continue;
       }
     }
-    if (relu) {
-      normalize_run<true>(x + offset, y + offset, g.spatial, affine);
-    } else {
-      normalize_run<false>(x + offset, y + offset, g.spatial, affine);
-    }
+    with_flag(relu, [&](auto kRelu) {
+      normalize_run<decltype(kRelu)::value>(x + offset, y + offset, g.spatial, affine);
+    });
   }
 }
 
@@ -301,14 +303,15 @@ REGOPS_ALWAYS_INLINE GradientSums<acc_t> run_gradient_sums(const scalar_t* __res
 }
 
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION GradientSums<acc_t> channel_gradient_sums(const scalar_t* dy, const scalar_t* x,
+REGOPS_CPU_CLONES GradientSums<acc_t> channel_gradient_sums(const scalar_t* dy, const scalar_t* x,
                                                               BatchNormGeometry g, int64_t channel, acc_t mean,
                                                               BatchNormAffine<acc_t> affine, bool relu) {
   GradientSums<acc_t> total{0, 0};
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t offset = (n * g.channels + channel) * g.spatial;
-    const GradientSums<acc_t> run = relu ? run_gradient_sums<true>(dy + offset, x + offset, g.spatial, mean, affine)
-                                         : run_gradient_sums<false>(dy + offset, x + offset, g.spatial, mean, affine);
+    const GradientSums<acc_t> run = with_flag(relu, [&](auto kRelu) {
+      return run_gradient_sums<decltype(kRelu)::value>(dy + offset, x + offset, g.spatial, mean, affine);
+    });
     total.sum_dy += run.sum_dy;
     total.sum_dy_xmu += run.sum_dy_xmu;
   }
@@ -334,30 +337,26 @@ REGOPS_ALWAYS_INLINE void grad_input_run(const scalar_t* __restrict__ dy, const 
 }
 
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION void grad_input_runs(const scalar_t* dy, const scalar_t* x, scalar_t* dx, BatchNormGeometry g,
+REGOPS_CPU_CLONES void grad_input_runs(const scalar_t* dy, const scalar_t* x, scalar_t* dx, BatchNormGeometry g,
                                          int64_t first_row, int64_t end_row, const BackwardChannel<acc_t>* channels,
                                          bool relu) {
   for (int64_t row = first_row; row < end_row; ++row) {
     const int64_t offset = row * g.spatial;
     const BackwardChannel<acc_t> ch = channels[row % g.channels];
-    if (relu) {
-      grad_input_run<true>(dy + offset, x + offset, dx + offset, g.spatial, ch);
-    } else {
-      grad_input_run<false>(dy + offset, x + offset, dx + offset, g.spatial, ch);
-    }
+    with_flag(relu, [&](auto kRelu) {
+      grad_input_run<decltype(kRelu)::value>(dy + offset, x + offset, dx + offset, g.spatial, ch);
+    });
   }
 }
 
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION void grad_input_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, BatchNormGeometry g,
+REGOPS_CPU_CLONES void grad_input_channel(const scalar_t* dy, const scalar_t* x, scalar_t* dx, BatchNormGeometry g,
                                             int64_t channel, BackwardChannel<acc_t> ch, bool relu) {
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t offset = (n * g.channels + channel) * g.spatial;
-    if (relu) {
-      grad_input_run<true>(dy + offset, x + offset, dx + offset, g.spatial, ch);
-    } else {
-      grad_input_run<false>(dy + offset, x + offset, dx + offset, g.spatial, ch);
-    }
+    with_flag(relu, [&](auto kRelu) {
+      grad_input_run<decltype(kRelu)::value>(dy + offset, x + offset, dx + offset, g.spatial, ch);
+    });
   }
 }
 
@@ -381,7 +380,7 @@ inline RowGroups row_groups(const BatchNormGeometry& g) {
 // as shifted sums (shift = the group's mean so far, first the first row),
 // merged tile by tile. scratch holds 3 * C values.
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION void group_statistics(const scalar_t* x, int64_t channels, int64_t first_row, int64_t end_row,
+REGOPS_CPU_CLONES void group_statistics(const scalar_t* x, int64_t channels, int64_t first_row, int64_t end_row,
                                           acc_t* __restrict__ mean, acc_t* __restrict__ m2,
                                           acc_t* __restrict__ scratch) {
   const int64_t tile_rows = std::max<int64_t>(1, kTileElements / channels);
@@ -428,14 +427,12 @@ REGOPS_ALWAYS_INLINE void normalize_row(const scalar_t* __restrict__ x, scalar_t
 }
 
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t first_row,
+REGOPS_CPU_CLONES void normalize_rows(const scalar_t* x, scalar_t* y, int64_t channels, int64_t first_row,
                                         int64_t end_row, const acc_t* scale, const acc_t* shift, bool relu) {
   for (int64_t r = first_row; r < end_row; ++r) {
-    if (relu) {
-      normalize_row<true>(x + r * channels, y + r * channels, channels, scale, shift);
-    } else {
-      normalize_row<false>(x + r * channels, y + r * channels, channels, scale, shift);
-    }
+    with_flag(relu, [&](auto kRelu) {
+      normalize_row<decltype(kRelu)::value>(x + r * channels, y + r * channels, channels, scale, shift);
+    });
   }
 }
 
@@ -468,15 +465,13 @@ REGOPS_ALWAYS_INLINE void group_gradient_sums_impl(const scalar_t* dy, const sca
 }
 
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION void group_gradient_sums(const scalar_t* dy, const scalar_t* x, int64_t channels,
+REGOPS_CPU_CLONES void group_gradient_sums(const scalar_t* dy, const scalar_t* x, int64_t channels,
                                              int64_t first_row, int64_t end_row, const acc_t* mean, const acc_t* scale,
                                              const acc_t* shift, acc_t* sum_dy, acc_t* sum_dy_xmu, bool relu) {
   for (int64_t c = 0; c < channels; ++c) sum_dy[c] = sum_dy_xmu[c] = 0;
-  if (relu) {
-    group_gradient_sums_impl<true>(dy, x, channels, first_row, end_row, mean, scale, shift, sum_dy, sum_dy_xmu);
-  } else {
-    group_gradient_sums_impl<false>(dy, x, channels, first_row, end_row, mean, scale, shift, sum_dy, sum_dy_xmu);
-  }
+  with_flag(relu, [&](auto kRelu) {
+    group_gradient_sums_impl<decltype(kRelu)::value>(dy, x, channels, first_row, end_row, mean, scale, shift, sum_dy, sum_dy_xmu);
+  });
 }
 
 template <bool kRelu, typename scalar_t, typename acc_t>
@@ -498,16 +493,14 @@ REGOPS_ALWAYS_INLINE void grad_input_row(const scalar_t* __restrict__ dy, const 
 }
 
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION void grad_input_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t channels,
+REGOPS_CPU_CLONES void grad_input_rows(const scalar_t* dy, const scalar_t* x, scalar_t* dx, int64_t channels,
                                          int64_t first_row, int64_t end_row, const BackwardArrays<acc_t>& arrays,
                                          bool relu) {
   for (int64_t r = first_row; r < end_row; ++r) {
     const int64_t offset = r * channels;
-    if (relu) {
-      grad_input_row<true>(dy + offset, x + offset, dx + offset, channels, arrays);
-    } else {
-      grad_input_row<false>(dy + offset, x + offset, dx + offset, channels, arrays);
-    }
+    with_flag(relu, [&](auto kRelu) {
+      grad_input_row<decltype(kRelu)::value>(dy + offset, x + offset, dx + offset, channels, arrays);
+    });
   }
 }
 
@@ -535,18 +528,16 @@ REGOPS_ALWAYS_INLINE void normalize_residual_row(const scalar_t* __restrict__ x,
 }
 
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION void normalize_residual_rows(const scalar_t* x, const scalar_t* z, scalar_t* y, BatchNormGeometry g,
+REGOPS_CPU_CLONES void normalize_residual_rows(const scalar_t* x, const scalar_t* z, scalar_t* y, BatchNormGeometry g,
                                                  int64_t first_row, int64_t end_row, const acc_t* scale,
                                                  const acc_t* shift, bool relu) {
   const int64_t length = g.channels_inner ? g.channels : g.spatial;
   for (int64_t row = first_row; row < end_row; ++row) {
     const int64_t offset = row * length;
     const int64_t c = g.channels_inner ? 0 : row % g.channels;
-    if (relu) {
-      normalize_residual_row<true>(x + offset, z + offset, y + offset, length, scale + c, shift + c, g.channels_inner);
-    } else {
-      normalize_residual_row<false>(x + offset, z + offset, y + offset, length, scale + c, shift + c, g.channels_inner);
-    }
+    with_flag(relu, [&](auto kRelu) {
+      normalize_residual_row<decltype(kRelu)::value>(x + offset, z + offset, y + offset, length, scale + c, shift + c, g.channels_inner);
+    });
   }
 }
 
@@ -570,20 +561,17 @@ REGOPS_ALWAYS_INLINE void masked_grad_row(const scalar_t* __restrict__ dy, const
 }
 
 template <typename scalar_t, typename acc_t>
-REGOPS_MULTIVERSION void masked_grad_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dz,
+REGOPS_CPU_CLONES void masked_grad_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dz,
                                           BatchNormGeometry g, int64_t first_row, int64_t end_row, const acc_t* scale,
                                           const acc_t* shift, bool relu) {
   const int64_t length = g.channels_inner ? g.channels : g.spatial;
   for (int64_t row = first_row; row < end_row; ++row) {
     const int64_t offset = row * length;
     const int64_t c = g.channels_inner ? 0 : row % g.channels;
-    if (relu) {
-      masked_grad_row<true>(dy + offset, x + offset, z + offset, dz + offset, length, scale + c, shift + c,
-                            g.channels_inner);
-    } else {
-      masked_grad_row<false>(dy + offset, x + offset, z + offset, dz + offset, length, scale + c, shift + c,
-                             g.channels_inner);
-    }
+    with_flag(relu, [&](auto kRelu) {
+      masked_grad_row<decltype(kRelu)::value>(dy + offset, x + offset, z + offset, dz + offset, length, scale + c,
+                                              shift + c, g.channels_inner);
+    });
   }
 }
 
@@ -626,6 +614,19 @@ std::vector<Welford<acc_t>> statistics(const scalar_t* x, const BatchNormGeometr
   return result;
 }
 
+// The per-channel scales and shifts as two arrays, for the channel-inner loops.
+template <typename acc_t>
+std::pair<std::vector<acc_t>, std::vector<acc_t>> affine_columns(const std::vector<BatchNormAffine<acc_t>>& affine) {
+  std::pair<std::vector<acc_t>, std::vector<acc_t>> columns;
+  columns.first.reserve(affine.size());
+  columns.second.reserve(affine.size());
+  for (const BatchNormAffine<acc_t>& channel : affine) {
+    columns.first.push_back(channel.scale);
+    columns.second.push_back(channel.shift);
+  }
+  return columns;
+}
+
 template <typename scalar_t, typename acc_t>
 void normalize(const scalar_t* x, scalar_t* y, const BatchNormGeometry& g, const std::vector<BatchNormAffine<acc_t>>& affine,
                bool relu) {
@@ -635,11 +636,9 @@ void normalize(const scalar_t* x, scalar_t* y, const BatchNormGeometry& g, const
     });
     return;
   }
-  std::vector<acc_t> scale(g.channels), shift(g.channels);
-  for (int64_t c = 0; c < g.channels; ++c) {
-    scale[c] = affine[c].scale;
-    shift[c] = affine[c].shift;
-  }
+  const auto columns = affine_columns(affine);
+  const std::vector<acc_t>& scale = columns.first;
+  const std::vector<acc_t>& shift = columns.second;
   at::parallel_for(0, g.rows(), rows_per_task(g), [&](int64_t begin, int64_t end) {
     normalize_rows<scalar_t, acc_t>(x, y, g.channels, begin, end, scale.data(), shift.data(), relu);
   });
@@ -649,11 +648,9 @@ void normalize(const scalar_t* x, scalar_t* y, const BatchNormGeometry& g, const
 template <typename scalar_t, typename acc_t>
 void normalize_residual(const scalar_t* x, const scalar_t* z, scalar_t* y, const BatchNormGeometry& g,
                         const std::vector<BatchNormAffine<acc_t>>& affine, bool relu) {
-  std::vector<acc_t> scale(g.channels), shift(g.channels);
-  for (int64_t c = 0; c < g.channels; ++c) {
-    scale[c] = affine[c].scale;
-    shift[c] = affine[c].shift;
-  }
+  const auto columns = affine_columns(affine);
+  const std::vector<acc_t>& scale = columns.first;
+  const std::vector<acc_t>& shift = columns.second;
   at::parallel_for(0, g.rows(), rows_per_task(g), [&](int64_t begin, int64_t end) {
     normalize_residual_rows<scalar_t, acc_t>(x, z, y, g, begin, end, scale.data(), shift.data(), relu);
   });
@@ -663,11 +660,9 @@ void normalize_residual(const scalar_t* x, const scalar_t* z, scalar_t* y, const
 template <typename scalar_t, typename acc_t>
 void masked_grad(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dz, const BatchNormGeometry& g,
                  const std::vector<BatchNormAffine<acc_t>>& affine, bool relu) {
-  std::vector<acc_t> scale(g.channels), shift(g.channels);
-  for (int64_t c = 0; c < g.channels; ++c) {
-    scale[c] = affine[c].scale;
-    shift[c] = affine[c].shift;
-  }
+  const auto columns = affine_columns(affine);
+  const std::vector<acc_t>& scale = columns.first;
+  const std::vector<acc_t>& shift = columns.second;
   at::parallel_for(0, g.rows(), rows_per_task(g), [&](int64_t begin, int64_t end) {
     masked_grad_rows<scalar_t, acc_t>(dy, x, z, dz, g, begin, end, scale.data(), shift.data(), relu);
   });
@@ -679,11 +674,9 @@ std::vector<GradientSums<acc_t>> gradient_sums_rows(const scalar_t* dy, const sc
                                                     const std::vector<acc_t>& mean,
                                                     const std::vector<BatchNormAffine<acc_t>>& affine, bool relu) {
   const int64_t channels = g.channels, rows = g.rows();
-  std::vector<acc_t> scale(channels), shift(channels);
-  for (int64_t c = 0; c < channels; ++c) {
-    scale[c] = affine[c].scale;
-    shift[c] = affine[c].shift;
-  }
+  const auto columns = affine_columns(affine);
+  const std::vector<acc_t>& scale = columns.first;
+  const std::vector<acc_t>& shift = columns.second;
   const RowGroups groups = row_groups(g);
   std::vector<acc_t> partial(groups.count * 2 * channels, acc_t(0));
   at::parallel_for(0, groups.count, 1, [&](int64_t begin, int64_t end) {
@@ -837,13 +830,13 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tens
         });
       }
     }
-    std::vector<acc_t> a(g.channels), b(g.channels);
+    std::vector<acc_t> sum_dy_values(g.channels), sum_dy_xmu_values(g.channels);
     for (int64_t c = 0; c < g.channels; ++c) {
-      a[c] = sums[c].sum_dy;
-      b[c] = sums[c].sum_dy_xmu;
+      sum_dy_values[c] = sums[c].sum_dy;
+      sum_dy_xmu_values[c] = sums[c].sum_dy_xmu;
     }
-    sum_dy = to_tensor(a, accumulate_options(input));
-    sum_dy_xmu = to_tensor(b, accumulate_options(input));
+    sum_dy = to_tensor(sum_dy_values, accumulate_options(input));
+    sum_dy_xmu = to_tensor(sum_dy_xmu_values, accumulate_options(input));
   });
   return {sum_dy, sum_dy_xmu};
 }

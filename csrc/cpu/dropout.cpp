@@ -10,46 +10,14 @@
 #include <cstring>
 
 #include "regops/cpu_memory.h"
-#include "regops/dropout.h"
-#include "regops/philox.h"
+#include "regops/dropout_cpu.h"
+#include "regops/dropout_host.h"
 
 namespace regops {
 namespace {
 
-// Work is cut into blocks of 128 elements: 32 Philox counters, 16 mask bytes.
-// Whole blocks take a fast path whose loops the compiler vectorizes; the last,
-// partial block takes the per-byte path of philox.h.
-constexpr int kCountersPerBlock = 32;
-constexpr int kElementsPerBlock = kCountersPerBlock * 4;
-constexpr int kMaskBytesPerBlock = kElementsPerBlock / 8;
-// Blocks per parallel task: 16K elements, enough to amortize the fork.
+// Blocks (dropout_cpu.h) per parallel task: 16K elements, enough to amortize the fork.
 constexpr int64_t kBlocksPerTask = 128;
-
-// Keep flags (0 or 1, element order) and mask bytes of one block. Philox is
-// the expensive part of the forward, so this is compiled for AVX-512 and AVX2
-// as well and the loader picks the best the processor has. Everything is
-// branch-free: keep flags are random, so a branch would mispredict half the time.
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void block_keep(uint64_t seed, uint64_t first_counter, uint64_t threshold, uint32_t* __restrict__ keep,
-                uint8_t* __restrict__ bytes) {
-  uint32_t words[kElementsPerBlock];
-  for (int l = 0; l < kCountersPerBlock; ++l) {
-    const Philox4 r = dropout_random_words(seed, first_counter + l);
-    words[4 * l] = r.x[0];
-    words[4 * l + 1] = r.x[1];
-    words[4 * l + 2] = r.x[2];
-    words[4 * l + 3] = r.x[3];
-  }
-  // 32-bit compares vectorize; threshold 2^32 (p = 1) means drop everything.
-  const uint32_t low_threshold = threshold > 0xFFFFFFFFull ? 0xFFFFFFFFu : static_cast<uint32_t>(threshold);
-  const uint32_t none_kept = threshold > 0xFFFFFFFFull;
-  for (int e = 0; e < kElementsPerBlock; ++e) keep[e] = static_cast<uint32_t>(words[e] >= low_threshold) & (none_kept ^ 1u);
-  for (int b = 0; b < kMaskBytesPerBlock; ++b) {
-    uint32_t bits = 0;
-    for (int e = 0; e < 8; ++e) bits |= keep[8 * b + e] << e;
-    bytes[b] = static_cast<uint8_t>(bits);
-  }
-}
 
 template <typename scalar_t>
 void dropout_forward_kernel(const scalar_t* input, scalar_t* output, uint8_t* mask, int64_t numel,
@@ -65,7 +33,7 @@ void dropout_forward_kernel(const scalar_t* input, scalar_t* output, uint8_t* ma
     uint8_t bytes[kMaskBytesPerBlock];
     acc_t factor[kElementsPerBlock];
     for (int64_t block = begin; block < end; ++block) {
-      block_keep(seed, offset + static_cast<uint64_t>(block) * kCountersPerBlock, threshold, keep, bytes);
+      dropout_keep_block(seed, offset + static_cast<uint64_t>(block) * kCountersPerBlock, threshold, keep, bytes);
       for (int e = 0; e < kElementsPerBlock; ++e) factor[e] = static_cast<acc_t>(keep[e]) * acc_scale;
       const int64_t first = block * kElementsPerBlock;
       for (int e = 0; e < kElementsPerBlock; ++e) {

@@ -26,43 +26,19 @@
 #include <vector>
 
 #include "regops/cpu_memory.h"
-#include "regops/dropout.h"
+#include "regops/dropout_cpu.h"
 #include "regops/layer_norm.h"
 #include "regops/layer_norm_host.h"
-#include "regops/philox.h"
 
 namespace regops {
 namespace {
 
-constexpr int kCountersPerBlock = 32;
-constexpr int kElementsPerBlock = kCountersPerBlock * 4;
-constexpr int kMaskBytesPerBlock = kElementsPerBlock / 8;
 constexpr int64_t kBlocksPerTask = 128;
 // Rows per parallel task: about 16K elements, enough to amortize the fork.
 constexpr int64_t kElementsPerTask = 1 << 14;
 // grad_weight / grad_bias partials: at most this many chunks of rows.
 constexpr int64_t kMaxChunks = 32;
 constexpr int kLanes = 8;  // independent accumulators of a row sum (vectorizable, fixed order)
-
-// The mask bytes of one 128-element block, vectorized like the dropout
-// kernel's (the loader picks the widest instruction set the processor has).
-__attribute__((target_clones("avx512f", "avx2", "default")))
-void block_mask_bytes(uint64_t seed, uint64_t first_counter, uint64_t threshold, uint8_t* __restrict__ bytes) {
-  uint32_t words[kElementsPerBlock];
-  for (int l = 0; l < kCountersPerBlock; ++l) {
-    const Philox4 r = dropout_random_words(seed, first_counter + l);
-    for (int w = 0; w < 4; ++w) words[4 * l + w] = r.x[w];
-  }
-  const uint32_t low_threshold = threshold > 0xFFFFFFFFull ? 0xFFFFFFFFu : static_cast<uint32_t>(threshold);
-  const uint32_t none_kept = threshold > 0xFFFFFFFFull;
-  uint32_t keep[kElementsPerBlock];
-  for (int e = 0; e < kElementsPerBlock; ++e) keep[e] = static_cast<uint32_t>(words[e] >= low_threshold) & (none_kept ^ 1u);
-  for (int b = 0; b < kMaskBytesPerBlock; ++b) {
-    uint32_t bits = 0;
-    for (int e = 0; e < 8; ++e) bits |= keep[8 * b + e] << e;
-    bytes[b] = static_cast<uint8_t>(bits);
-  }
-}
 
 // The packed keep mask of numel elements under the dropout random rule,
 // padding bits and bytes zero.
@@ -72,9 +48,10 @@ at::Tensor make_mask(int64_t numel, double p, uint64_t seed, uint64_t offset, co
   const uint64_t threshold = dropout_threshold(p);
   const int64_t whole_blocks = numel / kElementsPerBlock;
   at::parallel_for(0, whole_blocks, kBlocksPerTask, [=](int64_t begin, int64_t end) {
+    uint32_t keep[kElementsPerBlock];
     for (int64_t block = begin; block < end; ++block) {
-      block_mask_bytes(seed, offset + static_cast<uint64_t>(block) * kCountersPerBlock, threshold,
-                       bytes + block * kMaskBytesPerBlock);
+      dropout_keep_block(seed, offset + static_cast<uint64_t>(block) * kCountersPerBlock, threshold, keep,
+                         bytes + block * kMaskBytesPerBlock);
     }
   });
   for (int64_t byte = whole_blocks * kMaskBytesPerBlock; byte * 8 < numel; ++byte) {

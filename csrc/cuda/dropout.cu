@@ -12,8 +12,7 @@
 #include <torch/library.h>
 
 #include "regops/cuda_utils.cuh"
-#include "regops/dropout.h"
-#include "regops/philox.h"
+#include "regops/dropout_host.h"
 
 namespace regops {
 namespace {

@@ -29,8 +29,3 @@ def check_tensor(value, name: str, *, floating: bool = True) -> torch.Tensor:
         raise TypeError(f"{name} must be a floating-point tensor, got {value.dtype}")
     return value
 
-
-def triton_available() -> bool:
-    from regops._backend import _TRITON_IMPORTABLE
-
-    return _TRITON_IMPORTABLE

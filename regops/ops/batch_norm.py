@@ -21,29 +21,16 @@ import numbers
 import torch
 
 from regops import reference
-from regops._backend import _TRITON_IMPORTABLE, backend_for, cuda_simulated, native_namespaces, native_ops
+from regops._backend import _TRITON_IMPORTABLE, backend_for, native_namespaces, op_libraries, resolve_op
 from regops.ops._common import check_tensor
 
 if _TRITON_IMPORTABLE:
     from regops.triton import batch_norm as _triton_batch_norm  # noqa: F401  (registers the triton ops)
 
-_native = torch.ops.regops
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 ACTIVATIONS = (None, "relu")
 
 
-_OPS: dict[tuple[str, str, str], torch._ops.OpOverload] = {}
-
-
-def _op(backend: str, name: str, device_type: str):
-    """The registered operator `name` of a compiled backend for tensors of
-    `device_type` (cached: looking up torch.ops costs more than the checks of
-    a small call)."""
-    key = (backend, name, device_type)
-    if key not in _OPS:
-        _OPS[key] = (getattr(_native, f"triton_{name}") if backend == "triton"
-                     else getattr(native_ops(backend, device_type), name)).default
-    return _OPS[key]
 
 
 def accumulate_dtype(input: torch.Tensor) -> torch.dtype:
@@ -170,7 +157,7 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     if backend == "reference":
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
                                     activation=activation, residual=residual)
-    forward = _op(backend, "batch_norm_forward", input.device.type)
+    forward = resolve_op(backend, "batch_norm_forward", input.device.type)
     if not training:
         return forward(input, w, b, rm, rv, False, eps, relu, residual)[0]
     if _parameters_alias_buffers((weight, bias), (running_mean, running_var)):
@@ -278,7 +265,7 @@ def _run(name: str, input: torch.Tensor, *args):
     backend = backend_for(input)
     if backend == "reference":
         return getattr(reference, name)(*args)
-    return _op(backend, name, input.device.type)(*args)
+    return resolve_op(backend, name, input.device.type)(*args)
 
 
 def _check_grad_out(grad_out, input: torch.Tensor) -> None:
@@ -466,8 +453,8 @@ def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias, g
 
 
 def _register_autograd(backend: str, device_type: str) -> None:
-    forward = _op(backend, "batch_norm_forward", device_type)
-    backward = _op(backend, "batch_norm_backward", device_type)
+    forward = resolve_op(backend, "batch_norm_forward", device_type)
+    backward = resolve_op(backend, "batch_norm_backward", device_type)
 
     def setup_context(ctx, inputs, output):
         input, weight, bias, _, _, training, _, relu = inputs[:8]
@@ -517,8 +504,5 @@ def _register_autograd(backend: str, device_type: str) -> None:
 
 for _namespace in native_namespaces():
     _register_fakes(_namespace)
-_register_autograd("cpu", "cpu")  # regops::*, which also holds the CUDA kernels
-if cuda_simulated():
-    _register_autograd("cuda", "cpu")
-if _TRITON_IMPORTABLE:
-    _register_autograd("triton", "cuda")
+for _backend, _device_type in op_libraries():
+    _register_autograd(_backend, _device_type)

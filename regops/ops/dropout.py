@@ -2,7 +2,7 @@
 the backward regenerates it from (seed, offset).
 
 Semantics of ``torch.nn.functional.dropout``: y = x * keep / (1 - p). Which
-elements are kept follows the regops random rule (csrc/include/regops/philox.h,
+elements are kept follows the regops random rule (csrc/include/regops/dropout.h,
 README.md), identical on every backend. A dense input (contiguous,
 channels_last, any permutation of dims) is processed in memory order without
 a copy and its output has the same layout; the rule numbers its elements in
@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import torch
 
 from regops import reference
-from regops._backend import _TRITON_IMPORTABLE, backend_for, cuda_simulated, native_namespaces, native_ops
+from regops._backend import _TRITON_IMPORTABLE, backend_for, native_namespaces, op_libraries, resolve_op
 from regops.ops._common import check_probability, check_tensor
 
 _OFFSET_LIMIT = 1 << 62  # keeps offset + i // 4 inside int64 in every backend
@@ -26,17 +26,13 @@ _UINT64 = 1 << 64
 if _TRITON_IMPORTABLE:
     from regops.triton import dropout as _triton_dropout  # noqa: F401  (registers the triton ops)
 
-_native = torch.ops.regops
 
 
 def _ops(backend: str, device_type: str):
     """(forward, in-place forward, backward) operators of a compiled backend
     for tensors of ``device_type``."""
-    if backend == "triton":
-        return (_native.triton_dropout_forward.default, _native.triton_dropout_forward_.default,
-                _native.triton_dropout_backward.default)
-    ops = native_ops(backend, device_type)
-    return ops.dropout_forward.default, ops.dropout_forward_.default, ops.dropout_backward.default
+    return tuple(resolve_op(backend, name, device_type)
+                 for name in ("dropout_forward", "dropout_forward_", "dropout_backward"))
 
 
 def _check_seed_offset(seed, offset) -> None:
@@ -195,9 +191,7 @@ def philox4x32_10(counter: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
     backend = backend_for(counter)
     if backend == "reference":
         return torch.stack(reference.philox4x32_10(list(counter.unbind(1)), (key[:, 0], key[:, 1])), dim=1)
-    if backend == "triton":
-        return _native.triton_philox4x32_10(counter, key)
-    return native_ops(backend, counter.device.type).philox4x32_10(counter, key)
+    return resolve_op(backend, "philox4x32_10", counter.device.type)(counter, key)
 
 
 # --- fake kernels and autograd -------------------------------------------------
@@ -281,8 +275,5 @@ def _register_autograd(backend: str, device_type: str) -> None:
     torch.library.register_autograd(backward, backward_backward, setup_context=setup_backward)
 
 
-_register_autograd("cpu", "cpu")  # regops::*, which also holds the CUDA kernels
-if cuda_simulated():
-    _register_autograd("cuda", "cpu")
-if _TRITON_IMPORTABLE:
-    _register_autograd("triton", "cuda")
+for _backend, _device_type in op_libraries():
+    _register_autograd(_backend, _device_type)

@@ -19,7 +19,7 @@ import numbers
 import torch
 
 from regops import reference
-from regops._backend import _TRITON_IMPORTABLE, backend_for, cuda_simulated, native_namespaces, native_ops
+from regops._backend import _TRITON_IMPORTABLE, backend_for, native_namespaces, op_libraries, resolve_op
 from regops.ops._common import check_probability, check_tensor
 from regops.ops.dropout import _check_same_device, _check_seed_offset, _reference_seed, _seed_tensor
 
@@ -27,17 +27,7 @@ from regops.ops.dropout import _check_same_device, _check_seed_offset, _referenc
 if _TRITON_IMPORTABLE:
     from regops.triton import layer_norm as _triton_layer_norm  # noqa: F401  (registers the triton ops)
 
-_native = torch.ops.regops
 _INPUT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-_OPS: dict[tuple[str, str, str], torch._ops.OpOverload] = {}
-
-
-def _op(backend: str, name: str, device_type: str):
-    key = (backend, name, device_type)
-    if key not in _OPS:
-        _OPS[key] = (getattr(_native, f"triton_{name}") if backend == "triton"
-                     else getattr(native_ops(backend, device_type), name)).default
-    return _OPS[key]
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -114,7 +104,7 @@ def _norm(input, residual, hidden, weight, bias, p, eps, *, rms, prenorm=False, 
     else:
         store_mask = use_seed and (return_dropout_mask or not recompute_mask)
         store_h = prenorm or res is not None or use_seed
-        forward = _op(backend, "layer_norm_forward", input.device.type)
+        forward = resolve_op(backend, "layer_norm_forward", input.device.type)
         out, h, _, _, mask = forward(x, res, w, b, p, _seed_tensor(seed, input.device) if use_seed else None, offset,
                                      eps, rms, store_mask, store_h, residual_in_fp32)
         if not store_h:
@@ -273,8 +263,6 @@ def register_autograd(forward, backward) -> None:
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
 
 
-register_autograd(_op("cpu", "layer_norm_forward", "cpu"), _op("cpu", "layer_norm_backward", "cpu"))
-if cuda_simulated():
-    register_autograd(_op("cuda", "layer_norm_forward", "cpu"), _op("cuda", "layer_norm_backward", "cpu"))
-if _TRITON_IMPORTABLE:
-    register_autograd(_op("triton", "layer_norm_forward", "cuda"), _op("triton", "layer_norm_backward", "cuda"))
+for _backend, _device_type in op_libraries():
+    register_autograd(resolve_op(_backend, "layer_norm_forward", _device_type),
+                      resolve_op(_backend, "layer_norm_backward", _device_type))

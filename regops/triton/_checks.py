@@ -13,7 +13,7 @@ import math
 
 import torch
 
-from regops.reference import batch_norm_accumulate_dtype, mask_bytes
+from regops._spec import batch_norm_accumulate_dtype, mask_bytes
 
 # c10's names of the scalar types, as TORCH_CHECK prints them.
 _SCALAR_TYPE_NAMES = {
@@ -121,13 +121,18 @@ def check_channel_tensor(tensor: torch.Tensor | None, input: torch.Tensor, name:
           input.device)
 
 
-def check_grad_output(grad_out: torch.Tensor, input: torch.Tensor, op: str) -> None:
-    check(grad_out.shape == input.shape, "regops ", op, ": grad_out must have the input's shape ", sizes(input),
-          ", got ", sizes(grad_out))
-    check(grad_out.dtype == input.dtype, "regops ", op, ": grad_out must be ", scalar_type(input.dtype),
-          " like input, got ", scalar_type(grad_out.dtype))
-    check(grad_out.device == input.device, "regops ", op, ": grad_out is on ", grad_out.device, " but input is on ",
+def check_like_input(tensor: torch.Tensor, input: torch.Tensor, name: str, op: str) -> None:
+    """A tensor that must have the input's shape, dtype and device."""
+    check(tensor.shape == input.shape, "regops ", op, ": ", name, " must have the input's shape ", sizes(input),
+          ", got ", sizes(tensor))
+    check(tensor.dtype == input.dtype, "regops ", op, ": ", name, " must be ", scalar_type(input.dtype),
+          " like input, got ", scalar_type(tensor.dtype))
+    check(tensor.device == input.device, "regops ", op, ": ", name, " is on ", tensor.device, " but input is on ",
           input.device)
+
+
+def check_grad_output(grad_out: torch.Tensor, input: torch.Tensor, op: str) -> None:
+    check_like_input(grad_out, input, "grad_out", op)
 
 
 def check_batch_norm_arguments(op: str, input: torch.Tensor, grad_out: torch.Tensor | None = None,
@@ -144,14 +149,8 @@ def check_batch_norm_arguments(op: str, input: torch.Tensor, grad_out: torch.Ten
 
 def check_residual(residual: torch.Tensor | None, input: torch.Tensor, op: str) -> None:
     """The residual added before the activation: the input's shape, dtype and device."""
-    if residual is None:
-        return
-    check(residual.shape == input.shape, "regops ", op, ": residual must have the input's shape ", sizes(input),
-          ", got ", sizes(residual))
-    check(residual.dtype == input.dtype, "regops ", op, ": residual must be ", scalar_type(input.dtype),
-          " like input, got ", scalar_type(residual.dtype))
-    check(residual.device == input.device, "regops ", op, ": residual is on ", residual.device, " but input is on ",
-          input.device)
+    if residual is not None:
+        check_like_input(residual, input, "residual", op)
 
 
 def check_batch_norm_count(count: int, op: str) -> None:

@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from regops.reference import batch_norm_accumulate_dtype, batch_norm_memory_format
+from regops._spec import batch_norm_accumulate_dtype, batch_norm_memory_format
 from regops.triton import _checks
 from regops.triton._launch import launch
 

@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from regops.reference import dropout_scale, dropout_threshold, mask_bytes, memory_order
+from regops import _spec
+from regops._spec import dropout_scale, dropout_threshold, mask_bytes, memory_order
 from regops.triton import _checks
 from regops.triton._launch import launch
 
@@ -26,16 +27,22 @@ BLOCK_BYTES = 128  # 1024 elements a program: 4 KiB of float32 in, 4 KiB out, 12
 PHILOX_BLOCK = 128  # counters a program of the raw Philox op computes
 
 
+_M0: tl.constexpr = tl.constexpr(_spec.PHILOX_M0)
+_M1: tl.constexpr = tl.constexpr(_spec.PHILOX_M1)
+_W0: tl.constexpr = tl.constexpr(_spec.PHILOX_W0)
+_W1: tl.constexpr = tl.constexpr(_spec.PHILOX_W1)
+
+
 @triton.jit
 def _philox4x32_10(c0, c1, c2, c3, k0, k1):
     for _ in tl.static_range(10):
-        hi0 = tl.umulhi(c0, 0xD2511F53)
-        lo0 = c0 * 0xD2511F53
-        hi1 = tl.umulhi(c2, 0xCD9E8D57)
-        lo1 = c2 * 0xCD9E8D57
+        hi0 = tl.umulhi(c0, _M0)
+        lo0 = c0 * _M0
+        hi1 = tl.umulhi(c2, _M1)
+        lo1 = c2 * _M1
         c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
-        k0 = k0 + 0x9E3779B9
-        k1 = k1 + 0xBB67AE85
+        k0 = k0 + _W0
+        k1 = k1 + _W1
     return c0, c1, c2, c3
 
 

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 from torch.library import triton_op
 
-from regops.reference import batch_norm_accumulate_dtype, dropout_scale, dropout_threshold, layer_norm_h_dtype, mask_bytes
+from regops._spec import batch_norm_accumulate_dtype, dropout_scale, dropout_threshold, layer_norm_h_dtype, mask_bytes
 from regops.triton import _checks
 from regops.triton._launch import launch
 from regops.triton.dropout import _elements, _keep_bits

@@ -1,11 +1,14 @@
-// Host-side pieces of dropout shared by the CPU and CUDA launchers: argument
-// checks, the keep threshold, the scale and the packed-mask size.
+// The dropout random rule and its constants, one spec for the CPU and CUDA
+// kernels (README, "The dropout random rule"): which elements a call keeps,
+// the scale of kept ones and the packed-mask size. No ATen here; the
+// launchers' checks and layouts are in dropout_host.h.
 #pragma once
-
-#include <ATen/ATen.h>
 
 #include <cmath>
 #include <cstdint>
+
+#include "regops/macros.h"
+#include "regops/philox.h"
 
 namespace regops {
 
@@ -22,81 +25,40 @@ inline double dropout_scale(double p) { return p >= 1.0 ? 0.0 : 1.0 / (1.0 - p);
 // the mask with 16-byte vectors.
 inline int64_t dropout_mask_bytes(int64_t numel) { return (numel + 127) / 128 * 16; }
 
-inline void check_dropout_p(double p) {
-  TORCH_CHECK(p >= 0.0 && p <= 1.0, "regops dropout: p must be in [0, 1], got ", p);
+// The dropout random rule, one spec for every backend:
+// element i of a call with (seed, offset) takes word i % 4 of Philox at counter
+// (lo32(offset + i / 4), hi32(offset + i / 4), 0, 0) under key (lo32(seed),
+// hi32(seed)), and is kept iff that word >= threshold = floor(p * 2^32).
+// One Philox call therefore decides four consecutive elements; a mask byte
+// (eight elements) takes two calls.
+REGOPS_INLINE Philox4 dropout_random_words(uint64_t seed, uint64_t counter_index) {
+  return philox4x32_10(
+      Philox4{{static_cast<uint32_t>(counter_index), static_cast<uint32_t>(counter_index >> 32), 0u, 0u}},
+      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
 }
 
-inline uint64_t read_seed(const at::Tensor& seed) {
-  TORCH_CHECK(seed.numel() == 1 && seed.scalar_type() == at::kLong,
-              "regops dropout: seed must be a one-element int64 tensor, got ", seed.scalar_type(),
-              " with ", seed.numel(), " elements");
-  return static_cast<uint64_t>(seed.item<int64_t>());
+// Keep bits of mask byte `byte_index` (elements 8 * byte_index .. + 7), least
+// significant bit first. Bits of elements at or past `numel` are zero.
+REGOPS_INLINE uint32_t dropout_keep_byte(uint64_t seed, uint64_t offset, int64_t byte_index,
+                                         int64_t numel, uint64_t threshold) {
+  uint32_t bits = 0;
+  const int64_t first = byte_index * 8;
+  for (int half = 0; half < 2; ++half) {
+    const Philox4 r = dropout_random_words(seed, offset + static_cast<uint64_t>(byte_index) * 2u + half);
+    for (int word = 0; word < 4; ++word) {
+      const int e = half * 4 + word;
+      const bool keep = static_cast<uint64_t>(r.x[word]) >= threshold && first + e < numel;
+      bits |= static_cast<uint32_t>(keep) << e;
+    }
+  }
+  return bits;
 }
 
-inline void check_dropout_input(const at::Tensor& input, const char* name) {
-  TORCH_CHECK(at::isFloatingType(input.scalar_type()),
-              "regops dropout: ", name, " must be a floating-point tensor, got ", input.scalar_type());
-}
-
-inline void check_dropout_mask(const at::Tensor& mask, const at::Tensor& grad) {
-  TORCH_CHECK(mask.scalar_type() == at::kByte, "regops dropout: mask must be a uint8 tensor, got ",
-              mask.scalar_type());
-  TORCH_CHECK(mask.dim() == 1 && mask.numel() == dropout_mask_bytes(grad.numel()),
-              "regops dropout: mask must be a flat uint8 tensor of ", dropout_mask_bytes(grad.numel()),
-              " bytes for ", grad.numel(), " elements, got shape ", mask.sizes());
-  TORCH_CHECK(mask.device() == grad.device(), "regops dropout: mask is on ", mask.device(),
-              " but grad is on ", grad.device());
-}
-
-// The tensor the flat kernels run on. A dense tensor (contiguous,
-// channels_last, any permutation of dims) is used as it is: its numel
-// elements are consecutive in memory, so the kernels walk them in memory
-// order from data_ptr, and the random rule numbers them in that order. Any
-// other tensor is copied to contiguous (row-major order).
-inline at::Tensor dropout_work_tensor(const at::Tensor& tensor) {
-  return tensor.is_non_overlapping_and_dense() ? tensor : tensor.contiguous();
-}
-
-// An output in the layout of a work tensor: empty_like keeps a dense
-// tensor's strides, so element k in memory of one is element k of the other.
-inline at::Tensor dropout_output_like(const at::Tensor& work) { return at::empty_like(work); }
-
-// The host side of the forward ops, shared by the CPU and CUDA files: checks,
-// the work tensor, the output in its layout, then the backend's
-// run_forward(input, output, p, seed, offset, store_mask) -> mask.
-template <typename RunForward>
-std::tuple<at::Tensor, at::Tensor> dropout_forward_out_of_place(const at::Tensor& input, double p,
-                                                                const at::Tensor& seed, int64_t offset,
-                                                                bool store_mask, RunForward run_forward) {
-  check_dropout_input(input, "input");
-  check_dropout_p(p);
-  const at::Tensor work = dropout_work_tensor(input);
-  at::Tensor output = dropout_output_like(work);
-  at::Tensor mask = run_forward(work, output, p, seed, offset, store_mask);
-  return {output, mask};
-}
-
-// In place: a non-dense input is computed in a contiguous copy and written
-// back.
-template <typename RunForward>
-at::Tensor dropout_forward_in_place(at::Tensor& input, double p, const at::Tensor& seed, int64_t offset,
-                                    bool store_mask, RunForward run_forward) {
-  check_dropout_input(input, "input");
-  check_dropout_p(p);
-  at::Tensor work = dropout_work_tensor(input);
-  at::Tensor mask = run_forward(work, work, p, seed, offset, store_mask);
-  if (!work.is_same(input)) input.copy_(work);
-  return mask;
-}
-
-inline void check_philox_args(const at::Tensor& counter, const at::Tensor& key) {
-  TORCH_CHECK(counter.scalar_type() == at::kLong && key.scalar_type() == at::kLong,
-              "regops philox4x32_10: counter and key must be int64 tensors");
-  TORCH_CHECK(counter.dim() == 2 && counter.size(1) == 4, "regops philox4x32_10: counter must have shape (N, 4), got ",
-              counter.sizes());
-  TORCH_CHECK(key.dim() == 2 && key.size(1) == 2 && key.size(0) == counter.size(0),
-              "regops philox4x32_10: key must have shape (N, 2) with N = ", counter.size(0), ", got ", key.sizes());
-  TORCH_CHECK(counter.device() == key.device(), "regops philox4x32_10: counter and key must be on one device");
+// A kept element is scaled by 1 / (1 - p); a dropped one is multiplied by zero
+// (not replaced by it), so NaN and inf propagate as in torch's dropout.
+template <typename acc_t>
+REGOPS_INLINE acc_t dropout_apply(acc_t value, bool keep, acc_t scale) {
+  return value * (keep ? scale : acc_t(0));
 }
 
 }  // namespace regops

@@ -7,7 +7,7 @@
 
 #include <optional>
 
-#include "regops/dropout.h"
+#include "regops/dropout_host.h"
 
 namespace regops {
 

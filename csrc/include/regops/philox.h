@@ -48,40 +48,4 @@ REGOPS_INLINE Philox4 philox4x32_10(Philox4 counter, uint32_t key0, uint32_t key
   return Philox4{{c0, c1, c2, c3}};
 }
 
-// The dropout random rule, one spec for every backend:
-// element i of a call with (seed, offset) takes word i % 4 of Philox at counter
-// (lo32(offset + i / 4), hi32(offset + i / 4), 0, 0) under key (lo32(seed),
-// hi32(seed)), and is kept iff that word >= threshold = floor(p * 2^32).
-// One Philox call therefore decides four consecutive elements; a mask byte
-// (eight elements) takes two calls.
-REGOPS_INLINE Philox4 dropout_random_words(uint64_t seed, uint64_t counter_index) {
-  return philox4x32_10(
-      Philox4{{static_cast<uint32_t>(counter_index), static_cast<uint32_t>(counter_index >> 32), 0u, 0u}},
-      static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
-}
-
-// Keep bits of mask byte `byte_index` (elements 8 * byte_index .. + 7), least
-// significant bit first. Bits of elements at or past `numel` are zero.
-REGOPS_INLINE uint32_t dropout_keep_byte(uint64_t seed, uint64_t offset, int64_t byte_index,
-                                         int64_t numel, uint64_t threshold) {
-  uint32_t bits = 0;
-  const int64_t first = byte_index * 8;
-  for (int half = 0; half < 2; ++half) {
-    const Philox4 r = dropout_random_words(seed, offset + static_cast<uint64_t>(byte_index) * 2u + half);
-    for (int word = 0; word < 4; ++word) {
-      const int e = half * 4 + word;
-      const bool keep = static_cast<uint64_t>(r.x[word]) >= threshold && first + e < numel;
-      bits |= static_cast<uint32_t>(keep) << e;
-    }
-  }
-  return bits;
-}
-
-// A kept element is scaled by 1 / (1 - p); a dropped one is multiplied by zero
-// (not replaced by it), so NaN and inf propagate as in torch's dropout.
-template <typename acc_t>
-REGOPS_INLINE acc_t dropout_apply(acc_t value, bool keep, acc_t scale) {
-  return value * (keep ? scale : acc_t(0));
-}
-
 }  // namespace regops

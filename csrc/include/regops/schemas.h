@@ -11,7 +11,7 @@ namespace regops {
 inline void define_schemas(torch::Library& m) {
   // Dropout. seed is a one-element int64 tensor on the input's device (or the
   // CPU) so that a seed drawn from the device generator needs no host sync;
-  // mask is one bit per element (see csrc/include/regops/philox.h).
+  // mask is one bit per element (see csrc/include/regops/dropout.h).
   m.def("dropout_forward(Tensor input, float p, Tensor seed, int offset, bool store_mask) -> (Tensor, Tensor)");
   m.def("dropout_forward_(Tensor(a!) input, float p, Tensor seed, int offset, bool store_mask) -> Tensor");
   m.def("dropout_backward(Tensor grad, Tensor mask, float p) -> Tensor");
