@@ -80,28 +80,6 @@ __device__ __forceinline__ AlignedVector<scalar_t, kVec> load_elements(const sca
   return load_vector<AlignedVector<scalar_t, kVec>>(pointer);
 }
 
-// A vector store. On the GPU a 16-byte vector goes out as one st.global.v4:
-// in the spatial-inner kernel (all kVec elements of one channel) nvcc's
-// optimizer splits the aligned struct store (plain or as a uint4) into
-// element stores before the PTX, so the 128-bit store is spelled out. The
-// simulation keeps store_vector and its alignment check.
-template <typename scalar_t, int kVec>
-__device__ __forceinline__ void store_elements(scalar_t* pointer, const AlignedVector<scalar_t, kVec>& value) {
-#if defined(REGOPS_CUDA_SIM)
-  store_vector(pointer, value);
-#else
-  if constexpr (sizeof(AlignedVector<scalar_t, kVec>) == 16) {
-    unsigned words[4];
-    memcpy(words, &value, sizeof(words));
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(pointer), "r"(words[0]), "r"(words[1]),
-                 "r"(words[2]), "r"(words[3])
-                 : "memory");
-  } else {
-    store_vector(pointer, value);
-  }
-#endif
-}
-
 // Per-channel coefficient rows (C values each) of the elementwise passes.
 enum ForwardRow { kScale = 0, kShift = 1, kForwardRows = 2 };
 enum BackwardRow { kDyScale = 0, kXmuScale = 1, kConstant = 2, kMaskScale = 3, kMaskShift = 4, kBackwardRows = 5 };
@@ -150,7 +128,7 @@ struct NormalizeOp {
       }
       out.value[e] = static_cast<scalar_t>(value);
     }
-    store_elements<scalar_t, kVec>(y + offset, out);
+    store_vector(y + offset, out);
   }
 };
 
@@ -199,7 +177,7 @@ struct GradInputOp {
       const acc_t g = batch_norm_masked_grad(static_cast<acc_t>(l.in[0].value[e]), xe, ch[e].mask, relu);
       out.value[e] = static_cast<scalar_t>(batch_norm_grad_input(g, xe, ch[e].mean, ch[e].k));
     }
-    store_elements<scalar_t, kVec>(dx + offset, out);
+    store_vector(dx + offset, out);
   }
 };
 
@@ -288,7 +266,7 @@ struct GradientSumsOp {
       state[e].first += g;
       state[e].second += g * (xe - ch[e].mean);
     }
-    if constexpr (kResidual) store_elements<scalar_t, kVec>(dz + offset, masked);
+    if constexpr (kResidual) store_vector(dz + offset, masked);
   }
 };
 
@@ -308,8 +286,11 @@ __device__ __forceinline__ int unrolled_count(int64_t v, int64_t step, int64_t e
   return count;
 }
 
-// kUnroll vectors at first, first + stride, ... (the `count` < kUnroll of
-// them that exist, in a tail): loads first, then the math.
+// The kUnroll vectors first, first + stride, ... (the `count` < kUnroll of
+// them that exist, in a tail): loads first, then the math. Positions are in
+// vectors, so every element offset is kVec * (an integer): written as
+// row + v * kVec + u * stride in elements, nvcc stores each element of the
+// second and later vectors on its own (STG.E x kVec instead of one STG.E.128).
 template <int kVec, typename Op>
 __device__ __forceinline__ void process_unrolled(const Op& op, const typename Op::Channel (&ch)[kVec],
                                                  typename Op::State (&state)[kVec], int64_t first, int64_t stride,
@@ -318,11 +299,11 @@ __device__ __forceinline__ void process_unrolled(const Op& op, const typename Op
   L loaded[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
-    if (u < count) loaded[u] = op.template load<kVec>(first + u * stride);
+    if (u < count) loaded[u] = op.template load<kVec>((first + u * stride) * kVec);
   }
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
-    if (u < count) op.template process<kVec>(ch, loaded[u], first + u * stride, state);
+    if (u < count) op.template process<kVec>(ch, loaded[u], (first + u * stride) * kVec, state);
   }
 }
 
@@ -331,7 +312,7 @@ __device__ __forceinline__ void process_unrolled(const Op& op, const typename Op
 template <int kVec, typename Op>
 __device__ __forceinline__ void walk_rows(const Op& op, const typename Op::Channel (&ch)[kVec],
                                           typename Op::State (&state)[kVec], int64_t channel, int64_t channels,
-                                          int64_t spatial, int64_t vectors, RowLaunch rows, int64_t first_item,
+                                          int64_t vectors, RowLaunch rows, int64_t first_item,
                                           int64_t item_step, int lane) {
   const int64_t step = rows.row_threads;
   for (int64_t item = first_item; item < rows.items; item += item_step) {
@@ -340,20 +321,23 @@ __device__ __forceinline__ void walk_rows(const Op& op, const typename Op::Chann
     const int64_t segment = item - n * rows.segments;
     const int64_t begin = segment * rows.segment_vectors;
     const int64_t end = min(vectors, begin + rows.segment_vectors);
-    const int64_t row = (n * channels + channel) * spatial;
+    const int64_t row = (n * channels + channel) * vectors;  // in vectors
     for (int64_t v = begin + lane; v < end; v += step * kUnroll) {
-      process_unrolled<kVec>(op, ch, state, row + v * kVec, step * kVec, unrolled_count(v, step, end));
+      process_unrolled<kVec>(op, ch, state, row + v, step, unrolled_count(v, step, end));
     }
   }
 }
 
-// Channel-inner: rows first_row, first_row + row_step, ... at channel offset c0.
+// Channel-inner: rows first_row, first_row + row_step, ... at channel offset
+// c0 (channels and c0 multiples of kVec).
 template <int kVec, typename Op>
 __device__ __forceinline__ void walk_channel_rows(const Op& op, const typename Op::Channel (&ch)[kVec],
                                                   typename Op::State (&state)[kVec], int64_t rows, int64_t channels,
                                                   int64_t c0, int64_t first_row, int64_t row_step) {
+  const int64_t row_vectors = channels / kVec;
   for (int64_t r = first_row; r < rows; r += row_step * kUnroll) {
-    process_unrolled<kVec>(op, ch, state, r * channels + c0, row_step * channels, unrolled_count(r, row_step, rows));
+    process_unrolled<kVec>(op, ch, state, r * row_vectors + c0 / kVec, row_step * row_vectors,
+                           unrolled_count(r, row_step, rows));
   }
 }
 
@@ -361,7 +345,7 @@ __device__ __forceinline__ void walk_channel_rows(const Op& op, const typename O
 
 // Spatial-inner elementwise pass: grid (C, slices), kThreads threads.
 template <int kVec, typename Op>
-__global__ void elementwise_rows_kernel(Op op, int64_t channels, int64_t spatial, int64_t vectors, RowLaunch rows) {
+__global__ void elementwise_rows_kernel(Op op, int64_t channels, int64_t vectors, RowLaunch rows) {
   const int64_t channel = blockIdx.x;
   const int group = static_cast<int>(threadIdx.x / rows.row_threads);
   const int lane = static_cast<int>(threadIdx.x - group * rows.row_threads);
@@ -370,7 +354,7 @@ __global__ void elementwise_rows_kernel(Op op, int64_t channels, int64_t spatial
   typename Op::State state[kVec];
 #pragma unroll
   for (int e = 0; e < kVec; ++e) ch[e] = one;
-  walk_rows<kVec>(op, ch, state, channel, channels, spatial, vectors, rows,
+  walk_rows<kVec>(op, ch, state, channel, channels, vectors, rows,
                   static_cast<int64_t>(blockIdx.y) * rows.groups + group, static_cast<int64_t>(gridDim.y) * rows.groups,
                   lane);
 }
@@ -402,7 +386,7 @@ __device__ __forceinline__ SumPair<acc_t> warp_sum(SumPair<acc_t> s) {
 // (channel, blockIdx.y) is the block's sum, added in a fixed order.
 template <int kVec, typename Op>
 __global__ void reduce_rows_kernel(Op op, SumPair<typename Op::State::value_type>* partial, int64_t channels,
-                                   int64_t spatial, int64_t vectors, RowLaunch rows) {
+                                   int64_t vectors, RowLaunch rows) {
   using acc_t = typename Op::State::value_type;
   const int64_t channel = blockIdx.x;
   const int group = static_cast<int>(threadIdx.x / rows.row_threads);
@@ -415,7 +399,7 @@ __global__ void reduce_rows_kernel(Op op, SumPair<typename Op::State::value_type
     ch[e] = one;
     state[e] = SumPair<acc_t>{acc_t(0), acc_t(0)};
   }
-  walk_rows<kVec>(op, ch, state, channel, channels, spatial, vectors, rows,
+  walk_rows<kVec>(op, ch, state, channel, channels, vectors, rows,
                   static_cast<int64_t>(blockIdx.y) * rows.groups + group, static_cast<int64_t>(gridDim.y) * rows.groups,
                   lane);
   SumPair<acc_t> total = state[0];
@@ -608,7 +592,7 @@ void run_elementwise(const Op& op, const Pass& pass) {
                                          target_blocks_for(cuda::max_active_blocks_per_sm(kernel, kThreads)));
       TORCH_CHECK(g.channels <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
       cuda::launch(kernel, dim3(static_cast<unsigned>(g.channels), static_cast<unsigned>(slices)), kThreads, 0, stream,
-                   op, g.channels, g.spatial, vectors, rl);
+                   op, g.channels, vectors, rl);
     }
     REGOPS_KERNEL_LAUNCH_CHECK();
   };
@@ -660,8 +644,8 @@ std::pair<at::Tensor, int64_t> run_reduction(const Op& op, const Pass& pass, con
       TORCH_CHECK(g.channels <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
       result = {partials(splits), splits};
       cuda::launch(kernel, dim3(static_cast<unsigned>(g.channels), static_cast<unsigned>(splits)), kThreads, 0, stream,
-                   op, reinterpret_cast<SumPair<acc_t>*>(result.first.mutable_data_ptr()), g.channels, g.spatial,
-                   vectors, rl);
+                   op, reinterpret_cast<SumPair<acc_t>*>(result.first.mutable_data_ptr()), g.channels, vectors,
+                   rl);
     }
     REGOPS_KERNEL_LAUNCH_CHECK();
   };
