@@ -26,8 +26,18 @@
 // backward dx = a * g + b * (x - mean) + c, g being dy masked by the
 // recomputed ReLU (csrc/include/regops/batch_norm.h).
 //
-// Bytes per element: forward reads x twice and writes y (plus z once with a
-// residual); backward reads dy and x twice and writes dx (with a residual,
+// One pass or two: when every value of a channel (NCHW) or of a channel
+// tile (channel-inner) fits in one block's registers, kUnroll vectors a
+// thread (rows_fit_one_pass / channel_rows_fit_one_pass), the training
+// forward is one kernel: the block loads its channels once, adds them in a
+// fixed order, computes the coefficients and normalizes the values it holds.
+// Otherwise the statistics are a reduction and a finalize kernel, and the
+// normalize a second pass over x. Grid sizes of the two-pass kernels come
+// from the occupancy API (blocks resident per SM times the SMs).
+//
+// Bytes per element: the one-pass forward reads x once and writes y; the
+// two-pass forward reads x twice and writes y (plus z once with a residual
+// in both); backward reads dy and x twice and writes dx (with a residual,
 // the reduction also reads z and writes dz = g, which the second pass reads
 // instead of dy). Everything uses int64 indices and runs on the current
 // stream.
@@ -459,6 +469,26 @@ __device__ __forceinline__ SumPair<acc_t> channel_total(const SumPair<acc_t>* pa
   return total;
 }
 
+template <typename acc_t>
+struct ChannelStatistics {
+  acc_t mean;
+  acc_t var;  // biased
+};
+
+// A channel's mean and biased variance from its shifted sums.
+template <typename acc_t>
+__device__ __forceinline__ ChannelStatistics<acc_t> channel_statistics(SumPair<acc_t> total, acc_t shift,
+                                                                       int64_t count) {
+  const acc_t n = static_cast<acc_t>(count);
+  const acc_t mean_offset = total.first / n;
+  return ChannelStatistics<acc_t>{shift + mean_offset, clamp_m2(total.second - total.first * mean_offset) / n};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t inverse_std(acc_t var, acc_t eps) {
+  return acc_t(1) / sqrt(var + eps);
+}
+
 // mean, biased var, invstd (when wanted) and the forward coefficients (when
 // wanted) from the shifted sums.
 template <typename scalar_t, typename acc_t>
@@ -468,19 +498,15 @@ __global__ void finalize_statistics_kernel(const SumPair<acc_t>* partial, int64_
                                            acc_t* invstd, acc_t* coefficients) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  const SumPair<acc_t> total = channel_total(partial, splits, c);
-  const acc_t shift = welford_shift(static_cast<acc_t>(x[c * shift_stride]));
-  const acc_t n = static_cast<acc_t>(count);
-  const acc_t mean_offset = total.first / n;
-  const acc_t channel_mean = shift + mean_offset;
-  const acc_t variance = clamp_m2(total.second - total.first * mean_offset) / n;
-  mean[c] = channel_mean;
-  var[c] = variance;
+  const ChannelStatistics<acc_t> st = channel_statistics(
+      channel_total(partial, splits, c), welford_shift(static_cast<acc_t>(x[c * shift_stride])), count);
+  mean[c] = st.mean;
+  var[c] = st.var;
   if (invstd == nullptr) return;
-  const acc_t r = acc_t(1) / sqrt(variance + eps);
+  const acc_t r = inverse_std(st.var, eps);
   invstd[c] = r;
   if (coefficients == nullptr) return;
-  const BatchNormAffine<acc_t> affine = batch_norm_affine(channel_mean, r, weight != nullptr ? weight[c] : acc_t(1),
+  const BatchNormAffine<acc_t> affine = batch_norm_affine(st.mean, r, weight != nullptr ? weight[c] : acc_t(1),
                                                           bias != nullptr ? bias[c] : acc_t(0));
   coefficients[kScale * channels + c] = affine.scale;
   coefficients[kShift * channels + c] = affine.shift;
@@ -495,7 +521,7 @@ __global__ void affine_coefficients_kernel(const acc_t* mean, const acc_t* invst
                                            acc_t* mean_out, acc_t* invstd_out, acc_t* coefficients, int scale_row) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  const acc_t r = from_var ? acc_t(1) / sqrt(invstd_or_var[c] + eps) : invstd_or_var[c];
+  const acc_t r = from_var ? inverse_std(invstd_or_var[c], eps) : invstd_or_var[c];
   if (mean_out != nullptr) mean_out[c] = mean[c];
   if (invstd_out != nullptr) invstd_out[c] = r;
   const BatchNormAffine<acc_t> affine =
@@ -531,6 +557,148 @@ __global__ void finalize_gradients_kernel(const SumPair<acc_t>* partial, int64_t
   coefficients[kDyScale * channels + c] = k.dy_scale;
   coefficients[kXmuScale * channels + c] = k.xmu_scale;
   coefficients[kConstant * channels + c] = k.constant;
+}
+
+// ---- one-pass forward (a channel's values fit in one block's registers) ---------------------
+
+// Where a one-pass kernel writes a channel's statistics and reads its affine
+// parameters.
+template <typename acc_t>
+struct OnePassOutputs {
+  const acc_t* weight;  // nullptr: 1
+  const acc_t* bias;    // nullptr: 0
+  acc_t* mean;
+  acc_t* var;
+  acc_t* invstd;
+  acc_t eps;
+  int64_t count;  // elements per channel
+};
+
+// The forward coefficients of one channel from its shifted sums; the
+// channel's statistics are written where `write`.
+template <typename acc_t>
+__device__ __forceinline__ BatchNormAffine<acc_t> one_pass_affine(const OnePassOutputs<acc_t>& out, int64_t c,
+                                                                  SumPair<acc_t> total, acc_t shift, bool write) {
+  const ChannelStatistics<acc_t> st = channel_statistics(total, shift, out.count);
+  const acc_t r = inverse_std(st.var, out.eps);
+  if (write) {
+    out.mean[c] = st.mean;
+    out.var[c] = st.var;
+    out.invstd[c] = r;
+  }
+  return batch_norm_affine(st.mean, r, out.weight != nullptr ? out.weight[c] : acc_t(1),
+                           out.bias != nullptr ? out.bias[c] : acc_t(0));
+}
+
+// Spatial-inner, grid (C), kThreads threads: group g holds row n = g of the
+// channel (rows_fit_one_pass: every row in one group pass), kUnroll vectors
+// a thread, loaded once; the block's sum (in a fixed order) gives the
+// statistics, and the same registers are normalized and stored.
+template <int kVec, typename scalar_t, typename acc_t, bool kResidual>
+__global__ void one_pass_rows_kernel(NormalizeOp<scalar_t, acc_t, kResidual> op, OnePassOutputs<acc_t> out,
+                                     int64_t channels, int64_t vectors, RowLaunch rows) {
+  using Op = NormalizeOp<scalar_t, acc_t, kResidual>;
+  const int64_t channel = blockIdx.x;
+  const int group = static_cast<int>(threadIdx.x / rows.row_threads);
+  const int lane = static_cast<int>(threadIdx.x - group * rows.row_threads);
+  const int count = group < rows.items ? unrolled_count(lane, rows.row_threads, vectors) : 0;
+  const int64_t first = (group * channels + channel) * vectors + lane;  // in vectors
+  Loaded<scalar_t, kVec, Op::kArrays> loaded[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) loaded[u] = op.template load<kVec>((first + u * rows.row_threads) * kVec);
+  }
+  const acc_t shift = welford_shift(static_cast<acc_t>(op.x[channel * vectors * kVec]));
+  SumPair<acc_t> total{acc_t(0), acc_t(0)};
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const acc_t d = static_cast<acc_t>(loaded[u].in[0].value[e]) - shift;
+        total.first += d;
+        total.second += d * d;
+      }
+    }
+  }
+  REGOPS_SHARED_ARRAY(SumPair<acc_t>, warp_sums, [kThreads / 32]);
+  total = warp_sum(total);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = total;
+  __syncthreads();
+  total = warp_sums[0];
+  for (int w = 1; w < kThreads / 32; ++w) total = add_pairs(total, warp_sums[w]);  // the same order in every thread
+  BatchNormAffine<acc_t> ch[kVec];
+  ch[0] = one_pass_affine(out, channel, total, shift, threadIdx.x == 0);
+#pragma unroll
+  for (int e = 1; e < kVec; ++e) ch[e] = ch[0];
+  NoState state[kVec];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) op.template process<kVec>(ch, loaded[u], (first + u * rows.row_threads) * kVec, state);
+  }
+}
+
+// Channel-inner, grid (tiles), block (tile_threads, row_threads): a thread
+// owns one vector of channels and rows y, y + row_threads, ...
+// (channel_rows_fit_one_pass: all rows in one pass), loaded once; the row
+// threads of a channel are added in order of y by the y == 0 thread, which
+// shares the coefficients through shared memory.
+template <int kVec, typename scalar_t, typename acc_t, bool kResidual>
+__global__ void one_pass_channels_kernel(NormalizeOp<scalar_t, acc_t, kResidual> op, OnePassOutputs<acc_t> out,
+                                         int64_t rows, int64_t channels) {
+  using Op = NormalizeOp<scalar_t, acc_t, kResidual>;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  const bool active = c0 < channels;
+  const int count = active ? unrolled_count(threadIdx.y, blockDim.y, rows) : 0;
+  const int64_t row_vectors = channels / kVec;
+  const int64_t first = threadIdx.y * row_vectors + c0 / kVec;  // in vectors
+  Loaded<scalar_t, kVec, Op::kArrays> loaded[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) loaded[u] = op.template load<kVec>((first + u * blockDim.y * row_vectors) * kVec);
+  }
+  acc_t shift[kVec];
+  SumPair<acc_t> state[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    shift[e] = active ? welford_shift(static_cast<acc_t>(op.x[c0 + e])) : acc_t(0);
+    state[e] = SumPair<acc_t>{acc_t(0), acc_t(0)};
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const acc_t d = static_cast<acc_t>(loaded[u].in[0].value[e]) - shift[e];
+        state[e].first += d;
+        state[e].second += d * d;
+      }
+    }
+  }
+  REGOPS_SHARED_ARRAY(SumPair<acc_t>, row_sums, [kThreads * kVec]);
+  REGOPS_SHARED_ARRAY(BatchNormAffine<acc_t>, affine, [32 * kVec]);  // tile_threads <= 32
+  const int slot = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) row_sums[slot * kVec + e] = state[e];
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    for (unsigned y = 1; y < blockDim.y; ++y) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) state[e] = add_pairs(state[e], row_sums[(y * blockDim.x + threadIdx.x) * kVec + e]);
+    }
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) affine[threadIdx.x * kVec + e] = one_pass_affine(out, c0 + e, state[e], shift[e], true);
+  }
+  __syncthreads();
+  if (!active) return;
+  BatchNormAffine<acc_t> ch[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) ch[e] = affine[threadIdx.x * kVec + e];
+  NoState none[kVec];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) op.template process<kVec>(ch, loaded[u], (first + u * blockDim.y * row_vectors) * kVec, none);
+  }
 }
 
 // ---- host side ----------------------------------------------------------------------------
@@ -716,6 +884,55 @@ void launch_normalize(const BatchNormInput& p, const at::Tensor& z, at::Tensor& 
   }
 }
 
+// The training forward as one kernel when every channel's values fit in one
+// block's registers (rows_fit_one_pass / channel_rows_fit_one_pass of
+// batch_norm_launch.h): x is read once and there are no partials. False
+// (nothing launched) when they do not fit: two passes then.
+template <typename scalar_t>
+bool forward_one_pass(const BatchNormInput& p, const at::Tensor& z, at::Tensor& output, at::Tensor& mean,
+                      at::Tensor& var, at::Tensor& invstd, double eps, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const BatchNormGeometry& g = p.geometry;
+  if (p.input.numel() == 0) return false;
+  const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+  const scalar_t* zp = z.defined() ? z.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* y = output.mutable_data_ptr<scalar_t>();
+  const bool vectorized = z.defined() ? make_pass<scalar_t>(p, {x, zp, y}).vectorized
+                                      : make_pass<scalar_t>(p, {x, y}).vectorized;
+  const OnePassOutputs<acc_t> out{optional_pointer<acc_t>(weight), optional_pointer<acc_t>(bias),
+                                  mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
+                                  invstd.mutable_data_ptr<acc_t>(), static_cast<acc_t>(eps), g.count_per_channel()};
+  const auto stream = cuda::current_stream();
+  auto run = [&](auto vec_tag, auto residual_tag) {
+    constexpr int kVec = decltype(vec_tag)::value;
+    constexpr bool kResidual = decltype(residual_tag)::value;
+    const NormalizeOp<scalar_t, acc_t, kResidual> op{x, zp, y, nullptr, g.channels, relu};
+    if (g.channels_inner) {
+      const ChannelLaunch cl = channel_launch(g.channels / kVec + (g.channels % kVec != 0), kThreads);
+      if (!channel_rows_fit_one_pass(cl, g.rows(), kUnroll)) return false;
+      TORCH_CHECK(cl.tiles <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
+      cuda::launch(one_pass_channels_kernel<kVec, scalar_t, acc_t, kResidual>, dim3(static_cast<unsigned>(cl.tiles)),
+                   dim3(static_cast<unsigned>(cl.tile_threads), static_cast<unsigned>(cl.row_threads)), 0, stream, op,
+                   out, g.rows(), g.channels);
+    } else {
+      const int64_t vectors = g.spatial / kVec;
+      const RowLaunch rl = row_launch(g.batch, vectors, kThreads, kUnroll, kSegmentPasses);
+      if (!rows_fit_one_pass(rl, vectors, kUnroll)) return false;
+      TORCH_CHECK(g.channels <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
+      cuda::launch(one_pass_rows_kernel<kVec, scalar_t, acc_t, kResidual>, dim3(static_cast<unsigned>(g.channels)),
+                   kThreads, 0, stream, op, out, g.channels, vectors, rl);
+    }
+    REGOPS_KERNEL_LAUNCH_CHECK();
+    return true;
+  };
+  auto with_vector = [&](auto residual_tag) {
+    return vectorized ? run(std::integral_constant<int, vector_size<scalar_t>()>{}, residual_tag)
+                      : run(std::integral_constant<int, 1>{}, residual_tag);
+  };
+  return z.defined() ? with_vector(std::true_type{}) : with_vector(std::false_type{});
+}
+
 at::Tensor coefficient_rows(const at::Tensor& input, int rows) {
   return at::empty({rows, input.size(1)}, accumulate_options(input));
 }
@@ -887,6 +1104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cu
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (training) {
+      if (forward_one_pass<scalar_t>(p, z, output, mean, batch_var, invstd, eps, w, b, relu)) return;
       compute_statistics<scalar_t>(p, mean, batch_var, &invstd, eps, w, b, coefficients);
     } else if (channels > 0) {
       const at::Tensor rm = running_mean->contiguous(), rv = running_var->contiguous();
