@@ -15,7 +15,9 @@ rows, and walks it in [BLOCK_O, BLOCK_C, BLOCK_I] tiles contiguous along the
 innermost dimension of memory (BLOCK_C == 1 for NCHW: rows of S elements of
 one channel; BLOCK_I == 1 for channels_last: rows of C channels), so
 neither layout is read with strided gathers and no element needs channel
-arithmetic: a program loads its channels' values once.
+arithmetic: a program loads its channels' values once. Where the rows
+alone give too few programs (a small batch of long NCHW rows), the
+elementwise passes also cut each row into runs of whole tiles (grid axis 2).
 
 - Reductions accumulate elementwise in the tile's registers and sum the
   tile once at the end; each program writes one partial per channel, and a
@@ -111,6 +113,22 @@ def _program_rows(outer, rows_per_program):
     """The outer rows [start, end) of this program's slice."""
     start = tl.program_id(1).to(tl.int64) * rows_per_program
     return start, tl.minimum(start + rows_per_program, outer)
+
+
+@triton.jit
+def _program_run(inner, inner_per_program, BLOCK_I: tl.constexpr):
+    """The part [start, end) of each row that this program's elementwise
+    pass covers (grid axis 2; a multiple of BLOCK_I, all of it unless a few
+    long rows must be split for parallelism). Rows of channels (BLOCK_I ==
+    1, inner == 1) are never split, and the constant bounds keep their tile
+    offsets provably aligned."""
+    if BLOCK_I == 1:
+        start = 0
+        end = 1
+    else:
+        start = tl.program_id(2).to(tl.int64) * inner_per_program
+        end = tl.minimum(start + inner_per_program, inner)
+    return start, end
 
 
 @triton.jit
@@ -229,16 +247,17 @@ def _affine_kernel(mean_ptr, invstd_ptr, weight_ptr, bias_ptr, mean_out_ptr, inv
 
 @triton.jit
 def _normalize_kernel(x_ptr, z_ptr, y_ptr, coefficient_ptr, outer, channels, inner, rows_per_program,
-                      RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+                      inner_per_program, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
                       BLOCK_I: tl.constexpr):
     """y = act(x * scale + shift [+ z]): one FMA per element (then the add
     and the ReLU)."""
     c_start, c, valid_c = _program_channels(channels, BLOCK_C)
     o_begin, o_end = _program_rows(outer, rows_per_program)
+    i_begin, i_end = _program_run(inner, inner_per_program, BLOCK_I)
     scale = _channel_row(coefficient_ptr, 0, channels, c, valid_c)
     shift = _channel_row(coefficient_ptr, 1, channels, c, valid_c)
     for o_start in range(o_begin, o_end, BLOCK_O):
-        for i_start in range(0, inner, BLOCK_I):
+        for i_start in range(i_begin, i_end, BLOCK_I):
             offsets, valid = _tile_offsets(o_start, o_end, c_start, channels, i_start, inner, BLOCK_O, BLOCK_C,
                                            BLOCK_I)
             x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
@@ -331,7 +350,7 @@ def _gradient_finalize_kernel(partial_ptr, sum_dy_ptr, sum_dy_xmu_ptr, invstd_pt
 
 @triton.jit
 def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, coefficient_ptr, outer, channels, inner, rows_per_program,
-                       TRAINING: tl.constexpr, RELU: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
+                       inner_per_program, TRAINING: tl.constexpr, RELU: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
                        BLOCK_I: tl.constexpr):
     """dx = a * g + b * (x - mean) + c (batch_norm_grad_input), g = dy masked
     by the ReLU (RELU false: dy is already masked, or there is no ReLU).
@@ -339,6 +358,7 @@ def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, coefficient_ptr, outer, 
     does not turn its gradient NaN (torch's eval backward is dy * a)."""
     c_start, c, valid_c = _program_channels(channels, BLOCK_C)
     o_begin, o_end = _program_rows(outer, rows_per_program)
+    i_begin, i_end = _program_run(inner, inner_per_program, BLOCK_I)
     dy_scale = _channel_row(coefficient_ptr, 0, channels, c, valid_c)
     if TRAINING:
         mean = tl.load(mean_ptr + c, mask=valid_c, other=0.0)[None, :, None]
@@ -348,7 +368,7 @@ def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, coefficient_ptr, outer, 
         mask_scale = _channel_row(coefficient_ptr, 3, channels, c, valid_c)
         mask_shift = _channel_row(coefficient_ptr, 4, channels, c, valid_c)
     for o_start in range(o_begin, o_end, BLOCK_O):
-        for i_start in range(0, inner, BLOCK_I):
+        for i_start in range(i_begin, i_end, BLOCK_I):
             offsets, valid = _tile_offsets(o_start, o_end, c_start, channels, i_start, inner, BLOCK_O, BLOCK_C,
                                            BLOCK_I)
             dy_raw = tl.load(dy_ptr + offsets, mask=valid, other=0.0)
@@ -393,6 +413,22 @@ class _Geometry:
         rows_per_program = max(1, triton.cdiv(self.outer, splits))
         splits = triton.cdiv(self.outer, rows_per_program) if self.outer > 0 else 1
         return (self.channel_programs, splits), rows_per_program, splits
+
+    def elementwise_split(self) -> tuple[tuple[int, int, int], int, int]:
+        """(grid, rows_per_program, inner_per_program) of an elementwise
+        pass: rows split as for a reduction (aiming at
+        ELEMENTWISE_TARGET_PROGRAMS), and where that leaves too few programs
+        (a small batch of long NCHW rows) each row cut into runs of whole
+        tiles, so that a batch of one still fills the device."""
+        (channel_programs, splits), rows_per_program, _ = self.split(ELEMENTWISE_TARGET_PROGRAMS)
+        block_i = self.blocks[2]
+        tiles = triton.cdiv(self.inner, block_i)
+        by_work = max(1, self.outer * self.inner * self.blocks[1] // MIN_ELEMENTS_PER_PROGRAM) // splits
+        by_device = ELEMENTWISE_TARGET_PROGRAMS // max(1, channel_programs * splits)
+        runs = max(1, min(tiles, by_work, by_device, MAX_SLICES))
+        inner_per_program = triton.cdiv(tiles, runs) * block_i
+        runs = triton.cdiv(self.inner, inner_per_program)
+        return (channel_programs, splits, runs), rows_per_program, inner_per_program
 
     def partials(self, x: torch.Tensor) -> torch.Tensor:
         return torch.empty((2, self.splits, self.channels), dtype=batch_norm_accumulate_dtype(x.dtype),
@@ -468,9 +504,9 @@ def _launch_affine(x, mean, invstd_or_var, weight, bias, coefficients, eps=0.0, 
 def _launch_normalize(x, geometry, coefficients, relu, z=None):
     y = torch.empty_like(x)
     if x.numel() > 0:
-        grid, rows_per_program, _ = geometry.split(ELEMENTWISE_TARGET_PROGRAMS)
+        grid, rows_per_program, inner_per_program = geometry.elementwise_split()
         launch(_normalize_kernel, grid, x.device, x, z if z is not None else x, y, coefficients, geometry.outer,
-               geometry.channels, geometry.inner, rows_per_program, RELU=relu, HAS_RESIDUAL=z is not None,
+               geometry.channels, geometry.inner, rows_per_program, inner_per_program, RELU=relu, HAS_RESIDUAL=z is not None,
                **geometry.tiles(), num_warps=reduce_warps(x.dtype))
     return y
 
@@ -506,9 +542,9 @@ def _launch_gradient_finalize(x, invstd, weight, coefficients, count, training, 
 def _launch_grad_input(dy, x, geometry, mean, coefficients, training, relu):
     dx = torch.empty_like(x)
     if x.numel() > 0:
-        grid, rows_per_program, _ = geometry.split(ELEMENTWISE_TARGET_PROGRAMS)
+        grid, rows_per_program, inner_per_program = geometry.elementwise_split()
         launch(_grad_input_kernel, grid, x.device, dy, x, dx, mean, coefficients, geometry.outer, geometry.channels,
-               geometry.inner, rows_per_program, TRAINING=training, RELU=relu, **geometry.tiles(),
+               geometry.inner, rows_per_program, inner_per_program, TRAINING=training, RELU=relu, **geometry.tiles(),
                num_warps=reduce_warps(x.dtype))
     return dx
 
@@ -680,6 +716,7 @@ def compile_cases() -> None:
     for channels in (3, 8, 16, 24):  # channel tiles of 4, 8, 16 and 32 (64 above)
         train_and_back(torch.empty(6, channels, 3, 3).to(memory_format=torch.channels_last), bias=False)
     train_and_back(torch.empty(65536, 1, 16))  # 256 programs of 256 rows for one channel
+    train_and_back(torch.empty(1, 2, 128, 128))  # one long row a channel: cut into runs of 4 tiles
     train_and_back(torch.empty(1, 1, 2), weight=False, bias=False)  # every size 1 but the spatial one
     storage = torch.empty(1 + 7 * 16 * 33)
     train_and_back(storage[1:].view(7, 16, 33))  # offset: not 16-byte aligned
