@@ -76,6 +76,9 @@ class KernelSpec:
     # kVec > 1 only (kVec == 1 is the scalar path of rows that are not a
     # whole number of vectors), and the inputs are the Op's.
     vector_template: bool = False
+    # A kernel without a loop (each thread handles a fixed number of vectors):
+    # instructions per element over the whole kernel.
+    straight_line: bool = False
 
 
 # Element arrays read per element by each batch-norm Op (csrc/cuda/batch_norm.cu),
@@ -95,6 +98,8 @@ def expects_vectors(family: str, variant: str) -> bool:
 
 
 def _op_inputs(variant: str) -> int:
+    if "Op<" not in variant:  # <kVec, scalar_t, acc_t, kResidual> (the one-pass forward: x, and z with a residual)
+        return 2 if variant.rstrip().endswith("true") else 1
     for op, (plain, residual) in _OP_INPUTS.items():
         if op in variant:
             return residual if re.search(op + r"<[^>]*,\s*true\s*>", variant) else plain
@@ -111,6 +116,8 @@ KERNELS = {
     "elementwise_channels_kernel": KernelSpec(True, True, vector_template=True),
     "reduce_rows_kernel": KernelSpec(True, False, vector_template=True),
     "reduce_channels_kernel": KernelSpec(True, False, vector_template=True),
+    "one_pass_rows_kernel": KernelSpec(True, True, vector_template=True, straight_line=True),
+    "one_pass_channels_kernel": KernelSpec(True, True, vector_template=True, straight_line=True),
     "finalize_statistics_kernel": KernelSpec(False, False, why="a thread per channel"),
     "affine_coefficients_kernel": KernelSpec(False, False, why="a thread per channel"),
     "finalize_gradients_kernel": KernelSpec(False, False, why="a thread per channel"),
@@ -373,6 +380,9 @@ def kernel_row(arch: str, demangled: str, usage: dict[str, int], instructions: l
     widest_load_sites = [i for i, bits, _ in loads if bits == widest_load]
     candidates = [(last - first, first, last) for first, last in loops(instructions)
                   if any(first <= i <= last for i in widest_load_sites)]
+    spec = KERNELS.get(family)
+    if not candidates and spec is not None and spec.straight_line and widest_load_sites:
+        candidates = [(len(instructions) - 1, 0, len(instructions) - 1)]
     if candidates and element_bits:
         _, first, last = min(candidates)
         widest_in_loop = sum(1 for i in widest_load_sites if first <= i <= last)
@@ -380,7 +390,6 @@ def kernel_row(arch: str, demangled: str, usage: dict[str, int], instructions: l
         if elements >= 1:
             per_element = round((last - first + 1) / elements, 1)
 
-    spec = KERNELS.get(family)
     problems = []
     local = usage.get("LOCAL", 0) + usage.get("STACK", 0)
     if local:

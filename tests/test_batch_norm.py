@@ -719,6 +719,33 @@ def test_triton_reductions_merge_many_partials_in_a_fixed_order(monkeypatch, lay
         assert torch.equal(a, b)
 
 
+def test_triton_elementwise_passes_split_long_rows(monkeypatch):
+    """A batch of one NCHW image: the normalize and grad_input passes cut each
+    channel's row into several runs of tiles, and match the reference."""
+    if "triton" not in regops.available_backends():
+        pytest.skip("needs the triton backend")
+    from regops.triton import batch_norm as triton_batch_norm
+
+    monkeypatch.setattr(triton_batch_norm, "MIN_ELEMENTS_PER_PROGRAM", 16)
+    device = "cuda" if HAS_CUDA else "cpu"
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.randn(1, 2, 40, 64, generator=gen) * 2 + 3).to(device)
+    grad = torch.randn(x.shape, generator=gen).to(device)
+    weight, bias = torch.randn(2, generator=gen).to(device), torch.randn(2, generator=gen).to(device)
+    (_, _, runs), _, _ = triton_batch_norm._prepare(x)[2].elementwise_split()
+    assert runs == 3  # 2560 elements a row, tiles of 1024
+    mean, var = reference.batch_norm_stats(x)
+    invstd = torch.rsqrt(var + 1e-5)
+    sums = reference.batch_norm_backward_reduce(grad, x, mean, invstd, weight, bias, relu=True)
+    with regops.use_backend("triton"):
+        y = regops.batch_norm_elementwise(x, mean, invstd, weight, bias, activation="relu")
+        dx = regops.batch_norm_backward_elementwise(grad, x, mean, invstd, weight, bias, *sums, x.numel() // 2,
+                                                    activation="relu")
+    torch.testing.assert_close(y, reference.batch_norm_elementwise(x, mean, invstd, weight, bias, relu=True))
+    torch.testing.assert_close(dx, reference.batch_norm_backward_elementwise(grad, x, mean, invstd, weight, bias,
+                                                                             *sums, x.numel() // 2, relu=True))
+
+
 @pytest.mark.parametrize("values,mean", [((1.0, float("inf")), float("inf")), ((float("-inf"), 2.0), float("-inf")),
                                          ((float("inf"), float("-inf")), float("nan"))], ids=["+inf", "-inf", "both"])
 @pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last], ids=["nchw", "nhwc"])

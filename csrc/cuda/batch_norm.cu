@@ -26,8 +26,18 @@
 // backward dx = a * g + b * (x - mean) + c, g being dy masked by the
 // recomputed ReLU (csrc/include/regops/batch_norm.h).
 //
-// Bytes per element: forward reads x twice and writes y (plus z once with a
-// residual); backward reads dy and x twice and writes dx (with a residual,
+// One pass or two: when every value of a channel (NCHW) or of a channel
+// tile (channel-inner) fits in one block's registers, kUnroll vectors a
+// thread (rows_fit_one_pass / channel_rows_fit_one_pass), the training
+// forward is one kernel: the block loads its channels once, adds them in a
+// fixed order, computes the coefficients and normalizes the values it holds.
+// Otherwise the statistics are a reduction and a finalize kernel, and the
+// normalize a second pass over x. Grid sizes of the two-pass kernels come
+// from the occupancy API (blocks resident per SM times the SMs).
+//
+// Bytes per element: the one-pass forward reads x once and writes y; the
+// two-pass forward reads x twice and writes y (plus z once with a residual
+// in both); backward reads dy and x twice and writes dx (with a residual,
 // the reduction also reads z and writes dz = g, which the second pass reads
 // instead of dy). Everything uses int64 indices and runs on the current
 // stream.
@@ -80,28 +90,6 @@ __device__ __forceinline__ AlignedVector<scalar_t, kVec> load_elements(const sca
   return load_vector<AlignedVector<scalar_t, kVec>>(pointer);
 }
 
-// A vector store. On the GPU a 16-byte vector goes out as one st.global.v4:
-// in the spatial-inner kernel (all kVec elements of one channel) nvcc's
-// optimizer splits the aligned struct store (plain or as a uint4) into
-// element stores before the PTX, so the 128-bit store is spelled out. The
-// simulation keeps store_vector and its alignment check.
-template <typename scalar_t, int kVec>
-__device__ __forceinline__ void store_elements(scalar_t* pointer, const AlignedVector<scalar_t, kVec>& value) {
-#if defined(REGOPS_CUDA_SIM)
-  store_vector(pointer, value);
-#else
-  if constexpr (sizeof(AlignedVector<scalar_t, kVec>) == 16) {
-    unsigned words[4];
-    memcpy(words, &value, sizeof(words));
-    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(pointer), "r"(words[0]), "r"(words[1]),
-                 "r"(words[2]), "r"(words[3])
-                 : "memory");
-  } else {
-    store_vector(pointer, value);
-  }
-#endif
-}
-
 // Per-channel coefficient rows (C values each) of the elementwise passes.
 enum ForwardRow { kScale = 0, kShift = 1, kForwardRows = 2 };
 enum BackwardRow { kDyScale = 0, kXmuScale = 1, kConstant = 2, kMaskScale = 3, kMaskShift = 4, kBackwardRows = 5 };
@@ -150,7 +138,7 @@ struct NormalizeOp {
       }
       out.value[e] = static_cast<scalar_t>(value);
     }
-    store_elements<scalar_t, kVec>(y + offset, out);
+    store_vector(y + offset, out);
   }
 };
 
@@ -199,7 +187,7 @@ struct GradInputOp {
       const acc_t g = batch_norm_masked_grad(static_cast<acc_t>(l.in[0].value[e]), xe, ch[e].mask, relu);
       out.value[e] = static_cast<scalar_t>(batch_norm_grad_input(g, xe, ch[e].mean, ch[e].k));
     }
-    store_elements<scalar_t, kVec>(dx + offset, out);
+    store_vector(dx + offset, out);
   }
 };
 
@@ -288,7 +276,7 @@ struct GradientSumsOp {
       state[e].first += g;
       state[e].second += g * (xe - ch[e].mean);
     }
-    if constexpr (kResidual) store_elements<scalar_t, kVec>(dz + offset, masked);
+    if constexpr (kResidual) store_vector(dz + offset, masked);
   }
 };
 
@@ -308,8 +296,11 @@ __device__ __forceinline__ int unrolled_count(int64_t v, int64_t step, int64_t e
   return count;
 }
 
-// kUnroll vectors at first, first + stride, ... (the `count` < kUnroll of
-// them that exist, in a tail): loads first, then the math.
+// The kUnroll vectors first, first + stride, ... (the `count` < kUnroll of
+// them that exist, in a tail): loads first, then the math. Positions are in
+// vectors, so every element offset is kVec * (an integer): written as
+// row + v * kVec + u * stride in elements, nvcc stores each element of the
+// second and later vectors on its own (STG.E x kVec instead of one STG.E.128).
 template <int kVec, typename Op>
 __device__ __forceinline__ void process_unrolled(const Op& op, const typename Op::Channel (&ch)[kVec],
                                                  typename Op::State (&state)[kVec], int64_t first, int64_t stride,
@@ -318,11 +309,11 @@ __device__ __forceinline__ void process_unrolled(const Op& op, const typename Op
   L loaded[kUnroll];
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
-    if (u < count) loaded[u] = op.template load<kVec>(first + u * stride);
+    if (u < count) loaded[u] = op.template load<kVec>((first + u * stride) * kVec);
   }
 #pragma unroll
   for (int u = 0; u < kUnroll; ++u) {
-    if (u < count) op.template process<kVec>(ch, loaded[u], first + u * stride, state);
+    if (u < count) op.template process<kVec>(ch, loaded[u], (first + u * stride) * kVec, state);
   }
 }
 
@@ -331,7 +322,7 @@ __device__ __forceinline__ void process_unrolled(const Op& op, const typename Op
 template <int kVec, typename Op>
 __device__ __forceinline__ void walk_rows(const Op& op, const typename Op::Channel (&ch)[kVec],
                                           typename Op::State (&state)[kVec], int64_t channel, int64_t channels,
-                                          int64_t spatial, int64_t vectors, RowLaunch rows, int64_t first_item,
+                                          int64_t vectors, RowLaunch rows, int64_t first_item,
                                           int64_t item_step, int lane) {
   const int64_t step = rows.row_threads;
   for (int64_t item = first_item; item < rows.items; item += item_step) {
@@ -340,20 +331,23 @@ __device__ __forceinline__ void walk_rows(const Op& op, const typename Op::Chann
     const int64_t segment = item - n * rows.segments;
     const int64_t begin = segment * rows.segment_vectors;
     const int64_t end = min(vectors, begin + rows.segment_vectors);
-    const int64_t row = (n * channels + channel) * spatial;
+    const int64_t row = (n * channels + channel) * vectors;  // in vectors
     for (int64_t v = begin + lane; v < end; v += step * kUnroll) {
-      process_unrolled<kVec>(op, ch, state, row + v * kVec, step * kVec, unrolled_count(v, step, end));
+      process_unrolled<kVec>(op, ch, state, row + v, step, unrolled_count(v, step, end));
     }
   }
 }
 
-// Channel-inner: rows first_row, first_row + row_step, ... at channel offset c0.
+// Channel-inner: rows first_row, first_row + row_step, ... at channel offset
+// c0 (channels and c0 multiples of kVec).
 template <int kVec, typename Op>
 __device__ __forceinline__ void walk_channel_rows(const Op& op, const typename Op::Channel (&ch)[kVec],
                                                   typename Op::State (&state)[kVec], int64_t rows, int64_t channels,
                                                   int64_t c0, int64_t first_row, int64_t row_step) {
+  const int64_t row_vectors = channels / kVec;
   for (int64_t r = first_row; r < rows; r += row_step * kUnroll) {
-    process_unrolled<kVec>(op, ch, state, r * channels + c0, row_step * channels, unrolled_count(r, row_step, rows));
+    process_unrolled<kVec>(op, ch, state, r * row_vectors + c0 / kVec, row_step * row_vectors,
+                           unrolled_count(r, row_step, rows));
   }
 }
 
@@ -361,7 +355,7 @@ __device__ __forceinline__ void walk_channel_rows(const Op& op, const typename O
 
 // Spatial-inner elementwise pass: grid (C, slices), kThreads threads.
 template <int kVec, typename Op>
-__global__ void elementwise_rows_kernel(Op op, int64_t channels, int64_t spatial, int64_t vectors, RowLaunch rows) {
+__global__ void elementwise_rows_kernel(Op op, int64_t channels, int64_t vectors, RowLaunch rows) {
   const int64_t channel = blockIdx.x;
   const int group = static_cast<int>(threadIdx.x / rows.row_threads);
   const int lane = static_cast<int>(threadIdx.x - group * rows.row_threads);
@@ -370,7 +364,7 @@ __global__ void elementwise_rows_kernel(Op op, int64_t channels, int64_t spatial
   typename Op::State state[kVec];
 #pragma unroll
   for (int e = 0; e < kVec; ++e) ch[e] = one;
-  walk_rows<kVec>(op, ch, state, channel, channels, spatial, vectors, rows,
+  walk_rows<kVec>(op, ch, state, channel, channels, vectors, rows,
                   static_cast<int64_t>(blockIdx.y) * rows.groups + group, static_cast<int64_t>(gridDim.y) * rows.groups,
                   lane);
 }
@@ -402,7 +396,7 @@ __device__ __forceinline__ SumPair<acc_t> warp_sum(SumPair<acc_t> s) {
 // (channel, blockIdx.y) is the block's sum, added in a fixed order.
 template <int kVec, typename Op>
 __global__ void reduce_rows_kernel(Op op, SumPair<typename Op::State::value_type>* partial, int64_t channels,
-                                   int64_t spatial, int64_t vectors, RowLaunch rows) {
+                                   int64_t vectors, RowLaunch rows) {
   using acc_t = typename Op::State::value_type;
   const int64_t channel = blockIdx.x;
   const int group = static_cast<int>(threadIdx.x / rows.row_threads);
@@ -415,7 +409,7 @@ __global__ void reduce_rows_kernel(Op op, SumPair<typename Op::State::value_type
     ch[e] = one;
     state[e] = SumPair<acc_t>{acc_t(0), acc_t(0)};
   }
-  walk_rows<kVec>(op, ch, state, channel, channels, spatial, vectors, rows,
+  walk_rows<kVec>(op, ch, state, channel, channels, vectors, rows,
                   static_cast<int64_t>(blockIdx.y) * rows.groups + group, static_cast<int64_t>(gridDim.y) * rows.groups,
                   lane);
   SumPair<acc_t> total = state[0];
@@ -475,6 +469,26 @@ __device__ __forceinline__ SumPair<acc_t> channel_total(const SumPair<acc_t>* pa
   return total;
 }
 
+template <typename acc_t>
+struct ChannelStatistics {
+  acc_t mean;
+  acc_t var;  // biased
+};
+
+// A channel's mean and biased variance from its shifted sums.
+template <typename acc_t>
+__device__ __forceinline__ ChannelStatistics<acc_t> channel_statistics(SumPair<acc_t> total, acc_t shift,
+                                                                       int64_t count) {
+  const acc_t n = static_cast<acc_t>(count);
+  const acc_t mean_offset = total.first / n;
+  return ChannelStatistics<acc_t>{shift + mean_offset, clamp_m2(total.second - total.first * mean_offset) / n};
+}
+
+template <typename acc_t>
+__device__ __forceinline__ acc_t inverse_std(acc_t var, acc_t eps) {
+  return acc_t(1) / sqrt(var + eps);
+}
+
 // mean, biased var, invstd (when wanted) and the forward coefficients (when
 // wanted) from the shifted sums.
 template <typename scalar_t, typename acc_t>
@@ -484,19 +498,15 @@ __global__ void finalize_statistics_kernel(const SumPair<acc_t>* partial, int64_
                                            acc_t* invstd, acc_t* coefficients) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  const SumPair<acc_t> total = channel_total(partial, splits, c);
-  const acc_t shift = welford_shift(static_cast<acc_t>(x[c * shift_stride]));
-  const acc_t n = static_cast<acc_t>(count);
-  const acc_t mean_offset = total.first / n;
-  const acc_t channel_mean = shift + mean_offset;
-  const acc_t variance = clamp_m2(total.second - total.first * mean_offset) / n;
-  mean[c] = channel_mean;
-  var[c] = variance;
+  const ChannelStatistics<acc_t> st = channel_statistics(
+      channel_total(partial, splits, c), welford_shift(static_cast<acc_t>(x[c * shift_stride])), count);
+  mean[c] = st.mean;
+  var[c] = st.var;
   if (invstd == nullptr) return;
-  const acc_t r = acc_t(1) / sqrt(variance + eps);
+  const acc_t r = inverse_std(st.var, eps);
   invstd[c] = r;
   if (coefficients == nullptr) return;
-  const BatchNormAffine<acc_t> affine = batch_norm_affine(channel_mean, r, weight != nullptr ? weight[c] : acc_t(1),
+  const BatchNormAffine<acc_t> affine = batch_norm_affine(st.mean, r, weight != nullptr ? weight[c] : acc_t(1),
                                                           bias != nullptr ? bias[c] : acc_t(0));
   coefficients[kScale * channels + c] = affine.scale;
   coefficients[kShift * channels + c] = affine.shift;
@@ -511,7 +521,7 @@ __global__ void affine_coefficients_kernel(const acc_t* mean, const acc_t* invst
                                            acc_t* mean_out, acc_t* invstd_out, acc_t* coefficients, int scale_row) {
   const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (c >= channels) return;
-  const acc_t r = from_var ? acc_t(1) / sqrt(invstd_or_var[c] + eps) : invstd_or_var[c];
+  const acc_t r = from_var ? inverse_std(invstd_or_var[c], eps) : invstd_or_var[c];
   if (mean_out != nullptr) mean_out[c] = mean[c];
   if (invstd_out != nullptr) invstd_out[c] = r;
   const BatchNormAffine<acc_t> affine =
@@ -547,6 +557,148 @@ __global__ void finalize_gradients_kernel(const SumPair<acc_t>* partial, int64_t
   coefficients[kDyScale * channels + c] = k.dy_scale;
   coefficients[kXmuScale * channels + c] = k.xmu_scale;
   coefficients[kConstant * channels + c] = k.constant;
+}
+
+// ---- one-pass forward (a channel's values fit in one block's registers) ---------------------
+
+// Where a one-pass kernel writes a channel's statistics and reads its affine
+// parameters.
+template <typename acc_t>
+struct OnePassOutputs {
+  const acc_t* weight;  // nullptr: 1
+  const acc_t* bias;    // nullptr: 0
+  acc_t* mean;
+  acc_t* var;
+  acc_t* invstd;
+  acc_t eps;
+  int64_t count;  // elements per channel
+};
+
+// The forward coefficients of one channel from its shifted sums; the
+// channel's statistics are written where `write`.
+template <typename acc_t>
+__device__ __forceinline__ BatchNormAffine<acc_t> one_pass_affine(const OnePassOutputs<acc_t>& out, int64_t c,
+                                                                  SumPair<acc_t> total, acc_t shift, bool write) {
+  const ChannelStatistics<acc_t> st = channel_statistics(total, shift, out.count);
+  const acc_t r = inverse_std(st.var, out.eps);
+  if (write) {
+    out.mean[c] = st.mean;
+    out.var[c] = st.var;
+    out.invstd[c] = r;
+  }
+  return batch_norm_affine(st.mean, r, out.weight != nullptr ? out.weight[c] : acc_t(1),
+                           out.bias != nullptr ? out.bias[c] : acc_t(0));
+}
+
+// Spatial-inner, grid (C), kThreads threads: group g holds row n = g of the
+// channel (rows_fit_one_pass: every row in one group pass), kUnroll vectors
+// a thread, loaded once; the block's sum (in a fixed order) gives the
+// statistics, and the same registers are normalized and stored.
+template <int kVec, typename scalar_t, typename acc_t, bool kResidual>
+__global__ void one_pass_rows_kernel(NormalizeOp<scalar_t, acc_t, kResidual> op, OnePassOutputs<acc_t> out,
+                                     int64_t channels, int64_t vectors, RowLaunch rows) {
+  using Op = NormalizeOp<scalar_t, acc_t, kResidual>;
+  const int64_t channel = blockIdx.x;
+  const int group = static_cast<int>(threadIdx.x / rows.row_threads);
+  const int lane = static_cast<int>(threadIdx.x - group * rows.row_threads);
+  const int count = group < rows.items ? unrolled_count(lane, rows.row_threads, vectors) : 0;
+  const int64_t first = (group * channels + channel) * vectors + lane;  // in vectors
+  Loaded<scalar_t, kVec, Op::kArrays> loaded[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) loaded[u] = op.template load<kVec>((first + u * rows.row_threads) * kVec);
+  }
+  const acc_t shift = welford_shift(static_cast<acc_t>(op.x[channel * vectors * kVec]));
+  SumPair<acc_t> total{acc_t(0), acc_t(0)};
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const acc_t d = static_cast<acc_t>(loaded[u].in[0].value[e]) - shift;
+        total.first += d;
+        total.second += d * d;
+      }
+    }
+  }
+  REGOPS_SHARED_ARRAY(SumPair<acc_t>, warp_sums, [kThreads / 32]);
+  total = warp_sum(total);
+  if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = total;
+  __syncthreads();
+  total = warp_sums[0];
+  for (int w = 1; w < kThreads / 32; ++w) total = add_pairs(total, warp_sums[w]);  // the same order in every thread
+  BatchNormAffine<acc_t> ch[kVec];
+  ch[0] = one_pass_affine(out, channel, total, shift, threadIdx.x == 0);
+#pragma unroll
+  for (int e = 1; e < kVec; ++e) ch[e] = ch[0];
+  NoState state[kVec];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) op.template process<kVec>(ch, loaded[u], (first + u * rows.row_threads) * kVec, state);
+  }
+}
+
+// Channel-inner, grid (tiles), block (tile_threads, row_threads): a thread
+// owns one vector of channels and rows y, y + row_threads, ...
+// (channel_rows_fit_one_pass: all rows in one pass), loaded once; the row
+// threads of a channel are added in order of y by the y == 0 thread, which
+// shares the coefficients through shared memory.
+template <int kVec, typename scalar_t, typename acc_t, bool kResidual>
+__global__ void one_pass_channels_kernel(NormalizeOp<scalar_t, acc_t, kResidual> op, OnePassOutputs<acc_t> out,
+                                         int64_t rows, int64_t channels) {
+  using Op = NormalizeOp<scalar_t, acc_t, kResidual>;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  const bool active = c0 < channels;
+  const int count = active ? unrolled_count(threadIdx.y, blockDim.y, rows) : 0;
+  const int64_t row_vectors = channels / kVec;
+  const int64_t first = threadIdx.y * row_vectors + c0 / kVec;  // in vectors
+  Loaded<scalar_t, kVec, Op::kArrays> loaded[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) loaded[u] = op.template load<kVec>((first + u * blockDim.y * row_vectors) * kVec);
+  }
+  acc_t shift[kVec];
+  SumPair<acc_t> state[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    shift[e] = active ? welford_shift(static_cast<acc_t>(op.x[c0 + e])) : acc_t(0);
+    state[e] = SumPair<acc_t>{acc_t(0), acc_t(0)};
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) {
+        const acc_t d = static_cast<acc_t>(loaded[u].in[0].value[e]) - shift[e];
+        state[e].first += d;
+        state[e].second += d * d;
+      }
+    }
+  }
+  REGOPS_SHARED_ARRAY(SumPair<acc_t>, row_sums, [kThreads * kVec]);
+  REGOPS_SHARED_ARRAY(BatchNormAffine<acc_t>, affine, [32 * kVec]);  // tile_threads <= 32
+  const int slot = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) row_sums[slot * kVec + e] = state[e];
+  __syncthreads();
+  if (threadIdx.y == 0 && active) {
+    for (unsigned y = 1; y < blockDim.y; ++y) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) state[e] = add_pairs(state[e], row_sums[(y * blockDim.x + threadIdx.x) * kVec + e]);
+    }
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) affine[threadIdx.x * kVec + e] = one_pass_affine(out, c0 + e, state[e], shift[e], true);
+  }
+  __syncthreads();
+  if (!active) return;
+  BatchNormAffine<acc_t> ch[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) ch[e] = affine[threadIdx.x * kVec + e];
+  NoState none[kVec];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) op.template process<kVec>(ch, loaded[u], (first + u * blockDim.y * row_vectors) * kVec, none);
+  }
 }
 
 // ---- host side ----------------------------------------------------------------------------
@@ -608,7 +760,7 @@ void run_elementwise(const Op& op, const Pass& pass) {
                                          target_blocks_for(cuda::max_active_blocks_per_sm(kernel, kThreads)));
       TORCH_CHECK(g.channels <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
       cuda::launch(kernel, dim3(static_cast<unsigned>(g.channels), static_cast<unsigned>(slices)), kThreads, 0, stream,
-                   op, g.channels, g.spatial, vectors, rl);
+                   op, g.channels, vectors, rl);
     }
     REGOPS_KERNEL_LAUNCH_CHECK();
   };
@@ -660,8 +812,8 @@ std::pair<at::Tensor, int64_t> run_reduction(const Op& op, const Pass& pass, con
       TORCH_CHECK(g.channels <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
       result = {partials(splits), splits};
       cuda::launch(kernel, dim3(static_cast<unsigned>(g.channels), static_cast<unsigned>(splits)), kThreads, 0, stream,
-                   op, reinterpret_cast<SumPair<acc_t>*>(result.first.mutable_data_ptr()), g.channels, g.spatial,
-                   vectors, rl);
+                   op, reinterpret_cast<SumPair<acc_t>*>(result.first.mutable_data_ptr()), g.channels, vectors,
+                   rl);
     }
     REGOPS_KERNEL_LAUNCH_CHECK();
   };
@@ -730,6 +882,55 @@ void launch_normalize(const BatchNormInput& p, const at::Tensor& z, at::Tensor& 
     run_elementwise<scalar_t>(NormalizeOp<scalar_t, acc_t, false>{x, nullptr, y, k, channels, relu},
                               make_pass<scalar_t>(p, {x, y}));
   }
+}
+
+// The training forward as one kernel when every channel's values fit in one
+// block's registers (rows_fit_one_pass / channel_rows_fit_one_pass of
+// batch_norm_launch.h): x is read once and there are no partials. False
+// (nothing launched) when they do not fit: two passes then.
+template <typename scalar_t>
+bool forward_one_pass(const BatchNormInput& p, const at::Tensor& z, at::Tensor& output, at::Tensor& mean,
+                      at::Tensor& var, at::Tensor& invstd, double eps, const std::optional<at::Tensor>& weight,
+                      const std::optional<at::Tensor>& bias, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const BatchNormGeometry& g = p.geometry;
+  if (p.input.numel() == 0) return false;
+  const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+  const scalar_t* zp = z.defined() ? z.const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* y = output.mutable_data_ptr<scalar_t>();
+  const bool vectorized = z.defined() ? make_pass<scalar_t>(p, {x, zp, y}).vectorized
+                                      : make_pass<scalar_t>(p, {x, y}).vectorized;
+  const OnePassOutputs<acc_t> out{optional_pointer<acc_t>(weight), optional_pointer<acc_t>(bias),
+                                  mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
+                                  invstd.mutable_data_ptr<acc_t>(), static_cast<acc_t>(eps), g.count_per_channel()};
+  const auto stream = cuda::current_stream();
+  auto run = [&](auto vec_tag, auto residual_tag) {
+    constexpr int kVec = decltype(vec_tag)::value;
+    constexpr bool kResidual = decltype(residual_tag)::value;
+    const NormalizeOp<scalar_t, acc_t, kResidual> op{x, zp, y, nullptr, g.channels, relu};
+    if (g.channels_inner) {
+      const ChannelLaunch cl = channel_launch(g.channels / kVec + (g.channels % kVec != 0), kThreads);
+      if (!channel_rows_fit_one_pass(cl, g.rows(), kUnroll)) return false;
+      TORCH_CHECK(cl.tiles <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
+      cuda::launch(one_pass_channels_kernel<kVec, scalar_t, acc_t, kResidual>, dim3(static_cast<unsigned>(cl.tiles)),
+                   dim3(static_cast<unsigned>(cl.tile_threads), static_cast<unsigned>(cl.row_threads)), 0, stream, op,
+                   out, g.rows(), g.channels);
+    } else {
+      const int64_t vectors = g.spatial / kVec;
+      const RowLaunch rl = row_launch(g.batch, vectors, kThreads, kUnroll, kSegmentPasses);
+      if (!rows_fit_one_pass(rl, vectors, kUnroll)) return false;
+      TORCH_CHECK(g.channels <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
+      cuda::launch(one_pass_rows_kernel<kVec, scalar_t, acc_t, kResidual>, dim3(static_cast<unsigned>(g.channels)),
+                   kThreads, 0, stream, op, out, g.channels, vectors, rl);
+    }
+    REGOPS_KERNEL_LAUNCH_CHECK();
+    return true;
+  };
+  auto with_vector = [&](auto residual_tag) {
+    return vectorized ? run(std::integral_constant<int, vector_size<scalar_t>()>{}, residual_tag)
+                      : run(std::integral_constant<int, 1>{}, residual_tag);
+  };
+  return z.defined() ? with_vector(std::true_type{}) : with_vector(std::false_type{});
 }
 
 at::Tensor coefficient_rows(const at::Tensor& input, int rows) {
@@ -903,6 +1104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cu
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (training) {
+      if (forward_one_pass<scalar_t>(p, z, output, mean, batch_var, invstd, eps, w, b, relu)) return;
       compute_statistics<scalar_t>(p, mean, batch_var, &invstd, eps, w, b, coefficients);
     } else if (channels > 0) {
       const at::Tensor rm = running_mean->contiguous(), rv = running_var->contiguous();

@@ -81,6 +81,19 @@ inline ChannelLaunch channel_launch(int64_t channel_vectors, int64_t block_threa
           std::max<int64_t>(1, (channel_vectors + tile_threads - 1) / tile_threads)};
 }
 
+// Whether one block holds every value of a channel (spatial-inner) or of a
+// channel tile (channel-inner) at `unroll` vectors a thread, so that the
+// forward's statistics and normalize run as one kernel reading x once: each
+// row in one group (no segments, at most one row per group), or all rows in
+// one pass of the row threads.
+inline bool rows_fit_one_pass(const RowLaunch& rows, int64_t vectors, int64_t unroll) {
+  return rows.segments == 1 && rows.items <= rows.groups && vectors <= rows.row_threads * unroll;
+}
+
+inline bool channel_rows_fit_one_pass(const ChannelLaunch& tiles, int64_t rows, int64_t unroll) {
+  return rows <= tiles.row_threads * unroll;
+}
+
 // grid.y: enough slices that groups * slices reaches target_blocks, no more
 // than there are units of work (items or rows, `per_pass` of them a block
 // takes at once) or than min_units_per_slice allows, and at most 65535.
