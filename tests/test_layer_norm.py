@@ -193,9 +193,13 @@ def test_row_splits_and_vector_paths(ln_backend, dtype):
     against the reference backend with the same mask."""
     backend, device = ln_backend
     gen = torch.Generator().manual_seed(4)
-    for rows, hidden in [(5, 64), (9, 1000), (3, 1100), (2, 2048)]:
+    # (7, 37) and (3, 1030) are no whole number of vectors of any dtype: scalars.
+    for rows, hidden in [(5, 64), (9, 1000), (3, 1100), (2, 2048), (7, 37), (3, 1030)]:
         x, res, w, b = _inputs((rows, hidden), dtype, device, gen, residual_dtype=torch.float32 if rows % 2 else None)
         grads = [torch.randn(rows, hidden, generator=gen).to(dtype), torch.randn(rows, hidden, generator=gen)]
+        if hidden == 1000:  # incoming gradients one element off 16-byte alignment: scalars
+            grads = [torch.randn(rows * hidden + 1, generator=gen).to(g.dtype)[1:].view(rows, hidden) for g in grads]
+        grads = [g.to(device) for g in grads]
         results = []
         for which in (backend, "reference"):
             with regops.use_backend(which):
