@@ -231,9 +231,10 @@ def main(argv=None) -> None:
     rows, spread = interleaved(device, shapes, args.dtypes.split(","), args.norms.split(","), args.rounds)
     emit(rows, "layer_norm", device, record=not args.no_record)
     meta = run_metadata(device)
+    command = " ".join(["python benchmarks/bench_layer_norm.py"] + list(argv if argv is not None else sys.argv[1:]))
     text = (f"# dropout + add + LayerNorm / RMSNorm on {meta['device_name']}\n\n"
-            f"torch {meta['torch']}, commit {meta.get('commit', '')}, copy bandwidth {copy_bandwidth(device):.1f} GB/s, "
-            f"`{' '.join(['python benchmarks/bench_layer_norm.py'] + list(argv if argv is not None else sys.argv[1:]))}`"
+            f"torch {meta['torch']}, commit {meta.get('commit', '')}, copy bandwidth "
+            f"{copy_bandwidth(device):.1f} GB/s, `{command}`"
             f"; p = {P}; bytes: the formulas of this script's docstring\n\n{spread_table(rows, spread, args.rounds)}\n")
     print("\n" + text)
     if args.table:

