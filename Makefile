@@ -83,6 +83,7 @@ sanitize-quick: venv
 demo: build
 	$(PYTHON) benchmarks/mnist.py
 	$(PYTHON) benchmarks/overfit.py
+	$(PYTHON) benchmarks/vit.py --quick
 
 bench: build
 	$(PYTHON) benchmarks/run.py

@@ -23,7 +23,9 @@ with the same mask, torch's composite for a plausible share of kept elements.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
+import statistics
 import sys
 
 import torch
@@ -32,7 +34,8 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Row, copy_bandwidth, emit, fill_ratios, saved_bytes_per_element, time_fn
+from benchmarks.common import (Row, copy_bandwidth, emit, fill_ratios, run_metadata, saved_bytes_per_element,
+                               time_fn)
 
 import regops
 from regops import reference
@@ -84,6 +87,10 @@ def run(device: torch.device, shapes: list[tuple[int, int]], dtypes: list[str], 
         cases=("forward", "backward", "forward+backward")) -> list[Row]:
     device = torch.device(device)
     copy_gbps = copy_bandwidth(device)
+    # Every torch.compile here compiles the code of _torch_fn's fn: one entry
+    # per (norm, dtype, grad mode, static or dynamic shape), more than dynamo's
+    # default limit of 8, above which it would silently run fn eagerly.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
     rows: list[Row] = []
     for norm in norms:
         compiled = torch.compile(_torch_fn(norm))
@@ -152,6 +159,51 @@ def suite(device: torch.device, quick: bool) -> list[Row]:
     return run(device, default_shapes(device, quick), ["float32"] if quick else ["float32", "bfloat16"])
 
 
+def interleaved(device: torch.device, shapes, dtypes, norms, rounds: int) -> tuple[list[Row], dict]:
+    """The sweep run ``rounds`` times (so every provider's samples are spread
+    over the whole run, interleaved with the others'): each row's median ms
+    over the rounds, and per row the (min, max) ms and the (min, max) of the
+    per-round ratio torch eager ms / this ms."""
+    per_round = [run(device, shapes, dtypes, norms) for _ in range(rounds)]
+    copy_gbps = copy_bandwidth(device)
+    merged, spread = [], {}
+    for group in zip(*per_round):
+        samples = sorted(r.ms for r in group)
+        row = dataclasses.replace(group[0], ms=statistics.median(samples), ratio_to_best_torch=None).finish(copy_gbps)
+        merged.append(row)
+        spread[_key(row)] = {"ms": (samples[0], samples[-1]), "vs_torch": []}
+    for round_rows in per_round:
+        eager = {_key(r)[:4]: r.ms for r in round_rows if r.provider == "torch"}
+        for r in round_rows:
+            if _key(r)[:4] in eager:
+                spread[_key(r)]["vs_torch"].append(eager[_key(r)[:4]] / r.ms)
+    fill_ratios(merged, TORCH_PROVIDERS)
+    return merged, spread
+
+
+def _key(row: Row) -> tuple:
+    return row.op, row.case, row.size, row.dtype, row.provider
+
+
+def spread_table(rows: list[Row], spread: dict, rounds: int) -> str:
+    """Medians over the rounds with their spread, and the ratio to torch eager."""
+    eager = {_key(r)[:4]: r.ms for r in rows if r.provider == "torch"}
+    lines = [f"| case | size | dtype | provider | median ms ({rounds} rounds) | min-max ms | GB/s | % copy BW | "
+             "vs torch eager (medians) | vs torch eager (per round, min-max) | vs best torch | saved B/elem |",
+             "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        low, high = spread[_key(r)]["ms"]
+        ratios = spread[_key(r)]["vs_torch"]
+        vs_eager = f"{eager[_key(r)[:4]] / r.ms:.2f}x" if _key(r)[:4] in eager else "-"
+        per_round = f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "-"
+        pct = f"{r.pct_copy:.0f}%" if r.pct_copy is not None else "-"
+        best = f"{r.ratio_to_best_torch:.2f}x" if r.ratio_to_best_torch is not None else "-"
+        saved = f"{r.saved_bytes_per_element:.3g}" if r.saved_bytes_per_element is not None else "-"
+        lines.append(f"| {r.case} | {r.size} | {r.dtype} | {r.provider} | {r.ms:.3f} | {low:.3f}-{high:.3f} | "
+                     f"{r.gbps:.1f} | {pct} | {vs_eager} | {per_round} | {best} | {saved} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -160,14 +212,34 @@ def main(argv=None) -> None:
     parser.add_argument("--norms", default=",".join(NORMS))
     parser.add_argument("--quick", action="store_true", help="tiny sizes, to check the script runs")
     parser.add_argument("--no-record", action="store_true", help="do not append rows to benchmarks/results/")
+    parser.add_argument("--rounds", type=int, default=1, help="run the sweep this many times and report each "
+                        "row's median and spread over the rounds")
+    parser.add_argument("--table", default=None, help="with --rounds: also write the table of medians and spreads "
+                        "to this markdown file")
     args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error(f"--rounds must be >= 1, got {args.rounds}")
     device = torch.device(args.device)
     if args.shapes:
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
     else:
         shapes = default_shapes(device, args.quick)
-    rows = run(device, shapes, args.dtypes.split(","), args.norms.split(","))
+    if args.rounds == 1:
+        rows = run(device, shapes, args.dtypes.split(","), args.norms.split(","))
+        emit(rows, "layer_norm", device, record=not args.no_record)
+        return
+    rows, spread = interleaved(device, shapes, args.dtypes.split(","), args.norms.split(","), args.rounds)
     emit(rows, "layer_norm", device, record=not args.no_record)
+    meta = run_metadata(device)
+    command = " ".join(["python benchmarks/bench_layer_norm.py"] + list(argv if argv is not None else sys.argv[1:]))
+    text = (f"# dropout + add + LayerNorm / RMSNorm on {meta['device_name']}\n\n"
+            f"torch {meta['torch']}, commit {meta.get('commit', '')}, copy bandwidth "
+            f"{copy_bandwidth(device):.1f} GB/s, `{command}`"
+            f"; p = {P}; bytes: the formulas of this script's docstring\n\n{spread_table(rows, spread, args.rounds)}\n")
+    print("\n" + text)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(text)
 
 
 if __name__ == "__main__":

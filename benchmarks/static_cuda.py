@@ -127,8 +127,7 @@ KERNELS = {
     "increment_steps_kernel": KernelSpec(False, False, why="one float per tensor"),
     "layer_norm_mask_kernel": KernelSpec(False, False, why="writes one mask byte per thread, reads no elements"),
     "layer_norm_forward_kernel": KernelSpec(True, True, inputs=2),
-    "layer_norm_backward_kernel": KernelSpec(False, False, inputs=2,
-                                             why="coalesced scalar accesses; a vector path is not written yet"),
+    "layer_norm_backward_kernel": KernelSpec(True, True, inputs=2),
     "layer_norm_reduce_partials_kernel": KernelSpec(False, False, why="a thread per column sums the slot partials"),
 }
 

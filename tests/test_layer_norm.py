@@ -193,9 +193,13 @@ def test_row_splits_and_vector_paths(ln_backend, dtype):
     against the reference backend with the same mask."""
     backend, device = ln_backend
     gen = torch.Generator().manual_seed(4)
-    for rows, hidden in [(5, 64), (9, 1000), (3, 1100), (2, 2048)]:
+    # (7, 37) and (3, 1030) are no whole number of vectors of any dtype: scalars.
+    for rows, hidden in [(5, 64), (9, 1000), (3, 1100), (2, 2048), (7, 37), (3, 1030)]:
         x, res, w, b = _inputs((rows, hidden), dtype, device, gen, residual_dtype=torch.float32 if rows % 2 else None)
         grads = [torch.randn(rows, hidden, generator=gen).to(dtype), torch.randn(rows, hidden, generator=gen)]
+        if hidden == 1000:  # incoming gradients one element off 16-byte alignment: scalars
+            grads = [torch.randn(rows * hidden + 1, generator=gen).to(g.dtype)[1:].view(rows, hidden) for g in grads]
+        grads = [g.to(device) for g in grads]
         results = []
         for which in (backend, "reference"):
             with regops.use_backend(which):
@@ -304,6 +308,48 @@ def test_strided_offset_and_empty_inputs(ln_backend):
     assert out.shape == empty.shape
     out.sum().backward()
     assert empty.grad.shape == empty.shape
+
+
+@pytest.mark.parametrize("layout", ["transposed", "permuted"])
+@pytest.mark.parametrize("recompute", [False, True], ids=["stored", "recompute"])
+def test_dense_non_contiguous_mask_in_memory_order(ln_backend, layout, recompute):
+    """A dense x is numbered in memory order, as dropout numbers it: the mask
+    is dropout_with_mask(x)'s. "transposed": the hidden dim is outermost in
+    memory; "permuted": it is innermost, the rows in another order."""
+    backend, device = ln_backend
+    gen = torch.Generator().manual_seed(6)
+    if layout == "transposed":
+        x = torch.randn(9, 5, generator=gen).t()  # (5, 9): hidden 9, strides (1, 5)
+    else:
+        x = torch.randn(3, 4, 6, generator=gen).transpose(0, 1)  # (4, 3, 6): strides (6, 24, 1)
+    x = x.to(device).requires_grad_()
+    res = torch.randn(x.shape, generator=gen).to(device).requires_grad_()
+    w, b = [torch.randn(x.shape[-1], generator=gen).to(device).requires_grad_() for _ in range(2)]
+    out, h, mask = regops.dropout_add_layer_norm(x, res, w, b, 0.4, prenorm=True, return_dropout_mask=True,
+                                                 recompute_mask=recompute, seed=21, offset=3)
+    _, expected_mask = regops.dropout_with_mask(x.detach(), 0.4, seed=21, offset=3)
+    assert torch.equal(mask.cpu(), expected_mask.cpu())
+    keep = regops.unpack_mask(mask, like=x)
+    assert not torch.equal(keep, regops.unpack_mask(mask, x.shape))  # the two orders differ here
+    expected_out, expected_h = _composite(x.detach(), res.detach(), w.detach(), b.detach(), keep, 0.4, 1e-5, False)
+    assert_close(out, expected_out, torch.float32)
+    assert_close(h, expected_h, torch.float32)
+    grads = [torch.randn(x.shape, generator=gen).to(device) for _ in range(2)]
+    got = torch.autograd.grad([out, h], [x, res, w, b], grads)
+    xd, rd, wd, bd = [t.detach().double().requires_grad_() for t in (x, res, w, b)]
+    hd = reference.dropout_apply(xd, keep, 0.4) + rd
+    want = torch.autograd.grad([F.layer_norm(hd, x.shape[-1:], wd, bd, 1e-5), hd], [xd, rd, wd, bd],
+                               [g.double() for g in grads])
+    for g, e in zip(got, want):
+        assert_close(g, e, torch.float32)
+    # seed=None draws one seed, as dropout_with_mask does, and numbers x the same way.
+    torch.manual_seed(9)
+    out_drawn = regops.dropout_add_layer_norm(x, res, w, b, 0.4, recompute_mask=recompute)
+    torch.manual_seed(9)
+    _, drawn_mask = regops.dropout_with_mask(x.detach(), 0.4)
+    expected_drawn, _ = _composite(x.detach(), res.detach(), w.detach(), b.detach(),
+                                   regops.unpack_mask(drawn_mask, like=x), 0.4, 1e-5, False)
+    assert_close(out_drawn, expected_drawn, torch.float32)
 
 
 def test_hidden_size_one(ln_backend):

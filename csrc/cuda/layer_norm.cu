@@ -42,6 +42,11 @@ constexpr int64_t kWarpRowLimit = 1024;
 // Four resident blocks per SM in the launch bounds: without a minimum, ptxas
 // held the 16-bit-input / float32-h variants to 32 registers and spilled.
 constexpr int kMinBlocksPerSm = 4;
+// The backward of float64 rows holds twice the registers of float32 ones:
+// with four blocks per SM (64 registers a thread) its vector path spilled
+// (sm_80 and sm_90, 16-48 bytes); two leave it 128.
+template <typename scalar_t>
+constexpr int kBackwardMinBlocksPerSm = sizeof(scalar_t) == 8 ? 2 : kMinBlocksPerSm;
 // The backward's partial rows (slots x hidden, two of them) stay under this
 // many elements.
 constexpr int64_t kMaxPartialElements = int64_t{1} << 23;
@@ -300,20 +305,48 @@ struct BackwardArgs {
   acc_t scale;
 };
 
-template <typename scalar_t, typename h_t>
-__global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
-    layer_norm_backward_kernel(BackwardArgs<scalar_t, h_t> args, RowSplit split) {
+// Calls visit(j, dy_j, h_j) for this thread's elements of a row (the
+// walk of for_row_elements): whole 16-byte vectors of dy and h when
+// vectorized, else single elements.
+template <int kVec, typename scalar_t, typename h_t, typename Visit>
+__device__ __forceinline__ void for_row_gradients(const BackwardArgs<scalar_t, h_t>& args, int64_t base,
+                                                  RowSplit split, bool vectorized, Visit visit) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int lane = split.lane();
+  if (vectorized) {
+    using XVec = AlignedVector<scalar_t, kVec>;
+    using HVec = AlignedVector<h_t, kVec>;
+    for (int64_t j = static_cast<int64_t>(lane) * kVec; j < args.hidden; j += split.threads_per_row * kVec) {
+      const XVec dyv = load_vector<XVec>(args.dy + base + j);
+      const HVec hv = load_vector<HVec>(args.h + base + j);
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) visit(j + e, static_cast<acc_t>(dyv.value[e]), static_cast<acc_t>(hv.value[e]));
+    }
+    return;
+  }
+  for (int64_t j = lane; j < args.hidden; j += split.threads_per_row) {
+    visit(j, static_cast<acc_t>(args.dy[base + j]), static_cast<acc_t>(args.h[base + j]));
+  }
+}
+
+template <int kVec, typename scalar_t, typename h_t>
+__global__ void __launch_bounds__(kThreads, kBackwardMinBlocksPerSm<scalar_t>)
+    layer_norm_backward_kernel(BackwardArgs<scalar_t, h_t> args, RowSplit split, bool vectorized) {
   using acc_t = at::opmath_type<scalar_t>;
   REGOPS_SHARED_ARRAY(acc_t, warp_sums, [kWarps]);
   const int64_t rows_per_step = static_cast<int64_t>(gridDim.x) * split.rows_per_block();
   const int64_t slot = static_cast<int64_t>(blockIdx.x) * split.rows_per_block() + split.slot();
   const acc_t inv_n = acc_t(1) / static_cast<acc_t>(args.hidden);
-  const int lane = split.lane();
   acc_t* dweight = args.weight_partials != nullptr ? args.weight_partials + slot * args.hidden : nullptr;
   acc_t* dbias = args.bias_partials != nullptr ? args.bias_partials + slot * args.hidden : nullptr;
-  for (int64_t j = lane; j < args.hidden; j += split.threads_per_row) {
-    if (dweight != nullptr) dweight[j] = 0;
-    if (dbias != nullptr) dbias[j] = 0;
+  // Zeroed in the walk of for_row_gradients, so that every row's visit of
+  // a column is by the thread that zeroed its partials.
+  const int step = vectorized ? kVec : 1;
+  for (int64_t j = static_cast<int64_t>(split.lane()) * step; j < args.hidden; j += split.threads_per_row * step) {
+    for (int e = 0; e < step; ++e) {
+      if (dweight != nullptr) dweight[j + e] = 0;
+      if (dbias != nullptr) dbias[j + e] = 0;
+    }
   }
   for (int64_t first_row = static_cast<int64_t>(blockIdx.x) * split.rows_per_block(); first_row < args.rows;
        first_row += rows_per_step) {
@@ -324,29 +357,53 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     const acc_t rstd = active ? args.rstd[row] : acc_t(0);
     acc_t sum_g = 0, sum_g_xhat = 0;
     if (active) {
-      for (int64_t j = lane; j < args.hidden; j += split.threads_per_row) {
-        const acc_t dy = static_cast<acc_t>(args.dy[base + j]);
-        const acc_t xhat = (static_cast<acc_t>(args.h[base + j]) - mean) * rstd;
+      for_row_gradients<kVec>(args, base, split, vectorized, [&](int64_t j, acc_t dy, acc_t h) {
+        const acc_t xhat = (h - mean) * rstd;
         const acc_t g = args.weight != nullptr ? dy * args.weight[j] : dy;
         sum_g += g;
         sum_g_xhat += g * xhat;
         // Each slot owns its partial row, and a row's threads own distinct columns.
         if (dweight != nullptr) dweight[j] += dy * xhat;
         if (dbias != nullptr) dbias[j] += dy;
-      }
+      });
     }
     const acc_t mean_g = args.mean != nullptr ? row_sum(sum_g, split, &warp_sums[0]) * inv_n : acc_t(0);
     const acc_t mean_g_xhat = row_sum(sum_g_xhat, split, &warp_sums[0]) * inv_n;
     if (!active) continue;
-    for (int64_t j = lane; j < args.hidden; j += split.threads_per_row) {
-      const acc_t dy = static_cast<acc_t>(args.dy[base + j]);
-      const acc_t xhat = (static_cast<acc_t>(args.h[base + j]) - mean) * rstd;
+    const auto grad_h = [&](int64_t j, acc_t dy, acc_t h) {
+      const acc_t xhat = (h - mean) * rstd;
       const acc_t g = args.weight != nullptr ? dy * args.weight[j] : dy;
-      acc_t dh = layer_norm_grad_h(g, xhat, rstd, mean_g, mean_g_xhat);
-      if (args.grad_h != nullptr) dh += static_cast<acc_t>(args.grad_h[base + j]);
-      if (args.grad_residual != nullptr) args.grad_residual[base + j] = static_cast<h_t>(dh);
-      if (args.mask != nullptr) dh *= keep_factor(args.mask, base + j, args.scale);
-      args.grad_input[base + j] = static_cast<scalar_t>(dh);
+      return layer_norm_grad_h(g, xhat, rstd, mean_g, mean_g_xhat);
+    };
+    if (vectorized) {  // the same walk as for_row_gradients, storing whole vectors
+      using XVec = AlignedVector<scalar_t, kVec>;
+      using HVec = AlignedVector<h_t, kVec>;
+      for (int64_t j = static_cast<int64_t>(split.lane()) * kVec; j < args.hidden; j += split.threads_per_row * kVec) {
+        const XVec dyv = load_vector<XVec>(args.dy + base + j);
+        const HVec hv = load_vector<HVec>(args.h + base + j);
+        HVec dhv{};
+        if (args.grad_h != nullptr) dhv = load_vector<HVec>(args.grad_h + base + j);
+        XVec dxv;
+        HVec drv;
+#pragma unroll
+        for (int e = 0; e < kVec; ++e) {
+          acc_t dh = grad_h(j + e, static_cast<acc_t>(dyv.value[e]), static_cast<acc_t>(hv.value[e]));
+          if (args.grad_h != nullptr) dh += static_cast<acc_t>(dhv.value[e]);
+          drv.value[e] = static_cast<h_t>(dh);
+          if (args.mask != nullptr) dh *= keep_factor(args.mask, base + j + e, args.scale);
+          dxv.value[e] = static_cast<scalar_t>(dh);
+        }
+        if (args.grad_residual != nullptr) store_vector(args.grad_residual + base + j, drv);
+        store_vector(args.grad_input + base + j, dxv);
+      }
+    } else {
+      for_row_gradients<kVec>(args, base, split, false, [&](int64_t j, acc_t dy, acc_t h) {
+        acc_t dh = grad_h(j, dy, h);
+        if (args.grad_h != nullptr) dh += static_cast<acc_t>(args.grad_h[base + j]);
+        if (args.grad_residual != nullptr) args.grad_residual[base + j] = static_cast<h_t>(dh);
+        if (args.mask != nullptr) dh *= keep_factor(args.mask, base + j, args.scale);
+        args.grad_input[base + j] = static_cast<scalar_t>(dh);
+      });
     }
   }
 }
@@ -401,7 +458,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_c
     using acc_t = at::opmath_type<scalar_t>;
     auto run = [&](auto h_tag) {
       using h_t = typename decltype(h_tag)::type;
-      const auto kernel = layer_norm_backward_kernel<scalar_t, h_t>;
+      constexpr int kVec = vector_elements<scalar_t, h_t>();
+      const auto kernel = layer_norm_backward_kernel<kVec, scalar_t, h_t>;
       const int64_t blocks = std::max<int64_t>(1, std::min({row_blocks(rows, hidden), max_blocks,
                                                             grid_size_for(kernel, rows * kThreads, kThreads)}));
       const int64_t slots = blocks * rows_per_block;
@@ -416,7 +474,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> layer_norm_backward_c
                                        want_weight ? weight_partials.mutable_data_ptr<acc_t>() : nullptr,
                                        has_bias ? bias_partials.mutable_data_ptr<acc_t>() : nullptr, rows, hidden,
                                        static_cast<acc_t>(dropout_scale(p))};
-      cuda::launch(kernel, blocks, kThreads, 0, cuda::current_stream(), args, split);
+      const bool vectorized = hidden % kVec == 0 && can_vectorize({args.dy, args.grad_h, args.h, args.grad_input,
+                                                                    args.grad_residual});
+      cuda::launch(kernel, blocks, kThreads, 0, cuda::current_stream(), args, split, vectorized);
       REGOPS_KERNEL_LAUNCH_CHECK();
       if (want_weight) reduce_partials<acc_t>(weight_partials, grad_weight);
       if (has_bias) reduce_partials<acc_t>(bias_partials, grad_bias);

@@ -5,8 +5,9 @@ Semantics of ``torch.nn.functional.layer_norm`` / ``rms_norm`` over the
 trailing ``normalized_shape`` (the fused ops: the last dimension); the
 formulas are written once in csrc/include/regops/layer_norm.h. Statistics are
 float32 (float64 for float64 inputs). Dropout follows the regops random rule
-over x's row-major flat index, so its mask is
-``regops.dropout_with_mask(x.contiguous(), p, seed=seed, offset=offset)``'s;
+and numbers x's elements as dropout does (in memory order when x is dense,
+else row-major), so its mask is
+``regops.dropout_with_mask(x, p, seed=seed, offset=offset)``'s;
 the backward reads a 1-bit saved mask or, with ``recompute_mask=True``,
 regenerates it from (seed, offset). The forward saves h (or x when nothing
 is added or dropped) and 8 bytes of statistics per row.
@@ -21,7 +22,8 @@ import torch
 from regops import reference
 from regops._backend import _TRITON_IMPORTABLE, backend_for, native_namespaces, op_libraries, resolve_op
 from regops.ops._common import check_probability, check_tensor
-from regops.ops.dropout import _check_same_device, _check_seed_offset, _reference_seed, _seed_tensor
+from regops.ops.dropout import (_check_same_device, _check_seed_offset, _reference_seed, _seed_tensor, dropout,
+                                dropout_with_mask)
 
 
 if _TRITON_IMPORTABLE:
@@ -83,6 +85,13 @@ def _norm(input, residual, hidden, weight, bias, p, eps, *, rms, prenorm=False, 
           return_dropout_mask=False, recompute_mask=False, seed=None, offset=0, dropout=False):
     """The fused op on ``input`` seen as (rows, hidden): returns out, then h
     (prenorm), then the mask (return_dropout_mask)."""
+    if dropout and (p > 0 or return_dropout_mask) and not input.is_contiguous():
+        order = reference.memory_order(input)
+        if order is not None:  # dense: the random rule numbers its elements in memory order
+            return _norm_in_memory_order(input, residual, hidden, weight, bias, p, eps, order, rms=rms,
+                                         prenorm=prenorm, residual_in_fp32=residual_in_fp32,
+                                         return_dropout_mask=return_dropout_mask, recompute_mask=recompute_mask,
+                                         seed=seed, offset=offset)
     rows_shape = input.shape
     x = input.reshape(-1, hidden)
     res = None
@@ -115,6 +124,35 @@ def _norm(input, residual, hidden, weight, bias, p, eps, *, rms, prenorm=False, 
     if return_dropout_mask:
         results.append(mask)
     return results[0] if len(results) == 1 else tuple(results)
+
+
+def _norm_in_memory_order(input, residual, hidden, weight, bias, p, eps, order, *, rms, prenorm, residual_in_fp32,
+                          return_dropout_mask, recompute_mask, seed, offset):
+    """_norm for a dense, non-contiguous input, whose mask numbers it in
+    memory order (``order``: its dims from outermost to innermost). When the
+    hidden dim is innermost, the memory-order view input.permute(order) is
+    contiguous with whole rows: the fused op runs on it and the results are
+    permuted back (input's layout, no copy). Otherwise rows are not contiguous
+    in memory, and dropout runs first, on its own, then the norm."""
+    if order[-1] == input.dim() - 1:
+        inverse = sorted(range(input.dim()), key=lambda d: order[d])
+        results = _norm(input.permute(order), None if residual is None else residual.permute(order), hidden, weight,
+                        bias, p, eps, rms=rms, prenorm=prenorm, residual_in_fp32=residual_in_fp32,
+                        return_dropout_mask=return_dropout_mask, recompute_mask=recompute_mask, seed=seed,
+                        offset=offset, dropout=True)
+        results = list(results) if isinstance(results, tuple) else [results]
+        for index in range(1 + prenorm):
+            results[index] = results[index].permute(inverse)
+        return results[0] if len(results) == 1 else tuple(results)
+    if return_dropout_mask or not recompute_mask:
+        dropped, mask = dropout_with_mask(input, p, seed=seed, offset=offset)
+    else:
+        dropped, mask = dropout(input, p, seed=seed, offset=offset, recompute_mask=True), None
+    results = _norm(dropped, residual, hidden, weight, bias, 0.0, eps, rms=rms, prenorm=prenorm,
+                    residual_in_fp32=residual_in_fp32)
+    if not return_dropout_mask:
+        return results
+    return (*results, mask) if isinstance(results, tuple) else (results, mask)
 
 
 def layer_norm(input: torch.Tensor, normalized_shape: int | list[int] | torch.Size, weight: torch.Tensor | None = None,
