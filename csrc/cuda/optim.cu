@@ -17,11 +17,13 @@
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "regops/cuda_utils.cuh"
 #include "regops/optim.h"
 #include "regops/optim_host.h"
+#include "regops/stochastic_rounding.h"
 
 namespace regops {
 namespace {
@@ -41,11 +43,12 @@ constexpr int kMaxBlocks = 320;  // 320 * 64K elements = 21M elements per launch
 template <int kLists>
 struct TensorTable {
   static constexpr int kMaxTensors =
-      static_cast<int>((kTableBytes - kMaxBlocks * (sizeof(int32_t) + sizeof(uint8_t))) / (8 * (kLists + 2)));
+      static_cast<int>((kTableBytes - kMaxBlocks * (sizeof(int32_t) + sizeof(uint8_t))) / (8 * (kLists + 2) + 4));
   static_assert(kMaxTensors <= 256, "block_tensor is a uint8_t");
   void* addresses[kLists][kMaxTensors];
   int64_t numels[kMaxTensors];
   float* steps[kMaxTensors];  // AdamW's step counts; null for SGD and the norm
+  int32_t positions[kMaxTensors];  // the tensor's position in the call's lists (for stochastic rounding)
   int32_t block_chunk[kMaxBlocks];
   uint8_t block_tensor[kMaxBlocks];
 };
@@ -72,6 +75,7 @@ void for_each_table(const std::vector<at::TensorList>& lists, at::TensorList ste
     for (int l = 0; l < kLists; ++l) table.addresses[l][slot] = lists[l][t].data_ptr();
     table.numels[slot] = numel;
     table.steps[slot] = steps.empty() ? nullptr : steps[t].mutable_data_ptr<float>();
+    table.positions[slot] = static_cast<int32_t>(t);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       table.block_tensor[blocks] = static_cast<uint8_t>(slot);
@@ -88,6 +92,7 @@ void for_each_table(const std::vector<at::TensorList>& lists, at::TensorList ste
         for (int l = 0; l < kLists; ++l) table.addresses[l][0] = table.addresses[l][slot];
         table.numels[0] = table.numels[slot];
         table.steps[0] = table.steps[slot];
+        table.positions[0] = table.positions[slot];
         slot = 0;
       }
     }
@@ -96,17 +101,41 @@ void for_each_table(const std::vector<at::TensorList>& lists, at::TensorList ste
   if (blocks > 0) launch(table, blocks, first_block);
 }
 
+// The value that random slot of list l rounds (stochastic_rounding.h): the
+// parameter is list 0, the states follow the gradients (list 1).
+__device__ __forceinline__ uint32_t rounding_slot(int l) { return l == 0 ? 0u : static_cast<uint32_t>(l - 1); }
+
+template <typename scalar_t>
+__device__ __forceinline__ float round_stochastic(float value, uint32_t bits) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return stochastic_round_bfloat16(value, bits);
+  } else {
+    return stochastic_round_half(value, bits);
+  }
+}
+
 // kLists lists; list 1 (the gradients) is read only. Functor:
 //   using Coefficients = ...;
 //   __device__ bool prepare(const float* step, Coefficients&) const  (false: skip)
 //   __device__ void apply(float (&x)[kLists], const Coefficients&) const
-template <typename scalar_t, int kLists, typename Functor>
-__global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTable<kLists> table, Functor functor) {
+// kStochastic (16-bit types): the written lists are rounded stochastically,
+// with `rounding` the op's [seed, group, step, tensor indices] on the device;
+// a vector is eight elements, which one Philox call per list serves.
+template <typename scalar_t, int kLists, bool kStochastic, typename Functor>
+__global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTable<kLists> table, Functor functor,
+                                                                      const int64_t* rounding) {
   const int tensor = table.block_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunk;
   const int64_t n = min(kChunk, table.numels[tensor] - start);
   typename Functor::Coefficients coefficients;
   if (!functor.prepare(table.steps[tensor], coefficients)) return;
+  RoundingKey key{};
+  uint32_t tensor_index = 0;
+  if (kStochastic) {
+    key = rounding_key(static_cast<uint64_t>(rounding[0]), static_cast<uint64_t>(rounding[1]),
+                       static_cast<uint64_t>(rounding[2]));
+    tensor_index = static_cast<uint32_t>(rounding[3 + table.positions[tensor]]);
+  }
   scalar_t* lists[kLists];
   bool aligned = true;
 #pragma unroll
@@ -115,6 +144,7 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
     aligned = aligned && aligned16(lists[l]);
   }
   constexpr int kVector = 16 / sizeof(scalar_t);
+  static_assert(!kStochastic || kVector == 8, "stochastic rounding draws 8 elements' bits per Philox call");
   using Vector = AlignedVector<scalar_t, kVector>;
   const int64_t vector_end = aligned ? n / kVector * kVector : 0;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVector; i < vector_end;
@@ -122,6 +152,13 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
     Vector loaded[kLists];
 #pragma unroll
     for (int l = 0; l < kLists; ++l) loaded[l] = load_vector<Vector>(lists[l] + i);
+    Philox4 words[kLists];
+    if (kStochastic) {
+#pragma unroll
+      for (int l = 0; l < kLists; ++l) {
+        if (l != 1) words[l] = rounding_words(key, static_cast<uint64_t>(start + i) / 8, tensor_index, rounding_slot(l));
+      }
+    }
 #pragma unroll
     for (int e = 0; e < kVector; ++e) {
       float x[kLists];
@@ -129,7 +166,10 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
       for (int l = 0; l < kLists; ++l) x[l] = static_cast<float>(loaded[l].value[e]);
       functor.apply(x, coefficients);
 #pragma unroll
-      for (int l = 0; l < kLists; ++l) loaded[l].value[e] = static_cast<scalar_t>(x[l]);
+      for (int l = 0; l < kLists; ++l) {
+        if (kStochastic && l != 1) x[l] = round_stochastic<scalar_t>(x[l], rounding_bits(words[l], e));
+        loaded[l].value[e] = static_cast<scalar_t>(x[l]);
+      }
     }
 #pragma unroll
     for (int l = 0; l < kLists; ++l) {
@@ -141,9 +181,15 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
 #pragma unroll
     for (int l = 0; l < kLists; ++l) x[l] = static_cast<float>(lists[l][i]);
     functor.apply(x, coefficients);
+    const uint64_t element = static_cast<uint64_t>(start + i);
 #pragma unroll
     for (int l = 0; l < kLists; ++l) {
-      if (l != 1) lists[l][i] = static_cast<scalar_t>(x[l]);
+      if (l == 1) continue;
+      if (kStochastic) {
+        const Philox4 words = rounding_words(key, element / 8, tensor_index, rounding_slot(l));
+        x[l] = round_stochastic<scalar_t>(x[l], rounding_bits(words, static_cast<int>(element % 8)));
+      }
+      lists[l][i] = static_cast<scalar_t>(x[l]);
     }
   }
 }
@@ -222,6 +268,13 @@ __global__ void increment_steps_kernel(StepTable table, int count, const float* 
   *table.steps[i] += 1.0f;
 }
 
+// The CUDA kernels do not fuse the weight average yet: regops.ops.optim
+// updates it after them, so a direct call with averages is an error.
+void check_no_averages(const char* op, const c10::optional<at::TensorList>& averages) {
+  TORCH_CHECK(!averages.has_value() || averages->empty(), "regops ", op, ": the CUDA kernels do not update averages; "
+              "regops.ops.optim updates them after the step");
+}
+
 void check_cuda(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(cuda::on_device(params[i]), "regops ", op, ": the CUDA kernel got params[", i, "] on ", params[i].device());
@@ -237,12 +290,24 @@ DeviceScalars device_scalars(const at::Tensor* lr, const c10::optional<at::Tenso
           pointer(clip_coef)};
 }
 
+// rounding: the op's rounding tensor, or null (round to nearest even; also
+// for float32, which the update already holds exactly).
 template <typename scalar_t, int kLists, typename Functor>
-void launch(const std::vector<at::TensorList>& lists, at::TensorList steps, const Functor& functor) {
-  static_assert(sizeof(TensorTable<kLists>) + sizeof(Functor) <= kArgumentBytes, "kernel arguments over 4 KB");
+void launch(const std::vector<at::TensorList>& lists, at::TensorList steps, const Functor& functor,
+            const c10::optional<at::Tensor>& rounding) {
+  static_assert(sizeof(TensorTable<kLists>) + sizeof(Functor) + sizeof(void*) <= kArgumentBytes,
+                "kernel arguments over 4 KB");
   const auto stream = cuda::current_stream();
+  constexpr bool k16Bit = sizeof(scalar_t) == 2;
+  const int64_t* rounding_data = k16Bit && rounding.has_value() ? rounding->const_data_ptr<int64_t>() : nullptr;
   for_each_table<kLists>(lists, steps, [&](const TensorTable<kLists>& table, int blocks, int64_t) {
-    cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, Functor>, blocks, kThreads, 0, stream, table, functor);
+    if (rounding_data != nullptr) {
+      cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, k16Bit, Functor>, blocks, kThreads, 0, stream, table,
+                   functor, rounding_data);
+    } else {
+      cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, false, Functor>, blocks, kThreads, 0, stream, table,
+                   functor, rounding_data);
+    }
     REGOPS_KERNEL_LAUNCH_CHECK();
   });
 }
@@ -250,9 +315,12 @@ void launch(const std::vector<at::TensorList>& lists, at::TensorList steps, cons
 void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
               const at::Tensor* lr_tensor, double momentum, double dampening, double weight_decay, bool nesterov,
               bool maximize, double l1, bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
-              const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+              const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+              const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages) {
   constexpr const char* op = "sgd_step_";
   check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1);
+  check_rounding(op, rounding, params);
+  check_no_averages(op, averages);
   if (params.empty()) return;
   check_cuda(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
@@ -265,9 +333,9 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (momentum != 0.0) {
-      launch<scalar_t, 3>({params, grads, momentum_buffers}, {}, SGDFunctor<3>{base, proximal_l1, scalars});
+      launch<scalar_t, 3>({params, grads, momentum_buffers}, {}, SGDFunctor<3>{base, proximal_l1, scalars}, rounding);
     } else {
-      launch<scalar_t, 2>({params, grads}, {}, SGDFunctor<2>{base, proximal_l1, scalars});
+      launch<scalar_t, 2>({params, grads}, {}, SGDFunctor<2>{base, proximal_l1, scalars}, rounding);
     }
   });
 }
@@ -275,28 +343,34 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, double l1,
                    bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
-                   const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+                   const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                   const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                   const c10::optional<at::Tensor>&) {
   sgd_step(params, grads, momentum_buffers, lr, nullptr, momentum, dampening, weight_decay, nesterov, maximize, l1,
-           proximal, first_step, grad_scale, found_inf, clip_coef);
+           proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages);
 }
 
 void sgd_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                              const at::Tensor& lr, double momentum, double dampening, double weight_decay,
                              bool nesterov, bool maximize, double l1, bool proximal, bool first_step,
                              const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                             const c10::optional<at::Tensor>& clip_coef) {
+                             const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& rounding,
+                             const c10::optional<at::TensorList>& averages, const c10::optional<at::Tensor>&) {
   sgd_step(params, grads, momentum_buffers, 0.0, &lr, momentum, dampening, weight_decay, nesterov, maximize, l1,
-           proximal, first_step, grad_scale, found_inf, clip_coef);
+           proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages);
 }
 
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, const at::Tensor* lr_tensor,
                 double beta1, double beta2, double eps, double weight_decay, double l2, double l1, bool proximal,
                 bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+                const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages) {
   constexpr const char* op = "adamw_step_";
   check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                         weight_decay, l2, l1, amsgrad);
+  check_rounding(op, rounding, params);
+  check_no_averages(op, averages);
   if (params.empty()) return;
   check_cuda(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
@@ -308,11 +382,11 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
     if (amsgrad) {
       launch<scalar_t, 5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, state_steps,
                           AdamWFunctor<5>{lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize,
-                                          scalars});
+                                          scalars}, rounding);
     } else {
       launch<scalar_t, 4>({params, grads, exp_avgs, exp_avg_sqs}, state_steps,
                           AdamWFunctor<4>{lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize,
-                                          scalars});
+                                          scalars}, rounding);
     }
   });
   // Count the step after the update has read the old count (same stream).
@@ -330,9 +404,11 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                      double lr, double beta1, double beta2, double eps, double weight_decay, double l2, double l1,
                      bool proximal, bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                     const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+                     const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                     const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                     const c10::optional<at::Tensor>&) {
   adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, nullptr, beta1, beta2, eps,
-             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef);
+             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages);
 }
 
 void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -341,9 +417,11 @@ void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::
                                double eps, double weight_decay, double l2, double l1, bool proximal, bool amsgrad,
                                bool maximize, const c10::optional<at::Tensor>& grad_scale,
                                const c10::optional<at::Tensor>& found_inf,
-                               const c10::optional<at::Tensor>& clip_coef) {
+                               const c10::optional<at::Tensor>& clip_coef,
+                               const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                               const c10::optional<at::Tensor>&) {
   adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, 0.0, &lr, beta1, beta2, eps,
-             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef);
+             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages);
 }
 
 // --- multi_tensor_norm: per-block float32 partial sums, then one block sums

@@ -35,6 +35,28 @@ def _grad_factor(grad_scale, clip_coef):
     return factor
 
 
+def _average_arguments(backend, averages, average_weights) -> tuple:
+    """The ops' trailing averaging arguments. The CUDA kernels do not fuse
+    the average yet: for them it is updated after the step (_average_after)."""
+    if backend == "triton":
+        return list(averages), average_weights
+    if backend == "cuda" or not averages:
+        return None, None
+    return list(averages), average_weights
+
+
+def _average_after(backend, params, averages, average_weights, rounding, found_inf) -> None:
+    """The weight average in a second pass of torch ops, by the reference
+    rule (bit-identical to the fused kernels), for the CUDA backend; nothing
+    on a step that found_inf skips. It reads the weights and the skip flag on
+    the host."""
+    if backend != "cuda" or not averages or (found_inf is not None and bool(found_inf.item() != 0)):
+        return
+    rounding_values = None if rounding is None else [int(v) for v in rounding.tolist()]
+    for index, (average, param, weight) in enumerate(zip(averages, params, average_weights.tolist())):
+        reference.store_average(average, param, weight, rounding_values, index)
+
+
 def _step_backend(params, found_inf) -> str | None:
     """The backend that runs a step on ``params``, or None when the step has
     nothing to do: no parameters, or the reference backend and a nonzero
@@ -49,9 +71,14 @@ def _step_backend(params, found_inf) -> str | None:
 
 
 def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-              l1, proximal, first_step, grad_scale=None, found_inf=None, clip_coef=None) -> None:
+              l1, proximal, first_step, grad_scale=None, found_inf=None, clip_coef=None, rounding=None, averages=(),
+              average_weights=None) -> None:
     """Penalized SGD on tensors of one device and dtype, in place (see
-    regops.optim.SGD for the rule). ``lr`` is a float or a one-element tensor."""
+    regops.optim.SGD for the rule). ``lr`` is a float or a one-element tensor;
+    ``rounding`` (int64 [seed, group, step, tensor indices] on the device)
+    rounds 16-bit values stochastically; ``averages`` (float32 or the
+    parameters' dtype) become lerp(average, new parameter, weight) with the
+    float32 ``average_weights`` (one per tensor, on the device)."""
     backend = _step_backend(params, found_inf)
     if backend is None:
         return
@@ -60,21 +87,24 @@ def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weigh
                                      momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                      nesterov=nesterov, maximize=maximize, l1=l1,
                                      l1_mode="proximal" if proximal else "subgradient",
-                                     grad_factor=_grad_factor(grad_scale, clip_coef))
+                                     grad_factor=_grad_factor(grad_scale, clip_coef), rounding=rounding,
+                                     averages=averages, average_weights=average_weights)
         if momentum != 0:
             for target, value in zip(momentum_buffers, buffers):
                 target.copy_(value)
         return
     op = _op(backend, "sgd", isinstance(lr, torch.Tensor), params[0].device.type)
     op(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
-       first_step, grad_scale, found_inf, clip_coef)
+       first_step, grad_scale, found_inf, clip_coef, rounding, *_average_arguments(backend, averages, average_weights))
+    _average_after(backend, params, averages, average_weights, rounding, found_inf)
 
 
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
                 weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale=None, found_inf=None,
-                clip_coef=None) -> None:
+                clip_coef=None, rounding=None, averages=(), average_weights=None) -> None:
     """Penalized AdamW on tensors of one device and dtype, in place (see
-    regops.optim.AdamW for the rule); increments ``state_steps``."""
+    regops.optim.AdamW for the rule); increments ``state_steps``. ``rounding``,
+    ``averages`` and ``average_weights`` as for sgd_step_."""
     backend = _step_backend(params, found_inf)
     if backend is None:
         return
@@ -82,11 +112,14 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
         reference.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr,
                              betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                              maximize=maximize, l2=l2, l1=l1, l1_mode="proximal" if proximal else "subgradient",
-                             grad_factor=_grad_factor(grad_scale, clip_coef))
+                             grad_factor=_grad_factor(grad_scale, clip_coef), rounding=rounding,
+                             averages=averages, average_weights=average_weights)
         return
     op = _op(backend, "adamw", isinstance(lr, torch.Tensor), params[0].device.type)
     op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, l2,
-       l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef)
+       l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding,
+       *_average_arguments(backend, averages, average_weights))
+    _average_after(backend, params, averages, average_weights, rounding, found_inf)
 
 
 def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:

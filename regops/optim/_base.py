@@ -10,6 +10,7 @@ across ranks would complete.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -18,6 +19,7 @@ from torch.optim import Optimizer
 
 from regops.distributed import grad_norm_squared, is_dtensor, local_tensor
 from regops.ops.optim import multi_tensor_norm
+from regops.optim.averaging import averages_this_step, averaging_arguments, count_averaged
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 L1_MODES = ("subgradient", "proximal")
@@ -42,6 +44,11 @@ def check_nonnegative(value, name: str, *, read_tensor: bool = True) -> None:
 def check_l1_mode(value) -> None:
     if value not in L1_MODES:
         raise ValueError(f"l1_mode must be one of {L1_MODES}, got {value!r}")
+
+
+def check_bool(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def check_max_grad_norm(value) -> None:
@@ -139,6 +146,7 @@ class PenalizedOptimizer(Optimizer):
             self._has_dtensors = self._has_dtensors or is_dtensor(p)
         super().add_param_group({**param_group, "params": params})
         self._check_group(self.param_groups[-1])
+        self._share_rounding_seed()
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -148,6 +156,49 @@ class PenalizedOptimizer(Optimizer):
         for group in self.param_groups:
             for key, value in self._extra_defaults().items():
                 group.setdefault(key, self.defaults.get(key, value))
+        self._share_rounding_seed()
+
+    # --- stochastic rounding ---------------------------------------------------------
+
+    def _share_rounding_seed(self) -> None:
+        """Once a group rounds stochastically, every group carries the
+        optimizer's seed ("rounding_seed", drawn once from torch's default
+        generator) and a count of its steps ("rounding_step"), so both go into
+        the state_dict with the param groups."""
+        if not any(group.get("stochastic_rounding") for group in self.param_groups):
+            return
+        seeds = [group["rounding_seed"] for group in self.param_groups if group.get("rounding_seed") is not None]
+        seed = seeds[0] if seeds else int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        for group in self.param_groups:
+            group["rounding_seed"] = seed
+            group.setdefault("rounding_step", 0)
+
+    def _rounding_tensor(self, group_index: int, params: list[torch.Tensor]):
+        """The ops' rounding argument for ``params`` of param group
+        ``group_index``: int64 [seed, group, step, each tensor's index in the
+        group] on their device (README "Stochastic rounding")."""
+        group = self.param_groups[group_index]
+        positions = {id(p): i for i, p in enumerate(group["params"])}
+        values = [group["rounding_seed"], group_index, group["rounding_step"]] + [positions[id(p)] for p in params]
+        rounding = torch.tensor(values, dtype=torch.int64)
+        device = params[0].device
+        if device.type == "cpu":
+            return rounding
+        return rounding.pin_memory().to(device, non_blocking=True)
+
+    def _op_extras(self, group_index: int, averaging: bool, counts: list, params: list[torch.Tensor]) -> dict:
+        """The ops' stochastic rounding and averaging arguments for ``params``
+        (a bucket of the group, or part of one); the averages' counts are
+        collected in ``counts`` for after the update."""
+        group = self.param_groups[group_index]
+        extras = {}
+        if group.get("stochastic_rounding"):
+            extras["rounding"] = self._rounding_tensor(group_index, params)
+        if averaging:
+            averages, bucket_counts, weights = averaging_arguments(self.state, group, params)
+            counts.extend(bucket_counts)
+            extras.update(averages=self._locals(averages), average_weights=weights)
+        return extras
 
     # --- the step ------------------------------------------------------------------
 
@@ -200,9 +251,16 @@ class PenalizedOptimizer(Optimizer):
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device, non_blocking=True)
             self.last_grad_norm = norm
-        for group, (params, grads) in zip(self.param_groups, per_group):
+        for group_index, (group, (params, grads)) in enumerate(zip(self.param_groups, per_group)):
             if not params:
                 continue
+            if group.get("stochastic_rounding"):
+                if "rounding_seed" not in group:  # switched on after construction
+                    self._share_rounding_seed()
+                # Counted on the host for every step, skipped ones too: the
+                # count only has to differ between steps.
+                group["rounding_step"] += 1
+            averaging = averages_this_step(group)
             clip_coef = None
             if group["max_grad_norm"] is not None:
                 # torch.nn.utils.clip_grad_norm_'s coefficient, on the device.
@@ -214,8 +272,12 @@ class PenalizedOptimizer(Optimizer):
                 bucket[1].append(g)
             for (device, _), (bucket_params, bucket_grads) in buckets.items():
                 dense_grads = [self._dense_like(g, p) for p, g in zip(self._locals(bucket_params), bucket_grads)]
-                self._group_step(group, bucket_params, dense_grads, _on(grad_scale, device), _on(found_inf, device),
-                                 _on(clip_coef, device))
+                counts = []
+                extras = functools.partial(self._op_extras, group_index, averaging, counts)
+                bucket_found_inf = _on(found_inf, device)
+                self._group_step(group, bucket_params, dense_grads, _on(grad_scale, device), bucket_found_inf,
+                                 _on(clip_coef, device), extras)
+                count_averaged(counts, bucket_found_inf)
         return loss
 
     @staticmethod
@@ -243,7 +305,9 @@ class PenalizedOptimizer(Optimizer):
     def _extra_defaults(self) -> dict:
         raise NotImplementedError
 
-    def _group_step(self, group, params, grads, grad_scale, found_inf, clip_coef) -> None:
+    def _group_step(self, group, params, grads, grad_scale, found_inf, clip_coef, extras) -> None:
+        """``extras(params)``: the ops' keyword arguments for stochastic
+        rounding and averaging of ``params`` (the bucket or part of it)."""
         raise NotImplementedError
 
 
