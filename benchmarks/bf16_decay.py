@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 import regops  # noqa: E402
 from benchmarks.common import ROOT, device_name  # noqa: E402
 from benchmarks.mnist import BATCH_SIZE, SimpleCNNNoReg, batch_order, evaluate, prepare  # noqa: E402
-from regops.data import load_dataset  # noqa: E402
+from benchmarks.data import load_dataset  # noqa: E402
 
 LR, WEIGHT_DECAY = 1e-3, 0.1
 EMA_DECAY = 0.99

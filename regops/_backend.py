@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import os
+from collections.abc import Iterator
 
 import torch
 
@@ -115,7 +116,7 @@ def get_backend() -> str | None:
 
 
 @contextlib.contextmanager
-def use_backend(name: str | None):
+def use_backend(name: str | None) -> Iterator[None]:
     """Context manager form of ``set_backend``."""
     global _forced
     previous = _forced

@@ -2,7 +2,7 @@
 
 One call turns an existing model (and its trained state) into a regops model:
 
-    model = regops.convert(model)                     # Dropout, BatchNorm1d/2d/3d
+    model = regops.convert(model)                     # Dropout, BatchNorm1d/2d/3d, LayerNorm, RMSNorm
     model = regops.convert(model, fuse_bn_relu=True)  # and BatchNorm -> ReLU fused
 
 The new modules take over the very Parameter and buffer tensors of the old
@@ -18,6 +18,7 @@ from torch import nn
 import regops.nn as regops_nn
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+_NORMS = (nn.LayerNorm, nn.RMSNorm)
 
 
 def _take_over_state(old: nn.Module, new: nn.Module) -> nn.Module:
@@ -41,21 +42,33 @@ def _convert_batch_norm(module: nn.Module, activation: str | None) -> nn.Module:
     cls = getattr(regops_nn, type(module).__name__)  # BatchNorm1d -> regops.nn.BatchNorm1d
     # Built on the meta device: its own tensors are replaced by module's at once.
     new = cls(module.num_features, eps=module.eps, momentum=module.momentum, affine=module.affine,
-              track_running_stats=module.track_running_stats, device="meta", activation=activation)
+              track_running_stats=module.track_running_stats, device="meta",
+              bias=not module.affine or module.bias is not None, activation=activation)
+    return _take_over_state(module, new)
+
+
+def _convert_norm(module: nn.Module) -> nn.Module:
+    if type(module) is nn.LayerNorm:
+        new = regops_nn.LayerNorm(module.normalized_shape, eps=module.eps,
+                                  elementwise_affine=module.elementwise_affine, bias=module.bias is not None,
+                                  device="meta")
+    else:
+        new = regops_nn.RMSNorm(module.normalized_shape, eps=module.eps,
+                                elementwise_affine=module.elementwise_affine, device="meta")
     return _take_over_state(module, new)
 
 
 def _convertible(module: nn.Module) -> bool:
     # Exact types: a user subclass may have changed forward(), and the Lazy,
     # Sync and channel-wise (Dropout1d/2d/3d) variants compute something else.
-    return type(module) is nn.Dropout or type(module) in _BATCH_NORMS
+    return type(module) is nn.Dropout or type(module) in _BATCH_NORMS or type(module) in _NORMS
 
 
 def convert(model: nn.Module, fuse_bn_relu: bool = False) -> nn.Module:
-    """Replaces, in place, every ``torch.nn.Dropout`` and
-    ``torch.nn.BatchNorm1d/2d/3d`` in ``model`` by ``regops.nn.Dropout`` and
-    ``regops.nn.BatchNorm1d/2d/3d``, and returns the model (the new module if
-    ``model`` itself is one of those).
+    """Replaces, in place, every ``torch.nn.Dropout``,
+    ``torch.nn.BatchNorm1d/2d/3d``, ``torch.nn.LayerNorm`` and
+    ``torch.nn.RMSNorm`` in ``model`` by the regops module of the same name,
+    and returns the model (the new module if ``model`` itself is one of those).
 
     The new modules reuse the old modules' Parameter and buffer objects
     (weight, bias, running statistics, num_batches_tracked), so values,
@@ -93,6 +106,8 @@ def convert(model: nn.Module, fuse_bn_relu: bool = False) -> nn.Module:
         if key not in replaced:
             if isinstance(module, nn.Dropout):
                 replaced[key] = _convert_dropout(module)
+            elif type(module) in _NORMS:
+                replaced[key] = _convert_norm(module)
             else:
                 replaced[key] = _convert_batch_norm(module, activation)
         return replaced[key]

@@ -144,10 +144,15 @@ def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float) -> torch.
 
 
 # --- optimizers -------------------------------------------------------------------
-# Penalized SGD and AdamW, one tensor at a time in float32 (the rules of
-# csrc/include/regops/optim.h, README "Optimizers"): gradient penalties use
-# the parameter before the step; proximal L1 soft-thresholds after it; the
-# parameter and its states are rounded once to their dtype at the end.
+# Penalized SGD and AdamW, one tensor at a time in float32 (float64 for
+# float64 tensors; the rules of csrc/include/regops/optim.h, README
+# "Optimizers"): gradient penalties use the parameter before the step;
+# proximal L1 soft-thresholds after it; the parameter and its states are
+# rounded once to their dtype at the end.
+
+
+def optimizer_math_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 # --- stochastic rounding (csrc/include/regops/stochastic_rounding.h, README
@@ -212,9 +217,11 @@ def _store(target: torch.Tensor, value: torch.Tensor, rounding, index: int, slot
 
 
 def store_average(average: torch.Tensor, param: torch.Tensor, weight: float, rounding, index: int) -> None:
-    """average = lerp(average, param, weight) in float32 from the stored
-    (rounded) parameter, written as ``_store`` writes (random slot 4)."""
-    _store(average, lerp_like_torch(average.float(), param.float(), weight), rounding, index, "average")
+    """average = lerp(average, param, weight) in float32 (float64 for float64
+    parameters) from the stored (rounded) parameter, written as ``_store``
+    writes (random slot 4)."""
+    math_dtype = optimizer_math_dtype(param.dtype)
+    _store(average, lerp_like_torch(average.to(math_dtype), param.to(math_dtype), weight), rounding, index, "average")
 
 
 def _averages(averages, average_weights):
@@ -229,7 +236,7 @@ def _rounding_list(rounding):
 
 
 def _transformed_gradient(grad, param, grad_factor, maximize, coupled_l2, l1_subgradient):
-    g = grad.float()
+    g = grad.to(optimizer_math_dtype(grad.dtype))
     if grad_factor is not None:
         g = g * grad_factor.to(g.device)
     if maximize:
@@ -248,7 +255,8 @@ def lerp_like_torch(start: torch.Tensor, end: torch.Tensor, weight: float) -> to
     else end - (end - start) * (1 - weight)) with each operation rounded on
     its own, as the kernels compute it; torch's CPU lerp fuses a multiply-add,
     which would round differently."""
-    weight = float(torch.tensor(float(weight), dtype=torch.float32))  # the kernels' float32 weight
+    if start.dtype != torch.float64:
+        weight = float(torch.tensor(float(weight), dtype=torch.float32))  # the kernels' float32 weight
     if abs(weight) < 0.5:
         return start + weight * (end - start)
     return end + (weight - 1.0) * (end - start)  # weight - 1 is exact in float32 and in double
@@ -272,11 +280,11 @@ def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0
     proximal = l1_mode == "proximal"
     new_buffers = []
     for i, (param, grad) in enumerate(zip(params, grads)):
-        p = param.float()
+        p = param.to(optimizer_math_dtype(param.dtype))
         g = _transformed_gradient(grad, p, grad_factor, maximize, weight_decay, 0.0 if proximal else l1)
         buf = momentum_buffers[i] if momentum_buffers else None
         if momentum != 0:
-            new = g.clone() if buf is None else buf.float() * momentum + (1 - dampening) * g
+            new = g.clone() if buf is None else buf.to(p.dtype) * momentum + (1 - dampening) * g
             g = g + momentum * new if nesterov else new
             if buf is None:
                 buf = torch.empty_like(param)
@@ -304,15 +312,15 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
     for i, (param, grad) in enumerate(zip(params, grads)):
         steps[i] += 1
         step = float(steps[i])
-        p = param.float()
+        p = param.to(optimizer_math_dtype(param.dtype))
         g = _transformed_gradient(grad, p, grad_factor, maximize, l2, 0.0 if proximal else l1)
         p = p * (1 - lr * weight_decay)
-        m = lerp_like_torch(exp_avgs[i].float(), g, 1 - beta1)
-        v = exp_avg_sqs[i].float() * beta2 + (1 - beta2) * g * g
+        m = lerp_like_torch(exp_avgs[i].to(p.dtype), g, 1 - beta1)
+        v = exp_avg_sqs[i].to(p.dtype) * beta2 + (1 - beta2) * g * g
         _store(exp_avgs[i], m, rounding, i, "exp_avg")
         _store(exp_avg_sqs[i], v, rounding, i, "exp_avg_sq")
         if amsgrad:
-            v = torch.maximum(max_exp_avg_sqs[i].float(), v)
+            v = torch.maximum(max_exp_avg_sqs[i].to(p.dtype), v)
             _store(max_exp_avg_sqs[i], v, rounding, i, "max_exp_avg_sq")
         denom = v.sqrt() / (1 - beta2 ** step) ** 0.5 + eps
         p = p - lr / (1 - beta1 ** step) * (m / denom)
@@ -325,7 +333,7 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
 
 def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:
     """The L2 norm (or its square) of all tensors together, float32."""
-    total = sum((t.float().square().sum(dtype=torch.float64) for t in tensors),
+    total = sum((t.to(optimizer_math_dtype(t.dtype)).square().sum(dtype=torch.float64) for t in tensors),
                 torch.zeros((), dtype=torch.float64, device=tensors[0].device if tensors else None))
     return (total if squared else total.sqrt()).float()
 
@@ -411,9 +419,11 @@ def batch_norm_backward_elementwise(grad_out, x, mean, invstd, weight, bias, sum
 
 
 def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: bool = False, momentum: float = 0.1,
-               eps: float = 1e-5, *, activation: str | None = None) -> torch.Tensor:
-    """torch.nn.functional.batch_norm (plus the optional ReLU) from torch
-    primitives; differentiable by autograd. Updates the running buffers in place."""
+               eps: float = 1e-5, *, activation: str | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
+    """torch.nn.functional.batch_norm (plus the optional residual, added
+    before the optional ReLU) from torch primitives; differentiable by
+    autograd. Updates the running buffers in place."""
     acc = batch_norm_accumulate_dtype(x.dtype)
     if training:
         mean, var = batch_norm_stats(x)
@@ -428,6 +438,51 @@ def batch_norm(x, running_mean, running_var, weight=None, bias=None, training: b
     else:
         mean, var = running_mean.to(acc), running_var.to(acc)
     y = _affine(x, mean, torch.rsqrt(var + eps), weight, bias)
+    if residual is not None:
+        y = y + residual.to(y.dtype)
     if activation == "relu":
         y = torch.relu(y)
     return y.to(x.dtype)
+
+
+# --- layer normalization -----------------------------------------------------------
+# The formulas of csrc/include/regops/layer_norm.h in plain torch on (rows,
+# hidden) tensors, in the accumulate dtype and cast once; differentiable by
+# autograd. Dropout follows the random rule over the row-major flat index.
+
+def layer_norm_h_dtype(x_dtype: torch.dtype, residual_dtype: torch.dtype | None, residual_in_fp32: bool) -> torch.dtype:
+    """The dtype of h = dropout(x) + residual."""
+    if residual_in_fp32:
+        return batch_norm_accumulate_dtype(x_dtype)
+    return x_dtype if residual_dtype is None else residual_dtype
+
+
+def dropout_add_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor | None,
+                     bias: torch.Tensor | None, p: float, seed: int | None, offset: int, eps: float, rms: bool,
+                     residual_in_fp32: bool = False):
+    """(output, h, packed mask or None) for x (rows, hidden): h =
+    round_h(round_x(x * keep * scale) + residual), output = norm(h) * weight
+    + bias rounded to x's dtype; the statistics are those of h as stored."""
+    acc = batch_norm_accumulate_dtype(x.dtype)
+    mask = None
+    d = x
+    if seed is not None:
+        keep = dropout_keep(x.numel(), p, seed, offset, device=x.device).reshape(x.shape)
+        d = dropout_apply(x, keep, p)
+        mask = pack_mask(keep)
+    h_dtype = layer_norm_h_dtype(x.dtype, None if residual is None else residual.dtype, residual_in_fp32)
+    h = d.to(h_dtype) if residual is None else (d.to(acc) + residual.to(acc)).to(h_dtype)
+    hf = h.to(acc)
+    if rms:
+        rstd = 1.0 / torch.sqrt(hf.square().mean(-1, keepdim=True) + eps)
+        xhat = hf * rstd
+    else:
+        mean = hf.mean(-1, keepdim=True)
+        rstd = 1.0 / torch.sqrt((hf - mean).square().mean(-1, keepdim=True) + eps)
+        xhat = (hf - mean) * rstd
+    y = xhat
+    if weight is not None:
+        y = y * weight.to(acc)
+    if bias is not None:
+        y = y + bias.to(acc)
+    return y.to(x.dtype), h, mask

@@ -20,18 +20,38 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 import regops  # noqa: E402
 
+if os.environ.get("REGOPS_SANITIZED"):
+    # tests/sanitize.sh: every process (pytest-xdist workers too) must import
+    # the instrumented build, not the normal one next to the sources.
+    import sys
+
+    _sanitized_lib = os.path.join("build", "sanitize", "lib", "regops")
+    for _name in ("regops._C", "regops._C_cuda_sim"):
+        _module = sys.modules.get(_name)
+        if _module is not None and _sanitized_lib not in _module.__file__:
+            raise RuntimeError(f"REGOPS_SANITIZED is set but {_name} comes from {_module.__file__}")
+
 # Hypothesis profiles (tests/test_properties.py, tests/test_hostile.py), chosen
 # with HYPOTHESIS_PROFILE. "ci", the default, is bounded and derandomized: the
 # same examples every run, so a CI failure replays anywhere. "dev" draws fresh
 # random examples each run and prints a reproduction blob on failure
 # (@reproduce_failure); "thorough" is for a long local hunt.
 _SLOW_OK = [HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.function_scoped_fixture]
-settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
-                          suppress_health_check=_SLOW_OK)
-settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True, suppress_health_check=_SLOW_OK)
-settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True,
-                          suppress_health_check=_SLOW_OK)
-settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+def load_hypothesis_profiles() -> None:
+    """Registers and loads the profiles; called again after importing
+    torch.testing._internal, which registers and loads profiles of its own."""
+    settings.register_profile("ci", max_examples=30, deadline=None, derandomize=True, print_blob=True,
+                              suppress_health_check=_SLOW_OK)
+    settings.register_profile("dev", max_examples=100, deadline=None, print_blob=True,
+                              suppress_health_check=_SLOW_OK)
+    settings.register_profile("thorough", max_examples=2000, deadline=None, print_blob=True,
+                              suppress_health_check=_SLOW_OK)
+    settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+load_hypothesis_profiles()
 
 HAS_CUDA = torch.cuda.is_available()
 CUDA_SIMULATED = regops._backend.cuda_simulated()

@@ -45,8 +45,9 @@ export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=0:abort_on_error=1:halt_on_erro
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-halt_on_error=1:print_stacktrace=1}
 export REGOPS_SANITIZED=1
 export REGOPS_CUDA_SIM=${REGOPS_CUDA_SIM:-1}
-# -P: the working directory (with the normal, uninstrumented build) is not
+# PYTHONSAFEPATH (-P, inherited by pytest-xdist's workers): the working directory (with the normal, uninstrumented build) is not
 # put on sys.path; PYTHONPATH makes the instrumented regops the one imported.
 # --capture=sys leaves file descriptor 2 alone, so a sanitizer report (written
 # there just before the abort) reaches the terminal instead of pytest's buffer.
+export PYTHONSAFEPATH=1
 PYTHONPATH="$LIB" "$PYTHON" -P -m pytest -q -p no:cacheprovider --capture=sys "$@"

@@ -319,15 +319,13 @@ def test_optimizer_bad_inputs_raise_before_any_update(name):
     regops_cls = OPTIMIZERS[name][0]()
     p = torch.randn(5, requires_grad=True)
     q = torch.randn(4, requires_grad=True)
-    # Construction-time errors.
-    with pytest.raises(TypeError, match="float32, float16 and bfloat16"):
-        regops_cls([torch.zeros(3, dtype=torch.float64, requires_grad=True)], lr=0.1)
-    with pytest.raises(ValueError, match="twice"):
+    # Construction-time errors (a parameter listed twice in a group warns, as in torch).
+    with pytest.raises(TypeError, match="float32, float64, float16, bfloat16, complex64 and complex128"):
+        regops_cls([torch.zeros(3, dtype=torch.int64)], lr=0.1)
+    with pytest.warns(UserWarning, match="duplicate parameters"):
         regops_cls([p, q, p], lr=0.1)
     with pytest.raises(ValueError, match="more than one parameter group|more than one"):
         regops_cls([{"params": [p]}, {"params": [q, p]}], lr=0.1)
-    with pytest.raises(ValueError, match=r"params must be non-overlapping and dense.*strides \(2,\)"):
-        regops_cls([p, torch.randn(10)[::2].requires_grad_()], lr=0.1)
     with pytest.raises(ValueError, match="lr must be"):
         regops_cls([p], lr=-1.0)
     optimizer = regops_cls([{"params": [p]}, {"params": [q]}], lr=0.1)
@@ -355,19 +353,12 @@ def test_optimizer_bad_inputs_raise_before_any_update(name):
         optimizer.param_groups[1]["weight_decay"] = float("nan")
         return lambda: optimizer.param_groups[1].update(weight_decay=0.0)
 
-    def strided_param():
-        # A parameter whose storage was swapped for a strided view after construction.
-        data = q.data
-        q.data = torch.randn(8)[::2]
-        return lambda: setattr(q, "data", data)
-
     def sparse_grad():
         q.grad = torch.ones(4).to_sparse()
         return lambda: None
 
     poisoned_step(bad_lr, ValueError, "lr must be")
     poisoned_step(bad_decay, ValueError, "weight_decay must be")
-    poisoned_step(strided_param, ValueError, "non-overlapping and dense")
     poisoned_step(sparse_grad, RuntimeError, "sparse gradients")
     p.grad, q.grad = torch.ones(5), torch.ones(4)
     optimizer.step()  # and then it works
@@ -697,8 +688,6 @@ def _raw_op_error_cases():
         ("sgd_step_", (p, [torch.zeros(5)], []) + (0.1,) + sgd_rest),
         ("sgd_step_", (p, g, []) + (-0.1,) + sgd_rest),
         ("sgd_step_", (p, g, [], 0.1, 0.9) + sgd_rest[1:]),
-        ("sgd_step_", ([torch.zeros(4, dtype=torch.float64)], [torch.zeros(4, dtype=torch.float64)], [], 0.1)
-         + sgd_rest),
         ("sgd_step_", (p, [torch.zeros(4, dtype=torch.float16)], [], 0.1) + sgd_rest),
         ("sgd_step_", ([torch.zeros(8)[::2]], [torch.zeros(8)[::2]], [], 0.1) + sgd_rest),
         ("sgd_step_", (p, g, [], 0.1) + sgd_rest + (torch.ones(2),)),

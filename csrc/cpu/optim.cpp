@@ -8,12 +8,21 @@
 // vectorizes, on float32 tensors directly and on bfloat16 tensors as bits
 // converted in registers (shift to widen, round-to-nearest-even with bit
 // operations to narrow: c10's per-element bfloat16 conversion does not
-// vectorize); float16 goes through float32 blocks of kBlock elements.
+// vectorize); float16 goes through float32 blocks of kBlock elements;
+// float64 runs the same loops with float64 math.
 //
 // Traffic per parameter (element size e): SGD reads p, g and the momentum
 // buffer and writes p and the buffer (5e; 3e without momentum); AdamW reads
 // p, g, exp_avg, exp_avg_sq and writes p, exp_avg, exp_avg_sq (7e; 9e with
 // amsgrad).
+// No floating-point contraction in this file (GCC contracts a * b + c into
+// an FMA in the AVX2 / AVX-512 clones by default): every product and sum is
+// rounded on its own, as in regops/reference.py and the CUDA kernels
+// (mul_rn in regops/optim.h), so the float32 value that stochastic rounding
+// sees is the same bits on every backend. Before every include, so that all
+// functions inlined into the loops carry the same options.
+#pragma GCC optimize("fp-contract=off")
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -54,6 +63,12 @@ using Bits16 = uint16_t;  // bfloat16 storage
 
 REGOPS_ALWAYS_INLINE float load_element(const float* data, int64_t i) { return data[i]; }
 REGOPS_ALWAYS_INLINE void store_element(float* data, int64_t i, float value) { data[i] = value; }
+REGOPS_ALWAYS_INLINE double load_element(const double* data, int64_t i) { return data[i]; }
+REGOPS_ALWAYS_INLINE void store_element(double* data, int64_t i, double value) { data[i] = value; }
+
+// The math type of the loops on storage T: float64 for float64, else float32.
+template <typename T>
+using Math = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // bfloat16 <-> float32 as bit operations: widening is a shift; narrowing
 // rounds to nearest even and keeps NaN a quiet NaN, as c10::BFloat16 does.
@@ -134,14 +149,16 @@ REGOPS_ALWAYS_INLINE float round_average(float value, uint32_t bits) {
 template <typename P, typename A, bool kHalfParam, bool kStochastic>
 REGOPS_CLONES void average_block(const P* __restrict__ p, A* __restrict__ average, int64_t n, LerpWeight weight,
                                  const PieceRounding& rounding) {
+  using Real = Math<P>;  // float64 for float64 parameters
+  const LerpWeightT<Real> w{static_cast<Real>(weight.factor), weight.from_start};
   uint32_t bits[kRoundBlock];
   for (int64_t base = 0; base < n; base += kRoundBlock) {
     if (kStochastic) draw_rounding_bits(rounding, rounding.first + base, kRoundAverage, bits);
     const int64_t count = std::min(kRoundBlock, n - base);
     for (int64_t i = 0; i < count; ++i) {
-      float param = load_element(p, base + i);
+      Real param = load_element(p, base + i);
       if (kHalfParam) param = static_cast<float>(static_cast<at::Half>(param));
-      float value = lerp_like_torch(load_element(average, base + i), param, weight);
+      Real value = lerp_like_torch(static_cast<Real>(load_element(average, base + i)), param, w);
       if (kStochastic) value = round_average<A>(value, bits[i]);
       store_element(average, base + i, value);
     }
@@ -162,7 +179,7 @@ struct CallAverages {
     const at::TensorList averages = *optional_averages;
     present = true;
     dtype = averages[0].scalar_type();
-    stochastic = rounding && dtype != at::kFloat;
+    stochastic = rounding && (dtype == at::kBFloat16 || dtype == at::kHalf);
     const float* w = average_weights->const_data_ptr<float>();
     for (size_t i = 0; i < averages.size(); ++i) {
       data.push_back(averages[i].data_ptr());
@@ -186,6 +203,8 @@ struct CallAverages {
     };
     if (dtype == at::kFloat) {
       run(static_cast<float*>(data[t]));
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      run(static_cast<double*>(data[t]));
     } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
       run(static_cast<Bits16*>(data[t]));
     } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
@@ -202,15 +221,15 @@ struct CallAverages {
 template <typename T, bool kStochastic, bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2,
           bool kL1Subgradient, bool kL1Proximal>
 REGOPS_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buffer, int64_t n,
-                             const SGDCoefficients& coefficients, const PieceRounding& rounding) {
-  SGDCoefficients c = coefficients;
+                             const SGDCoefficientsT<Math<T>>& coefficients, const PieceRounding& rounding) {
+  SGDCoefficientsT<Math<T>> c = coefficients;
   c.has_momentum = kMomentum;
   c.first_step = kFirstStep;
   c.nesterov = kNesterov;
   if constexpr (!kStochastic) {
     for (int64_t i = 0; i < n; ++i) {
-      float param = load_element(p, i);
-      float buf = kMomentum && !kFirstStep ? load_element(buffer, i) : 0.0f;
+      Math<T> param = load_element(p, i);
+      Math<T> buf = kMomentum && !kFirstStep ? load_element(buffer, i) : Math<T>(0);
       sgd_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), buf, c);
       store_element(p, i, param);
       if (kMomentum) store_element(buffer, i, buf);
@@ -225,8 +244,8 @@ REGOPS_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __re
       const T* __restrict__ gb = g + base;
       T* __restrict__ bb = kMomentum ? buffer + base : nullptr;
       for (int64_t i = 0; i < m; ++i) {
-        float param = load_element(pb, i);
-        float buf = kMomentum && !kFirstStep ? load_element(bb, i) : 0.0f;
+        Math<T> param = load_element(pb, i);
+        Math<T> buf = kMomentum && !kFirstStep ? load_element(bb, i) : Math<T>(0);
         sgd_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(gb, i), buf, c);
         store_element(pb, i, round_stochastic<T>(param, param_bits[i]));
         if (kMomentum) store_element(bb, i, round_stochastic<T>(buf, buffer_bits[i]));
@@ -236,20 +255,20 @@ REGOPS_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __re
 }
 
 template <typename T>
-using SGDBlock = void (*)(T*, const T*, T*, int64_t, const SGDCoefficients&, const PieceRounding&);
+using SGDBlock = void (*)(T*, const T*, T*, int64_t, const SGDCoefficientsT<Math<T>>&, const PieceRounding&);
 
 template <typename T, bool kStochastic, bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient,
           bool kL1Proximal>
 REGOPS_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ exp_avg,
                                T* __restrict__ exp_avg_sq, T* __restrict__ max_exp_avg_sq, int64_t n,
-                               const AdamWCoefficients& coefficients, const PieceRounding& rounding) {
-  AdamWCoefficients c = coefficients;
+                               const AdamWCoefficientsT<Math<T>>& coefficients, const PieceRounding& rounding) {
+  AdamWCoefficientsT<Math<T>> c = coefficients;
   c.amsgrad = kAmsgrad;
   c.exp_avg_weight.from_start = kLerpFromStart;
   if constexpr (!kStochastic) {
     for (int64_t i = 0; i < n; ++i) {
-      float param = load_element(p, i), m = load_element(exp_avg, i), v = load_element(exp_avg_sq, i);
-      float v_max = kAmsgrad ? load_element(max_exp_avg_sq, i) : 0.0f;
+      Math<T> param = load_element(p, i), m = load_element(exp_avg, i), v = load_element(exp_avg_sq, i);
+      Math<T> v_max = kAmsgrad ? load_element(max_exp_avg_sq, i) : Math<T>(0);
       adamw_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), m, v, v_max, c);
       store_element(p, i, param);
       store_element(exp_avg, i, m);
@@ -270,8 +289,8 @@ REGOPS_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T* __
       T* __restrict__ vb = exp_avg_sq + base;
       T* __restrict__ vmb = kAmsgrad ? max_exp_avg_sq + base : nullptr;
       for (int64_t i = 0; i < count; ++i) {
-        float param = load_element(pb, i), m = load_element(mb, i), v = load_element(vb, i);
-        float v_max = kAmsgrad ? load_element(vmb, i) : 0.0f;
+        Math<T> param = load_element(pb, i), m = load_element(mb, i), v = load_element(vb, i);
+        Math<T> v_max = kAmsgrad ? load_element(vmb, i) : Math<T>(0);
         adamw_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(gb, i), m, v, v_max, c);
         store_element(pb, i, round_stochastic<T>(param, param_bits[i]));
         store_element(mb, i, round_stochastic<T>(m, m_bits[i]));
@@ -283,7 +302,8 @@ REGOPS_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T* __
 }
 
 template <typename T>
-using AdamWBlock = void (*)(T*, const T*, T*, T*, T*, int64_t, const AdamWCoefficients&, const PieceRounding&);
+using AdamWBlock = void (*)(T*, const T*, T*, T*, T*, int64_t, const AdamWCoefficientsT<Math<T>>&,
+                            const PieceRounding&);
 
 // variants.template get<flags...>() for the runtime values of flags.
 template <typename Variants, bool... kChosen>
@@ -304,8 +324,11 @@ struct SGDVariants {
   template <bool kStochastic, bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient,
             bool kL1Proximal>
   SGDBlock<T> get() const {
-    if constexpr ((!kMomentum && (kFirstStep || kNesterov)) || (kL1Subgradient && kL1Proximal)) {
-      return nullptr;  // never selected: without momentum both flags are cleared; the L1 modes exclude each other
+    if constexpr ((!kMomentum && (kFirstStep || kNesterov)) || (kL1Subgradient && kL1Proximal) ||
+                  (kStochastic && std::is_same_v<T, double>)) {
+      // never selected: without momentum both flags are cleared; the L1 modes
+      // exclude each other; float64 is never rounded
+      return nullptr;
     } else {
       return &sgd_block<T, kStochastic, kMomentum, kFirstStep, kNesterov, kCoupledL2, kL1Subgradient, kL1Proximal>;
     }
@@ -313,7 +336,7 @@ struct SGDVariants {
 };
 
 template <typename T>
-SGDBlock<T> select_sgd_block(const SGDCoefficients& c, bool stochastic) {
+SGDBlock<T> select_sgd_block(const SGDCoefficientsT<Math<T>>& c, bool stochastic) {
   const bool momentum = c.has_momentum;
   return select_variant(SGDVariants<T>{}, stochastic, momentum, momentum && c.first_step, momentum && c.nesterov,
                         c.gradient.coupled_l2 != 0.0f, c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
@@ -324,8 +347,8 @@ struct AdamWVariants {
   template <bool kStochastic, bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient,
             bool kL1Proximal>
   AdamWBlock<T> get() const {
-    if constexpr (kL1Subgradient && kL1Proximal) {
-      return nullptr;  // never selected
+    if constexpr ((kL1Subgradient && kL1Proximal) || (kStochastic && std::is_same_v<T, double>)) {
+      return nullptr;  // never selected: the L1 modes exclude each other; float64 is never rounded
     } else {
       return &adamw_block<T, kStochastic, kAmsgrad, kLerpFromStart, kCoupledL2, kL1Subgradient, kL1Proximal>;
     }
@@ -335,29 +358,30 @@ struct AdamWVariants {
 // The flags are the same for every tensor of a call (only the step-dependent
 // factors differ), so one variant serves them all.
 template <typename T>
-AdamWBlock<T> select_adamw_block(const AdamWCoefficients& c, bool stochastic) {
-  return select_variant(AdamWVariants<T>{}, stochastic, c.amsgrad, c.exp_avg_weight.from_start, c.gradient.coupled_l2 != 0.0f,
-                        c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
+AdamWBlock<T> select_adamw_block(const AdamWCoefficientsT<Math<T>>& c, bool stochastic) {
+  return select_variant(AdamWVariants<T>{}, stochastic, c.amsgrad, c.exp_avg_weight.from_start,
+                        c.gradient.coupled_l2 != 0.0f, c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
 }
 
-// Sum of squares with 16 independent float32 accumulators (a plain float sum
-// does not vectorize without reassociation), on float32 or bfloat16 bits.
+// Sum of squares with 16 independent accumulators (a plain float sum does
+// not vectorize without reassociation), on float32 or bfloat16 bits in
+// float32, on float64 in float64.
 template <typename T>
 REGOPS_CLONES double sum_of_squares(const T* __restrict__ x, int64_t n) {
   constexpr int kLanes = 16;
-  float acc[kLanes] = {};
+  Math<T> acc[kLanes] = {};
   int64_t i = 0;
   for (; i + kLanes <= n; i += kLanes) {
     for (int l = 0; l < kLanes; ++l) {
-      const float value = load_element(x, i + l);
+      const Math<T> value = load_element(x, i + l);
       acc[l] += value * value;
     }
   }
   for (; i < n; ++i) {
-    const float value = load_element(x, i);
+    const Math<T> value = load_element(x, i);
     acc[0] += value * value;
   }
-  float total = 0.0f;
+  Math<T> total = 0;
   for (int l = 0; l < kLanes; ++l) total += acc[l];
   return total;
 }
@@ -425,10 +449,11 @@ class TensorSpan {
   int64_t size_ = 0;
 };
 
-// The type the loops run on: float32 and bfloat16 (as Bits16) directly,
-// float16 through float32 blocks.
+// The type the loops run on: float32, float64 and bfloat16 (as Bits16)
+// directly, float16 through float32 blocks.
 template <typename scalar_t>
-using LoopType = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, Bits16, float>;
+using LoopType = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, Bits16,
+                                    std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>;
 
 // Runs block_fn(LoopType* views[kLists], n, tensor, first) over every element of
 // the tensors of `lists` (lists[l][t] is tensor t of list l; list 1 holds the
@@ -486,7 +511,9 @@ struct CallRounding {
   std::vector<uint32_t> tensor_index;
 
   CallRounding(const c10::optional<at::Tensor>& rounding, at::TensorList params) {
-    if (!rounding.has_value() || params.empty() || params[0].scalar_type() == at::kFloat) return;
+    if (!rounding.has_value() || params.empty()) return;
+    const at::ScalarType dtype = params[0].scalar_type();
+    if (dtype != at::kBFloat16 && dtype != at::kHalf) return;
     const int64_t* r = rounding->const_data_ptr<int64_t>();
     stochastic = true;
     key = rounding_key(static_cast<uint64_t>(r[0]), static_cast<uint64_t>(r[1]), static_cast<uint64_t>(r[2]));
@@ -520,14 +547,14 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
   const CallRounding call_rounding(rounding, params);
   const CallAverages call_averages(averages, average_weights, rounding.has_value());
-  SGDCoefficients c = make_sgd_coefficients(lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
-                                            first_step);
   float grad_factor = 1.0f;
   if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
-  c.gradient.grad_factor *= grad_factor;  // keeps maximize's sign
-  dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
+  dispatch_optimizer_dtype<true>(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using T = LoopType<scalar_t>;
+    SGDCoefficientsT<Math<T>> c = make_sgd_coefficients<Math<T>>(lr, momentum, dampening, weight_decay, nesterov,
+                                                                 maximize, l1, proximal, first_step);
+    c.gradient.grad_factor *= grad_factor;  // keeps maximize's sign
     const SGDBlock<T> block = select_sgd_block<T>(c, call_rounding.stochastic);
     if (momentum != 0.0) {
       apply_blocks<scalar_t, 3>({params, grads, momentum_buffers},
@@ -577,17 +604,22 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
   if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
   // The step counts are incremented first, as torch does, and the bias
   // corrections computed from the new count in double.
-  std::vector<AdamWCoefficients> coefficients;
-  coefficients.reserve(params.size());
+  std::vector<double> counts;
+  counts.reserve(params.size());
   for (const at::Tensor& step : state_steps) {
     float* count = step.mutable_data_ptr<float>();
     *count += 1.0f;
-    coefficients.push_back(adamw_coefficients(lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad,
-                                              maximize, *count, grad_factor));
+    counts.push_back(*count);
   }
-  dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
+  dispatch_optimizer_dtype<true>(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using T = LoopType<scalar_t>;
+    std::vector<AdamWCoefficientsT<Math<T>>> coefficients;
+    coefficients.reserve(params.size());
+    for (double count : counts) {
+      coefficients.push_back(adamw_coefficients<Math<T>>(lr, beta1, beta2, eps, weight_decay, l2, l1, proximal,
+                                                         amsgrad, maximize, count, grad_factor));
+    }
     const AdamWBlock<T> block = select_adamw_block<T>(coefficients[0], call_rounding.stochastic);
     if (amsgrad) {
       apply_blocks<scalar_t, 5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
@@ -627,7 +659,7 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, bool squared) {
   // One partial per chunk, summed in a fixed order: the result does not
   // depend on the number of threads.
   std::vector<double> partials(span.chunks(), 0.0);
-  dispatch_optimizer_dtype("multi_tensor_norm", tensors[0].scalar_type(), [&](auto tag) {
+  dispatch_optimizer_dtype<true>("multi_tensor_norm", tensors[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     span.parallel_chunks([&](int64_t first, int64_t last) {
       for (int64_t chunk = first; chunk < last; ++chunk) {

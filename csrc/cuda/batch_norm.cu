@@ -1,24 +1,36 @@
 // Batch normalization on CUDA, both memory layouts without a transposing copy.
 //
-// Per-channel reductions (statistics; the backward's sum(dy) and
-// sum(dy * (x - mean))) run in two steps: a partial kernel where each block
-// reduces one slice of a channel into one partial, then a finalize kernel
-// (a thread per channel) that merges a channel's partials in a fixed order.
-// Splitting every channel over several blocks keeps all SMs busy when C is
-// small; the grid is one-dimensional, channel-major (batch_norm_launch.h),
-// so any number of channels fits one launch. The partial kernel comes in two
-// shapes:
-//   spatial-inner (contiguous NCHW): a block reduces one slice of one
-//     channel, its threads walking consecutive elements of the channel's N
-//     runs of S (coalesced);
-//   channel-inner (channels_last, or S == 1): a block is 32 channels x 8 rows,
-//     a warp reading 32 consecutive channels of one row (coalesced), the 8
-//     row-threads of each channel merged through shared memory.
-// Elementwise passes (normalize; grad_input) walk memory in order, 16 bytes
-// per load and store where aligned, the channel of element i being
-// (i / stride_c) % C in both layouts. Traffic: forward reads x twice (stats,
-// normalize) and writes y; backward reads dy and x twice and writes dx.
-// Everything uses int64 indices and runs on the current stream.
+// How the work is split (csrc/include/regops/batch_norm_launch.h has the
+// arithmetic): every kernel runs on a grid (groups, slices) with grid.x a
+// channel or a tile of channels, so each thread's channels are fixed for the
+// whole kernel and no element needs channel arithmetic:
+//   spatial-inner (contiguous NCHW, N rows of S elements per channel):
+//     block (channel, slice); its threads form groups of row_threads, one
+//     row per group (several short rows per block, one long row cut into
+//     segments), walking the row in 16-byte vectors when S is a multiple of
+//     the vector and every pointer is aligned, element by element otherwise;
+//   channel-inner (channels_last, or S == 1: rows of C channels): block
+//     (tile of channels, slice) of tile_threads x row_threads threads; a
+//     thread owns one vector of consecutive channels and walks rows.
+// Every loop has kUnroll independent loads of each input in flight.
+//
+// Reductions (statistics; the backward's sum(dy) and sum(dy * (x - mean)))
+// write one partial per (channel, slice), merged in a fixed order within the
+// block and then by a finalize kernel (a thread per channel), so the result
+// does not depend on timing. Statistics are the sums of x - s and (x - s)^2
+// with one shift s per channel (its first element), so partials add like
+// plain sums, and the variance keeps its digits when |mean| >> std.
+//
+// The finalize kernels also compute each channel's coefficients once: the
+// forward is y = act(x * scale + shift [+ z]) (one FMA, then the ReLU), the
+// backward dx = a * g + b * (x - mean) + c, g being dy masked by the
+// recomputed ReLU (csrc/include/regops/batch_norm.h).
+//
+// Bytes per element: forward reads x twice and writes y (plus z once with a
+// residual); backward reads dy and x twice and writes dx (with a residual,
+// the reduction also reads z and writes dz = g, which the second pass reads
+// instead of dy). Everything uses int64 indices and runs on the current
+// stream.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -33,401 +45,743 @@ namespace regops {
 namespace {
 
 constexpr int kThreads = 256;
-constexpr int kChannelTile = 32;  // channels per block of the channel-inner reduction (one warp)
-constexpr int kRowThreads = 8;    // rows in flight per block of the channel-inner reduction
+constexpr int kUnroll = 4;         // loads in flight per input per thread
+constexpr int kSegmentPasses = 4;  // passes of a whole block over one segment of a long row
 constexpr int kFinalizeThreads = 128;
-// A reduction block should own at least this many elements per thread, or
+// A reduction slice should own at least this many elements per thread, or
 // the partials cost more than they save.
 constexpr int64_t kMinElementsPerThread = 16;
-
-// ---- per-channel values -----------------------------------------------------------
-
-template <typename acc_t>
-struct ChannelParams {
-  const acc_t* mean;
-  const acc_t* invstd;
-  const acc_t* weight;  // may be null: 1
-  const acc_t* bias;    // may be null: 0
-
-  __device__ __forceinline__ BatchNormAffine<acc_t> affine(int64_t c) const {
-    return batch_norm_affine(mean[c], invstd[c], weight != nullptr ? weight[c] : acc_t(1),
-                             bias != nullptr ? bias[c] : acc_t(0));
-  }
-};
-
-// ---- reducers: what the partial kernels accumulate -----------------------------------
-
-template <typename scalar_t, typename acc_t>
-struct StatisticsReducer {
-  using State = Welford<acc_t>;
-  struct Context {};
-  const scalar_t* x;
-
-  __device__ __forceinline__ State identity() const { return welford_empty<acc_t>(); }
-  __device__ __forceinline__ Context context(int64_t) const { return Context{}; }
-  __device__ __forceinline__ void add(State& state, int64_t offset, const Context&) const {
-    state = welford_update(state, static_cast<acc_t>(x[offset]));
-  }
-  __device__ __forceinline__ static State merge(State a, State b) { return welford_merge(a, b); }
-  __device__ __forceinline__ static State shuffle_down(State s, int delta) {
-    return State{__shfl_down_sync(0xffffffffu, s.mean, delta), __shfl_down_sync(0xffffffffu, s.m2, delta),
-                 __shfl_down_sync(0xffffffffu, s.count, delta)};
-  }
-};
-
-template <typename acc_t>
-struct SumPair {
-  acc_t sum_dy;
-  acc_t sum_dy_xmu;
-};
-
-template <typename scalar_t, typename acc_t>
-struct GradientSumsReducer {
-  using State = SumPair<acc_t>;
-  struct Context {
-    acc_t mean;
-    BatchNormAffine<acc_t> affine;
-  };
-  const scalar_t* dy;
-  const scalar_t* x;
-  ChannelParams<acc_t> params;
-  bool relu;
-
-  __device__ __forceinline__ State identity() const { return State{acc_t(0), acc_t(0)}; }
-  __device__ __forceinline__ Context context(int64_t c) const { return Context{params.mean[c], params.affine(c)}; }
-  __device__ __forceinline__ void add(State& state, int64_t offset, const Context& ctx) const {
-    const acc_t xi = static_cast<acc_t>(x[offset]);
-    const acc_t g = batch_norm_masked_grad(static_cast<acc_t>(dy[offset]), xi, ctx.affine, relu);
-    state.sum_dy += g;
-    state.sum_dy_xmu += g * (xi - ctx.mean);
-  }
-  __device__ __forceinline__ static State merge(State a, State b) {
-    return State{a.sum_dy + b.sum_dy, a.sum_dy_xmu + b.sum_dy_xmu};
-  }
-  __device__ __forceinline__ static State shuffle_down(State s, int delta) {
-    return State{__shfl_down_sync(0xffffffffu, s.sum_dy, delta), __shfl_down_sync(0xffffffffu, s.sum_dy_xmu, delta)};
-  }
-};
-
-// ---- partial kernels ------------------------------------------------------------------
-
-template <typename Reducer>
-__device__ __forceinline__ typename Reducer::State warp_reduce(typename Reducer::State s) {
-#pragma unroll
-  for (int delta = 16; delta > 0; delta /= 2) s = Reducer::merge(s, Reducer::shuffle_down(s, delta));
-  return s;
-}
-
-// Block (kThreads) channel * splits + k reduces elements
-// [k * per_block, (k + 1) * per_block) of the channel's N * S.
-template <typename Reducer>
-__global__ void reduce_spatial_inner_kernel(Reducer reducer, typename Reducer::State* partial, int64_t batch,
-                                            int64_t channels, int64_t spatial, int64_t splits, int64_t per_block) {
-  using State = typename Reducer::State;
-  const int64_t channel = blockIdx.x / splits;
-  const int64_t split = blockIdx.x - channel * splits;
-  const int64_t count = batch * spatial;
-  const int64_t begin = split * per_block;
-  const int64_t end = min(count, begin + per_block);
-  const auto ctx = reducer.context(channel);
-  State state = reducer.identity();
-  // (n, s) of this thread's element, advanced without a division per step
-  // when runs are longer than the block (one division per run crossed otherwise).
-  int64_t r = begin + threadIdx.x;
-  int64_t n = r / spatial;
-  int64_t s = r - n * spatial;
-  for (; r < end; r += blockDim.x) {
-    reducer.add(state, (n * channels + channel) * spatial + s, ctx);
-    s += blockDim.x;
-    if (s >= spatial) {
-      n += s / spatial;
-      s %= spatial;
-    }
-  }
-  REGOPS_SHARED_ARRAY(State, warp_states, [kThreads / 32]);
-  state = warp_reduce<Reducer>(state);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) warp_states[warp] = state;
-  __syncthreads();
-  if (warp == 0) {
-    state = lane < static_cast<int>(blockDim.x / 32) ? warp_states[lane] : reducer.identity();
-    state = warp_reduce<Reducer>(state);
-    if (lane == 0) partial[channel * splits + split] = state;
-  }
-}
-
-// Block (kChannelTile x kRowThreads) tile * splits + k covers channels
-// tile * 32 + [0, 32) and rows k * 8 + threadIdx.y, stepping by splits * 8.
-template <typename Reducer>
-__global__ void reduce_channel_inner_kernel(Reducer reducer, typename Reducer::State* partial, int64_t rows,
-                                            int64_t channels, int64_t splits) {
-  using State = typename Reducer::State;
-  const int64_t tile = blockIdx.x / splits;
-  const int64_t split = blockIdx.x - tile * splits;
-  const int64_t channel = tile * kChannelTile + threadIdx.x;
-  State state = reducer.identity();
-  if (channel < channels) {
-    const auto ctx = reducer.context(channel);
-    const int64_t step = splits * kRowThreads;
-    for (int64_t r = split * kRowThreads + threadIdx.y; r < rows; r += step) {
-      reducer.add(state, r * channels + channel, ctx);
-    }
-  }
-  REGOPS_SHARED_ARRAY(State, row_states, [kRowThreads][kChannelTile]);
-  row_states[threadIdx.y][threadIdx.x] = state;
-  __syncthreads();
-  if (threadIdx.y == 0 && channel < channels) {
-    for (int k = 1; k < kRowThreads; ++k) state = Reducer::merge(state, row_states[k][threadIdx.x]);
-    partial[channel * splits + split] = state;
-  }
-}
-
-// ---- finalize kernels (a thread per channel) -------------------------------------------
-
-template <typename acc_t>
-__global__ void finalize_statistics_kernel(const Welford<acc_t>* partial, int64_t splits, int64_t channels,
-                                           acc_t* mean, acc_t* var, acc_t* invstd, acc_t eps) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  Welford<acc_t> total = welford_empty<acc_t>();
-  for (int64_t k = 0; k < splits; ++k) total = welford_merge(total, partial[c * splits + k]);
-  const acc_t variance = welford_variance(total);
-  mean[c] = total.mean;
-  var[c] = variance;
-  if (invstd != nullptr) invstd[c] = acc_t(1) / sqrt(variance + eps);
-}
-
-template <typename acc_t>
-__global__ void finalize_sums_kernel(const SumPair<acc_t>* partial, int64_t splits, int64_t channels, acc_t* sum_dy,
-                                     acc_t* sum_dy_xmu) {
-  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (c >= channels) return;
-  SumPair<acc_t> total{acc_t(0), acc_t(0)};
-  for (int64_t k = 0; k < splits; ++k) {
-    total.sum_dy += partial[c * splits + k].sum_dy;
-    total.sum_dy_xmu += partial[c * splits + k].sum_dy_xmu;
-  }
-  sum_dy[c] = total.sum_dy;
-  sum_dy_xmu[c] = total.sum_dy_xmu;
-}
-
-// ---- elementwise kernels ----------------------------------------------------------------
 
 template <typename scalar_t>
 constexpr int vector_size() {
   return sizeof(scalar_t) >= 16 ? 1 : static_cast<int>(16 / sizeof(scalar_t));
 }
 
-struct ElementwiseShape {
-  int64_t numel;
-  int64_t channels;
-  int64_t stride_c;  // elements between consecutive channels: S (NCHW) or 1 (channel-inner)
-  __device__ __forceinline__ int64_t channel(int64_t i) const { return (i / stride_c) % channels; }
+template <typename acc_t>
+struct SumPair {
+  using value_type = acc_t;
+  acc_t first;
+  acc_t second;
 };
 
-// Elements first + [0, kVec): f(element index, input values in acc_t...).
-template <typename scalar_t, typename acc_t, int kVec, typename F, typename... Inputs>
-__device__ __forceinline__ AlignedVector<scalar_t, kVec> map_vector(int64_t first, const F& f,
-                                                                    AlignedVector<Inputs, kVec>... in) {
-  AlignedVector<scalar_t, kVec> out;
-#pragma unroll
-  for (int e = 0; e < kVec; ++e) out.value[e] = static_cast<scalar_t>(f(first + e, static_cast<acc_t>(in.value[e])...));
-  return out;
+template <typename acc_t>
+__device__ __forceinline__ SumPair<acc_t> add_pairs(SumPair<acc_t> a, SumPair<acc_t> b) {
+  return SumPair<acc_t>{a.first + b.first, a.second + b.second};
 }
 
-// out[i] = f(i, inputs[i]...) for i in [0, numel), in acc_t: a grid-stride
-// loop over vectors of 16 bytes, each read and written with one load per
-// input and one store where every pointer is aligned (`vectorized`), else
-// element by element, as is the tail of numel.
-template <typename scalar_t, typename acc_t, typename F, typename... Inputs>
-__device__ __forceinline__ void map_elements(scalar_t* __restrict__ out, int64_t numel, bool vectorized, const F& f,
-                                             const Inputs* __restrict__... inputs) {
-  constexpr int kVec = vector_size<scalar_t>();
-  using Vec = AlignedVector<scalar_t, kVec>;
-  const int64_t vectors = (numel + kVec - 1) / kVec;
-  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
-  for (int64_t v = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; v < vectors; v += step) {
-    const int64_t first = v * kVec;
-    if (vectorized && first + kVec <= numel) {
-      const Vec result = map_vector<scalar_t, acc_t, kVec>(
-          first, f, load_vector<AlignedVector<Inputs, kVec>>(inputs + first)...);
-      store_vector(out + first, result);
-    } else {
-      for (int64_t i = first; i < min(numel, first + kVec); ++i) {
-        out[i] = static_cast<scalar_t>(f(i, static_cast<acc_t>(inputs[i])...));
+// The loaded inputs of one vector position: kArrays vectors of kVec elements.
+template <typename scalar_t, int kVec, int kArrays>
+struct Loaded {
+  AlignedVector<scalar_t, kVec> in[kArrays];
+};
+
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ AlignedVector<scalar_t, kVec> load_elements(const scalar_t* pointer) {
+  return load_vector<AlignedVector<scalar_t, kVec>>(pointer);
+}
+
+// A vector store. On the GPU a 16-byte vector goes out as one st.global.v4:
+// in the spatial-inner kernel (all kVec elements of one channel) nvcc's
+// optimizer splits the aligned struct store (plain or as a uint4) into
+// element stores before the PTX, so the 128-bit store is spelled out. The
+// simulation keeps store_vector and its alignment check.
+template <typename scalar_t, int kVec>
+__device__ __forceinline__ void store_elements(scalar_t* pointer, const AlignedVector<scalar_t, kVec>& value) {
+#if defined(REGOPS_CUDA_SIM)
+  store_vector(pointer, value);
+#else
+  if constexpr (sizeof(AlignedVector<scalar_t, kVec>) == 16) {
+    unsigned words[4];
+    memcpy(words, &value, sizeof(words));
+    asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(pointer), "r"(words[0]), "r"(words[1]),
+                 "r"(words[2]), "r"(words[3])
+                 : "memory");
+  } else {
+    store_vector(pointer, value);
+  }
+#endif
+}
+
+// Per-channel coefficient rows (C values each) of the elementwise passes.
+enum ForwardRow { kScale = 0, kShift = 1, kForwardRows = 2 };
+enum BackwardRow { kDyScale = 0, kXmuScale = 1, kConstant = 2, kMaskScale = 3, kMaskShift = 4, kBackwardRows = 5 };
+
+struct NoState {};
+
+// ---- what the passes do per vector (Ops) ------------------------------------------
+// An op has Channel (its per-channel values, loaded once per thread), State
+// (what a reduction accumulates per channel), channel(c), load<kVec>(offset)
+// and process<kVec>(channels, loaded, offset, states).
+
+template <typename scalar_t, typename acc_t, bool kResidual>
+struct NormalizeOp {
+  static constexpr int kArrays = kResidual ? 2 : 1;
+  using Channel = BatchNormAffine<acc_t>;
+  using State = NoState;
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ z;
+  scalar_t* __restrict__ y;
+  const acc_t* __restrict__ coefficients;  // kForwardRows x C
+  int64_t channels;
+  bool relu;
+
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    return Channel{coefficients[kScale * channels + c], coefficients[kShift * channels + c]};
+  }
+  template <int kVec>
+  __device__ __forceinline__ Loaded<scalar_t, kVec, kArrays> load(int64_t offset) const {
+    Loaded<scalar_t, kVec, kArrays> l;
+    l.in[0] = load_elements<scalar_t, kVec>(x + offset);
+    if constexpr (kResidual) l.in[1] = load_elements<scalar_t, kVec>(z + offset);
+    return l;
+  }
+  template <int kVec>
+  __device__ __forceinline__ void process(const Channel (&ch)[kVec], const Loaded<scalar_t, kVec, kArrays>& l,
+                                          int64_t offset, State (&)[kVec]) const {
+    AlignedVector<scalar_t, kVec> out;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const acc_t xe = static_cast<acc_t>(l.in[0].value[e]);
+      acc_t value;
+      if constexpr (kResidual) {
+        value = batch_norm_normalize(xe, static_cast<acc_t>(l.in[1].value[e]), ch[e], relu);
+      } else {
+        value = batch_norm_normalize(xe, ch[e], relu);
       }
+      out.value[e] = static_cast<scalar_t>(value);
+    }
+    store_elements<scalar_t, kVec>(y + offset, out);
+  }
+};
+
+template <typename acc_t>
+struct GradInputChannel {
+  acc_t mean;
+  BatchNormAffine<acc_t> mask;
+  BatchNormBackwardCoefficients<acc_t> k;
+};
+
+// dx = a * g + b * (x - mean) + c, g = dy masked by the ReLU (relu false:
+// dy is already masked, e.g. the dz a residual's reduction wrote).
+template <typename scalar_t, typename acc_t>
+struct GradInputOp {
+  static constexpr int kArrays = 2;
+  using Channel = GradInputChannel<acc_t>;
+  using State = NoState;
+  const scalar_t* __restrict__ dy;
+  const scalar_t* __restrict__ x;
+  scalar_t* __restrict__ dx;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ coefficients;  // kBackwardRows x C
+  int64_t channels;
+  bool relu;
+
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    const acc_t* k = coefficients + c;
+    return Channel{mean[c], BatchNormAffine<acc_t>{k[kMaskScale * channels], k[kMaskShift * channels]},
+                   BatchNormBackwardCoefficients<acc_t>{k[kDyScale * channels], k[kXmuScale * channels],
+                                                        k[kConstant * channels]}};
+  }
+  template <int kVec>
+  __device__ __forceinline__ Loaded<scalar_t, kVec, kArrays> load(int64_t offset) const {
+    Loaded<scalar_t, kVec, kArrays> l;
+    l.in[0] = load_elements<scalar_t, kVec>(dy + offset);
+    l.in[1] = load_elements<scalar_t, kVec>(x + offset);
+    return l;
+  }
+  template <int kVec>
+  __device__ __forceinline__ void process(const Channel (&ch)[kVec], const Loaded<scalar_t, kVec, kArrays>& l,
+                                          int64_t offset, State (&)[kVec]) const {
+    AlignedVector<scalar_t, kVec> out;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const acc_t xe = static_cast<acc_t>(l.in[1].value[e]);
+      const acc_t g = batch_norm_masked_grad(static_cast<acc_t>(l.in[0].value[e]), xe, ch[e].mask, relu);
+      out.value[e] = static_cast<scalar_t>(batch_norm_grad_input(g, xe, ch[e].mean, ch[e].k));
+    }
+    store_elements<scalar_t, kVec>(dx + offset, out);
+  }
+};
+
+// Shifted sums (sum(x - s), sum((x - s)^2)) with s = the channel's first
+// element (zero when that is not finite).
+template <typename scalar_t, typename acc_t>
+struct StatisticsOp {
+  static constexpr int kArrays = 1;
+  struct Channel {
+    acc_t shift;
+  };
+  using State = SumPair<acc_t>;
+  const scalar_t* __restrict__ x;
+  int64_t shift_stride;  // channel c's first element is x[c * shift_stride]
+
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    return Channel{welford_shift(static_cast<acc_t>(x[c * shift_stride]))};
+  }
+  template <int kVec>
+  __device__ __forceinline__ Loaded<scalar_t, kVec, kArrays> load(int64_t offset) const {
+    Loaded<scalar_t, kVec, kArrays> l;
+    l.in[0] = load_elements<scalar_t, kVec>(x + offset);
+    return l;
+  }
+  template <int kVec>
+  __device__ __forceinline__ void process(const Channel (&ch)[kVec], const Loaded<scalar_t, kVec, kArrays>& l,
+                                          int64_t, State (&state)[kVec]) const {
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const acc_t d = static_cast<acc_t>(l.in[0].value[e]) - ch[e].shift;
+      state[e].first += d;
+      state[e].second += d * d;
+    }
+  }
+};
+
+template <typename acc_t>
+struct GradientSumsChannel {
+  acc_t mean;
+  BatchNormAffine<acc_t> mask;
+};
+
+// (sum(g), sum(g * (x - mean))), g = dy masked by the ReLU of
+// x * scale + shift (+ z); with a residual, dz = g is written too.
+template <typename scalar_t, typename acc_t, bool kResidual>
+struct GradientSumsOp {
+  static constexpr int kArrays = kResidual ? 3 : 2;
+  using Channel = GradientSumsChannel<acc_t>;
+  using State = SumPair<acc_t>;
+  const scalar_t* __restrict__ dy;
+  const scalar_t* __restrict__ x;
+  const scalar_t* __restrict__ z;
+  scalar_t* __restrict__ dz;
+  const acc_t* __restrict__ mean;
+  const acc_t* __restrict__ coefficients;  // kBackwardRows x C (the mask rows)
+  int64_t channels;
+  bool relu;
+
+  __device__ __forceinline__ Channel channel(int64_t c) const {
+    return Channel{mean[c], BatchNormAffine<acc_t>{coefficients[kMaskScale * channels + c],
+                                                   coefficients[kMaskShift * channels + c]}};
+  }
+  template <int kVec>
+  __device__ __forceinline__ Loaded<scalar_t, kVec, kArrays> load(int64_t offset) const {
+    Loaded<scalar_t, kVec, kArrays> l;
+    l.in[0] = load_elements<scalar_t, kVec>(dy + offset);
+    l.in[1] = load_elements<scalar_t, kVec>(x + offset);
+    if constexpr (kResidual) l.in[2] = load_elements<scalar_t, kVec>(z + offset);
+    return l;
+  }
+  template <int kVec>
+  __device__ __forceinline__ void process(const Channel (&ch)[kVec], const Loaded<scalar_t, kVec, kArrays>& l,
+                                          int64_t offset, State (&state)[kVec]) const {
+    AlignedVector<scalar_t, kVec> masked;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) {
+      const acc_t xe = static_cast<acc_t>(l.in[1].value[e]);
+      const acc_t dye = static_cast<acc_t>(l.in[0].value[e]);
+      acc_t g;
+      if constexpr (kResidual) {
+        g = batch_norm_masked_grad(dye, xe, static_cast<acc_t>(l.in[2].value[e]), ch[e].mask, relu);
+        masked.value[e] = static_cast<scalar_t>(g);
+      } else {
+        g = batch_norm_masked_grad(dye, xe, ch[e].mask, relu);
+      }
+      state[e].first += g;
+      state[e].second += g * (xe - ch[e].mean);
+    }
+    if constexpr (kResidual) store_elements<scalar_t, kVec>(dz + offset, masked);
+  }
+};
+
+template <typename State>
+__device__ __forceinline__ State zero_state() {
+  return State{};
+}
+
+// ---- walkers: which vectors a thread visits ----------------------------------------
+
+// How many of the kUnroll positions v, v + step, ... lie before end
+// (comparisons: no division in the loop).
+__device__ __forceinline__ int unrolled_count(int64_t v, int64_t step, int64_t end) {
+  int count = 0;
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) count += v + u * step < end ? 1 : 0;
+  return count;
+}
+
+// kUnroll vectors at first, first + stride, ... (the `count` < kUnroll of
+// them that exist, in a tail): loads first, then the math.
+template <int kVec, typename Op>
+__device__ __forceinline__ void process_unrolled(const Op& op, const typename Op::Channel (&ch)[kVec],
+                                                 typename Op::State (&state)[kVec], int64_t first, int64_t stride,
+                                                 int count) {
+  using L = decltype(op.template load<kVec>(0));
+  L loaded[kUnroll];
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) loaded[u] = op.template load<kVec>(first + u * stride);
+  }
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u) {
+    if (u < count) op.template process<kVec>(ch, loaded[u], first + u * stride, state);
+  }
+}
+
+// Spatial-inner: the items (row n, segment) first_item, first_item + item_step, ...
+// of `channel`, this thread being lane `lane` of its row group.
+template <int kVec, typename Op>
+__device__ __forceinline__ void walk_rows(const Op& op, const typename Op::Channel (&ch)[kVec],
+                                          typename Op::State (&state)[kVec], int64_t channel, int64_t channels,
+                                          int64_t spatial, int64_t vectors, RowLaunch rows, int64_t first_item,
+                                          int64_t item_step, int lane) {
+  const int64_t step = rows.row_threads;
+  for (int64_t item = first_item; item < rows.items; item += item_step) {
+    // A division per segment of a long row (kSegmentPasses block passes), none for short rows.
+    const int64_t n = rows.segments == 1 ? item : item / rows.segments;
+    const int64_t segment = item - n * rows.segments;
+    const int64_t begin = segment * rows.segment_vectors;
+    const int64_t end = min(vectors, begin + rows.segment_vectors);
+    const int64_t row = (n * channels + channel) * spatial;
+    for (int64_t v = begin + lane; v < end; v += step * kUnroll) {
+      process_unrolled<kVec>(op, ch, state, row + v * kVec, step * kVec, unrolled_count(v, step, end));
     }
   }
 }
 
-template <typename scalar_t, typename acc_t>
-__global__ void normalize_kernel(const scalar_t* __restrict__ x, scalar_t* __restrict__ y, ChannelParams<acc_t> params,
-                                 ElementwiseShape shape, bool relu, bool vectorized) {
-  map_elements<scalar_t, acc_t>(
-      y, shape.numel, vectorized,
-      [=](int64_t i, acc_t xi) { return batch_norm_normalize(xi, params.affine(shape.channel(i)), relu); }, x);
+// Channel-inner: rows first_row, first_row + row_step, ... at channel offset c0.
+template <int kVec, typename Op>
+__device__ __forceinline__ void walk_channel_rows(const Op& op, const typename Op::Channel (&ch)[kVec],
+                                                  typename Op::State (&state)[kVec], int64_t rows, int64_t channels,
+                                                  int64_t c0, int64_t first_row, int64_t row_step) {
+  for (int64_t r = first_row; r < rows; r += row_step * kUnroll) {
+    process_unrolled<kVec>(op, ch, state, r * channels + c0, row_step * channels, unrolled_count(r, row_step, rows));
+  }
+}
+
+// ---- kernels ------------------------------------------------------------------------------
+
+// Spatial-inner elementwise pass: grid (C, slices), kThreads threads.
+template <int kVec, typename Op>
+__global__ void elementwise_rows_kernel(Op op, int64_t channels, int64_t spatial, int64_t vectors, RowLaunch rows) {
+  const int64_t channel = blockIdx.x;
+  const int group = static_cast<int>(threadIdx.x / rows.row_threads);
+  const int lane = static_cast<int>(threadIdx.x - group * rows.row_threads);
+  const typename Op::Channel one = op.channel(channel);
+  typename Op::Channel ch[kVec];
+  typename Op::State state[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) ch[e] = one;
+  walk_rows<kVec>(op, ch, state, channel, channels, spatial, vectors, rows,
+                  static_cast<int64_t>(blockIdx.y) * rows.groups + group, static_cast<int64_t>(gridDim.y) * rows.groups,
+                  lane);
+}
+
+// Channel-inner elementwise pass: grid (tiles, slices), block (tile_threads, row_threads).
+template <int kVec, typename Op>
+__global__ void elementwise_channels_kernel(Op op, int64_t rows, int64_t channels) {
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  if (c0 >= channels) return;
+  typename Op::Channel ch[kVec];
+  typename Op::State state[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) ch[e] = op.channel(c0 + e);
+  walk_channel_rows<kVec>(op, ch, state, rows, channels, c0, static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y,
+                          static_cast<int64_t>(gridDim.y) * blockDim.y);
 }
 
 template <typename acc_t>
-struct BackwardParams {
-  ChannelParams<acc_t> channel;
-  const acc_t* sum_dy;
-  const acc_t* sum_dy_xmu;
-  acc_t count;
-  bool training;
-  bool relu;
-
-  __device__ __forceinline__ acc_t grad_input(acc_t dy, acc_t x, int64_t c) const {
-    const acc_t weight = channel.weight != nullptr ? channel.weight[c] : acc_t(1);
-    const BatchNormBackwardCoefficients<acc_t> k = batch_norm_backward_coefficients(
-        channel.invstd[c], weight, training ? sum_dy[c] : acc_t(0), training ? sum_dy_xmu[c] : acc_t(0), count,
-        training);
-    const acc_t g = batch_norm_masked_grad(dy, x, channel.affine(c), relu);
-    return batch_norm_grad_input(g, x, channel.mean[c], k);
+__device__ __forceinline__ SumPair<acc_t> warp_sum(SumPair<acc_t> s) {
+#pragma unroll
+  for (int delta = 16; delta > 0; delta /= 2) {
+    s.first += __shfl_down_sync(0xffffffffu, s.first, delta);
+    s.second += __shfl_down_sync(0xffffffffu, s.second, delta);
   }
-};
+  return s;
+}
 
+// Spatial-inner reduction: grid (C, splits), kThreads threads; partial
+// (channel, blockIdx.y) is the block's sum, added in a fixed order.
+template <int kVec, typename Op>
+__global__ void reduce_rows_kernel(Op op, SumPair<typename Op::State::value_type>* partial, int64_t channels,
+                                   int64_t spatial, int64_t vectors, RowLaunch rows) {
+  using acc_t = typename Op::State::value_type;
+  const int64_t channel = blockIdx.x;
+  const int group = static_cast<int>(threadIdx.x / rows.row_threads);
+  const int lane = static_cast<int>(threadIdx.x - group * rows.row_threads);
+  const typename Op::Channel one = op.channel(channel);
+  typename Op::Channel ch[kVec];
+  SumPair<acc_t> state[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) {
+    ch[e] = one;
+    state[e] = SumPair<acc_t>{acc_t(0), acc_t(0)};
+  }
+  walk_rows<kVec>(op, ch, state, channel, channels, spatial, vectors, rows,
+                  static_cast<int64_t>(blockIdx.y) * rows.groups + group, static_cast<int64_t>(gridDim.y) * rows.groups,
+                  lane);
+  SumPair<acc_t> total = state[0];
+#pragma unroll
+  for (int e = 1; e < kVec; ++e) total = add_pairs(total, state[e]);
+  REGOPS_SHARED_ARRAY(SumPair<acc_t>, warp_sums, [kThreads / 32]);
+  total = warp_sum(total);
+  const int warp = threadIdx.x / 32, lane_in_warp = threadIdx.x % 32;
+  if (lane_in_warp == 0) warp_sums[warp] = total;
+  __syncthreads();
+  if (warp == 0) {
+    total = lane_in_warp < kThreads / 32 ? warp_sums[lane_in_warp] : SumPair<acc_t>{acc_t(0), acc_t(0)};
+    total = warp_sum(total);
+    if (lane_in_warp == 0) partial[channel * gridDim.y + blockIdx.y] = total;
+  }
+}
+
+// Channel-inner reduction: grid (tiles, splits), block (tile_threads,
+// row_threads); the row threads of a channel are added in order of y.
+template <int kVec, typename Op>
+__global__ void reduce_channels_kernel(Op op, SumPair<typename Op::State::value_type>* partial, int64_t rows,
+                                       int64_t channels) {
+  using acc_t = typename Op::State::value_type;
+  const int64_t c0 = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) * kVec;
+  SumPair<acc_t> state[kVec];
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) state[e] = SumPair<acc_t>{acc_t(0), acc_t(0)};
+  if (c0 < channels) {
+    typename Op::Channel ch[kVec];
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) ch[e] = op.channel(c0 + e);
+    walk_channel_rows<kVec>(op, ch, state, rows, channels, c0,
+                            static_cast<int64_t>(blockIdx.y) * blockDim.y + threadIdx.y,
+                            static_cast<int64_t>(gridDim.y) * blockDim.y);
+  }
+  REGOPS_SHARED_ARRAY(SumPair<acc_t>, row_sums, [kThreads * kVec]);
+  const int slot = threadIdx.y * blockDim.x + threadIdx.x;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) row_sums[slot * kVec + e] = state[e];
+  __syncthreads();
+  if (threadIdx.y == 0 && c0 < channels) {
+    for (unsigned y = 1; y < blockDim.y; ++y) {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) state[e] = add_pairs(state[e], row_sums[(y * blockDim.x + threadIdx.x) * kVec + e]);
+    }
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) partial[(c0 + e) * gridDim.y + blockIdx.y] = state[e];
+  }
+}
+
+// ---- finalize kernels (a thread per channel) ------------------------------------------------
+
+template <typename acc_t>
+__device__ __forceinline__ SumPair<acc_t> channel_total(const SumPair<acc_t>* partial, int64_t splits, int64_t c) {
+  SumPair<acc_t> total{acc_t(0), acc_t(0)};
+  for (int64_t k = 0; k < splits; ++k) total = add_pairs(total, partial[c * splits + k]);
+  return total;
+}
+
+// mean, biased var, invstd (when wanted) and the forward coefficients (when
+// wanted) from the shifted sums.
 template <typename scalar_t, typename acc_t>
-__global__ void grad_input_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ x,
-                                  scalar_t* __restrict__ dx, BackwardParams<acc_t> params, ElementwiseShape shape,
-                                  bool vectorized) {
-  map_elements<scalar_t, acc_t>(
-      dx, shape.numel, vectorized,
-      [=](int64_t i, acc_t dyi, acc_t xi) { return params.grad_input(dyi, xi, shape.channel(i)); }, dy, x);
+__global__ void finalize_statistics_kernel(const SumPair<acc_t>* partial, int64_t splits, const scalar_t* x,
+                                           int64_t shift_stride, int64_t count, int64_t channels, acc_t eps,
+                                           const acc_t* weight, const acc_t* bias, acc_t* mean, acc_t* var,
+                                           acc_t* invstd, acc_t* coefficients) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  const SumPair<acc_t> total = channel_total(partial, splits, c);
+  const acc_t shift = welford_shift(static_cast<acc_t>(x[c * shift_stride]));
+  const acc_t n = static_cast<acc_t>(count);
+  const acc_t mean_offset = total.first / n;
+  const acc_t channel_mean = shift + mean_offset;
+  const acc_t variance = clamp_m2(total.second - total.first * mean_offset) / n;
+  mean[c] = channel_mean;
+  var[c] = variance;
+  if (invstd == nullptr) return;
+  const acc_t r = acc_t(1) / sqrt(variance + eps);
+  invstd[c] = r;
+  if (coefficients == nullptr) return;
+  const BatchNormAffine<acc_t> affine = batch_norm_affine(channel_mean, r, weight != nullptr ? weight[c] : acc_t(1),
+                                                          bias != nullptr ? bias[c] : acc_t(0));
+  coefficients[kScale * channels + c] = affine.scale;
+  coefficients[kShift * channels + c] = affine.shift;
+}
+
+// scale and shift (rows `scale_row` and scale_row + 1) from a mean and either
+// invstd or (from_var) a variance; the mean and the invstd are copied out
+// where wanted (eval: save_mean and save_invstd from the running statistics).
+template <typename acc_t>
+__global__ void affine_coefficients_kernel(const acc_t* mean, const acc_t* invstd_or_var, bool from_var, acc_t eps,
+                                           const acc_t* weight, const acc_t* bias, int64_t channels,
+                                           acc_t* mean_out, acc_t* invstd_out, acc_t* coefficients, int scale_row) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  const acc_t r = from_var ? acc_t(1) / sqrt(invstd_or_var[c] + eps) : invstd_or_var[c];
+  if (mean_out != nullptr) mean_out[c] = mean[c];
+  if (invstd_out != nullptr) invstd_out[c] = r;
+  const BatchNormAffine<acc_t> affine =
+      batch_norm_affine(mean[c], r, weight != nullptr ? weight[c] : acc_t(1), bias != nullptr ? bias[c] : acc_t(0));
+  coefficients[scale_row * channels + c] = affine.scale;
+  coefficients[(scale_row + 1) * channels + c] = affine.shift;
+}
+
+// The gradient sums (from the partials, or given), grad_weight and
+// grad_bias (when wanted) and the grad_input coefficients (when wanted).
+template <typename acc_t>
+__global__ void finalize_gradients_kernel(const SumPair<acc_t>* partial, int64_t splits, const acc_t* sum_dy_in,
+                                          const acc_t* sum_dy_xmu_in, const acc_t* invstd, const acc_t* weight,
+                                          acc_t count, bool training, int64_t channels, acc_t* sum_dy_out,
+                                          acc_t* sum_dy_xmu_out, acc_t* grad_weight, acc_t* grad_bias,
+                                          acc_t* coefficients) {
+  const int64_t c = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (c >= channels) return;
+  SumPair<acc_t> sums = partial != nullptr ? channel_total(partial, splits, c)
+                                           : SumPair<acc_t>{sum_dy_in[c], sum_dy_xmu_in[c]};
+  if (sum_dy_out != nullptr) {
+    sum_dy_out[c] = sums.first;
+    sum_dy_xmu_out[c] = sums.second;
+  }
+  if (grad_weight != nullptr) {
+    grad_weight[c] = sums.second * invstd[c];
+    grad_bias[c] = sums.first;
+  }
+  if (coefficients == nullptr) return;
+  const BatchNormBackwardCoefficients<acc_t> k = batch_norm_backward_coefficients(
+      invstd[c], weight != nullptr ? weight[c] : acc_t(1), training ? sums.first : acc_t(0),
+      training ? sums.second : acc_t(0), count, training);
+  coefficients[kDyScale * channels + c] = k.dy_scale;
+  coefficients[kXmuScale * channels + c] = k.xmu_scale;
+  coefficients[kConstant * channels + c] = k.constant;
 }
 
 // ---- host side ----------------------------------------------------------------------------
-
-ElementwiseShape elementwise_shape(const BatchNormInput& p) {
-  const BatchNormGeometry& g = p.geometry;
-  return ElementwiseShape{p.input.numel(), std::max<int64_t>(1, g.channels), g.channels_inner ? 1 : std::max<int64_t>(1, g.spatial)};
-}
 
 template <typename acc_t>
 const acc_t* optional_pointer(const std::optional<at::Tensor>& tensor) {
   return has_tensor(tensor) ? tensor->const_data_ptr<acc_t>() : nullptr;
 }
 
-// Runs the partial kernel of `reducer` over the prepared input and returns
-// the partials (C x splits states) and the number of splits. The device is
-// full when every SM holds as many blocks as this kernel's occupancy allows.
-template <typename Reducer>
-std::pair<at::Tensor, int64_t> reduce_partials(const Reducer& reducer, const BatchNormInput& p) {
-  using State = typename Reducer::State;
-  const BatchNormGeometry& g = p.geometry;
-  const auto stream = cuda::current_stream();
-  const int64_t sms = cuda::device_properties().multiProcessorCount;
-  auto partials = [&](int64_t splits) {
-    return at::empty({g.channels * splits * static_cast<int64_t>(sizeof(State))}, p.input.options().dtype(at::kByte));
-  };
-  if (g.channels_inner) {
-    const auto kernel = reduce_channel_inner_kernel<Reducer>;
-    const dim3 block(kChannelTile, kRowThreads);
-    const int64_t target_blocks = sms * cuda::max_active_blocks_per_sm(kernel, kChannelTile * kRowThreads);
-    const ReductionLaunch config = reduction_launch((g.channels + kChannelTile - 1) / kChannelTile, g.rows(),
-                                                    kRowThreads * kMinElementsPerThread, target_blocks);
-    TORCH_CHECK(config.blocks <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
-    at::Tensor partial = partials(config.splits);
-    cuda::launch(kernel, dim3(static_cast<unsigned>(config.blocks)), block, 0, stream,
-        reducer, reinterpret_cast<State*>(partial.mutable_data_ptr()), g.rows(), g.channels, config.splits);
-    REGOPS_KERNEL_LAUNCH_CHECK();
-    return {partial, config.splits};
-  }
-  const auto kernel = reduce_spatial_inner_kernel<Reducer>;
-  const int64_t target_blocks = sms * cuda::max_active_blocks_per_sm(kernel, kThreads);
-  const ReductionLaunch config =
-      reduction_launch(g.channels, g.count_per_channel(), kThreads * kMinElementsPerThread, target_blocks);
-  TORCH_CHECK(config.blocks <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
-  at::Tensor partial = partials(config.splits);
-  cuda::launch(kernel, dim3(static_cast<unsigned>(config.blocks)), kThreads, 0, stream,
-      reducer, reinterpret_cast<State*>(partial.mutable_data_ptr()), g.batch, g.channels, g.spatial, config.splits,
-      config.items_per_block);
-  REGOPS_KERNEL_LAUNCH_CHECK();
-  return {partial, config.splits};
+std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& tensor) {
+  return has_tensor(tensor) ? std::optional<at::Tensor>(tensor->contiguous()) : std::nullopt;
 }
 
-// mean, biased var and (with eps >= 0) invstd of every channel.
+unsigned finalize_blocks(int64_t channels) {
+  return static_cast<unsigned>((channels + kFinalizeThreads - 1) / kFinalizeThreads);
+}
+
+// How one pass over the prepared input runs: the layout, whether 16-byte
+// vectors apply (every pointer aligned and rows a whole number of vectors),
+// and the launch shape.
+struct Pass {
+  const BatchNormGeometry& g;
+  bool vectorized;
+};
+
 template <typename scalar_t>
-void compute_statistics(const BatchNormInput& p, at::Tensor& mean, at::Tensor& var, at::Tensor* invstd, double eps) {
+Pass make_pass(const BatchNormInput& p, std::initializer_list<const void*> pointers) {
+  const BatchNormGeometry& g = p.geometry;
+  const int64_t run = g.channels_inner ? g.channels : g.spatial;
+  return Pass{g, vector_size<scalar_t>() > 1 && run % vector_size<scalar_t>() == 0 && can_vectorize(pointers)};
+}
+
+int64_t target_blocks_for(int resident_per_sm) {
+  return static_cast<int64_t>(cuda::device_properties().multiProcessorCount) * std::max(1, resident_per_sm);
+}
+
+// Runs the elementwise op over the prepared input.
+template <typename scalar_t, typename Op>
+void run_elementwise(const Op& op, const Pass& pass) {
+  const BatchNormGeometry& g = pass.g;
+  const auto stream = cuda::current_stream();
+  auto launch = [&](auto vec_tag) {
+    constexpr int kVec = decltype(vec_tag)::value;
+    if (g.channels_inner) {
+      const auto kernel = elementwise_channels_kernel<kVec, Op>;
+      const ChannelLaunch cl = channel_launch(g.channels / kVec + (g.channels % kVec != 0), kThreads);
+      const int64_t rows = g.rows();
+      const int64_t slices = grid_slices(cl.tiles, rows, cl.row_threads,
+                                         target_blocks_for(cuda::max_active_blocks_per_sm(kernel, kThreads)));
+      TORCH_CHECK(cl.tiles <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
+      cuda::launch(kernel, dim3(static_cast<unsigned>(cl.tiles), static_cast<unsigned>(slices)),
+                   dim3(static_cast<unsigned>(cl.tile_threads), static_cast<unsigned>(cl.row_threads)), 0, stream,
+                   op, rows, g.channels);
+    } else {
+      const auto kernel = elementwise_rows_kernel<kVec, Op>;
+      const int64_t vectors = g.spatial / kVec;
+      const RowLaunch rl = row_launch(g.batch, vectors, kThreads, kUnroll, kSegmentPasses);
+      const int64_t slices = grid_slices(g.channels, rl.items, rl.groups,
+                                         target_blocks_for(cuda::max_active_blocks_per_sm(kernel, kThreads)));
+      TORCH_CHECK(g.channels <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
+      cuda::launch(kernel, dim3(static_cast<unsigned>(g.channels), static_cast<unsigned>(slices)), kThreads, 0, stream,
+                   op, g.channels, g.spatial, vectors, rl);
+    }
+    REGOPS_KERNEL_LAUNCH_CHECK();
+  };
+  if (pass.vectorized) {
+    launch(std::integral_constant<int, vector_size<scalar_t>()>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+}
+
+// Runs the reduction op over the prepared input; returns the partials
+// (C x splits pairs) and the number of splits.
+template <typename scalar_t, typename Op>
+std::pair<at::Tensor, int64_t> run_reduction(const Op& op, const Pass& pass, const at::TensorOptions& options) {
+  using acc_t = typename Op::State::value_type;
+  const BatchNormGeometry& g = pass.g;
+  const auto stream = cuda::current_stream();
+  const int64_t elements = g.batch * g.spatial * g.channels;
+  std::pair<at::Tensor, int64_t> result;
+  auto launch = [&](auto vec_tag) {
+    constexpr int kVec = decltype(vec_tag)::value;
+    auto partials = [&](int64_t splits) {
+      return at::empty({g.channels * splits * static_cast<int64_t>(sizeof(SumPair<acc_t>))},
+                       options.dtype(at::kByte));
+    };
+    if (g.channels_inner) {
+      const auto kernel = reduce_channels_kernel<kVec, Op>;
+      const ChannelLaunch cl = channel_launch(g.channels / kVec + (g.channels % kVec != 0), kThreads);
+      const int64_t rows = g.rows();
+      // Elements per row of a tile: its channels; rows per slice at least
+      // enough for kMinElementsPerThread per thread.
+      const int64_t tile_channels = std::min<int64_t>(g.channels, cl.tile_threads * kVec);
+      const int64_t min_rows = (kThreads * kMinElementsPerThread + tile_channels - 1) / tile_channels;
+      const int64_t splits = grid_slices(cl.tiles, rows, cl.row_threads,
+                                         target_blocks_for(cuda::max_active_blocks_per_sm(kernel, kThreads)), min_rows);
+      TORCH_CHECK(cl.tiles <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
+      result = {partials(splits), splits};
+      cuda::launch(kernel, dim3(static_cast<unsigned>(cl.tiles), static_cast<unsigned>(splits)),
+                   dim3(static_cast<unsigned>(cl.tile_threads), static_cast<unsigned>(cl.row_threads)), 0, stream,
+                   op, reinterpret_cast<SumPair<acc_t>*>(result.first.mutable_data_ptr()), rows, g.channels);
+    } else {
+      const auto kernel = reduce_rows_kernel<kVec, Op>;
+      const int64_t vectors = g.spatial / kVec;
+      const RowLaunch rl = row_launch(g.batch, vectors, kThreads, kUnroll, kSegmentPasses);
+      const int64_t item_elements = std::max<int64_t>(1, elements / std::max<int64_t>(1, g.channels * rl.items));
+      const int64_t min_items = (kThreads * kMinElementsPerThread + item_elements - 1) / item_elements;
+      const int64_t splits = grid_slices(g.channels, rl.items, rl.groups,
+                                         target_blocks_for(cuda::max_active_blocks_per_sm(kernel, kThreads)), min_items);
+      TORCH_CHECK(g.channels <= kMaxGridBlocks, "regops batch_norm: too many channels for one launch: ", g.channels);
+      result = {partials(splits), splits};
+      cuda::launch(kernel, dim3(static_cast<unsigned>(g.channels), static_cast<unsigned>(splits)), kThreads, 0, stream,
+                   op, reinterpret_cast<SumPair<acc_t>*>(result.first.mutable_data_ptr()), g.channels, g.spatial,
+                   vectors, rl);
+    }
+    REGOPS_KERNEL_LAUNCH_CHECK();
+  };
+  if (pass.vectorized) {
+    launch(std::integral_constant<int, vector_size<scalar_t>()>{});
+  } else {
+    launch(std::integral_constant<int, 1>{});
+  }
+  return result;
+}
+
+int64_t shift_stride(const BatchNormGeometry& g) { return g.channels_inner ? 1 : g.spatial; }
+
+// mean, biased var and (invstd != nullptr) invstd and (coefficients
+// defined) the forward coefficients of every channel.
+template <typename scalar_t>
+void compute_statistics(const BatchNormInput& p, at::Tensor& mean, at::Tensor& var, at::Tensor* invstd, double eps,
+                        const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                        at::Tensor coefficients) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t channels = p.geometry.channels;
-  if (channels == 0) return;
+  const BatchNormGeometry& g = p.geometry;
+  if (g.channels == 0) return;
   if (p.input.numel() == 0) {
     mean.zero_();
     var.zero_();
-    if (invstd != nullptr) invstd->fill_(1.0 / std::sqrt(eps));
+    if (invstd != nullptr) {
+      invstd->fill_(1.0 / std::sqrt(eps));
+      if (coefficients.defined()) {
+        const auto stream = cuda::current_stream();
+        cuda::launch(affine_coefficients_kernel<acc_t>, finalize_blocks(g.channels), kFinalizeThreads, 0, stream,
+            mean.const_data_ptr<acc_t>(), invstd->const_data_ptr<acc_t>(), false, static_cast<acc_t>(eps),
+            optional_pointer<acc_t>(weight), optional_pointer<acc_t>(bias), g.channels, static_cast<acc_t*>(nullptr),
+            static_cast<acc_t*>(nullptr), coefficients.mutable_data_ptr<acc_t>(), static_cast<int>(kScale));
+        REGOPS_KERNEL_LAUNCH_CHECK();
+      }
+    }
     return;
   }
-  auto [partial, splits] = reduce_partials(StatisticsReducer<scalar_t, acc_t>{p.input.const_data_ptr<scalar_t>()}, p);
-  const auto stream = cuda::current_stream();
-  cuda::launch(finalize_statistics_kernel<acc_t>, (channels + kFinalizeThreads - 1) / kFinalizeThreads,
-               kFinalizeThreads, 0, stream,
-      reinterpret_cast<const Welford<acc_t>*>(partial.const_data_ptr()), splits, channels, mean.mutable_data_ptr<acc_t>(),
-      var.mutable_data_ptr<acc_t>(), invstd != nullptr ? invstd->mutable_data_ptr<acc_t>() : nullptr,
-      static_cast<acc_t>(eps));
+  const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+  const StatisticsOp<scalar_t, acc_t> op{x, shift_stride(g)};
+  auto [partial, splits] = run_reduction<scalar_t>(op, make_pass<scalar_t>(p, {x}), p.input.options());
+  cuda::launch(finalize_statistics_kernel<scalar_t, acc_t>, finalize_blocks(g.channels), kFinalizeThreads, 0,
+               cuda::current_stream(),
+      reinterpret_cast<const SumPair<acc_t>*>(partial.const_data_ptr()), splits, x, shift_stride(g),
+      g.count_per_channel(), g.channels, static_cast<acc_t>(eps), optional_pointer<acc_t>(weight),
+      optional_pointer<acc_t>(bias), mean.mutable_data_ptr<acc_t>(), var.mutable_data_ptr<acc_t>(),
+      invstd != nullptr ? invstd->mutable_data_ptr<acc_t>() : nullptr,
+      coefficients.defined() ? coefficients.mutable_data_ptr<acc_t>() : nullptr);
   REGOPS_KERNEL_LAUNCH_CHECK();
 }
 
 template <typename scalar_t>
-void compute_gradient_sums(const BatchNormInput& p, const at::Tensor& dy,
-                           const ChannelParams<at::opmath_type<scalar_t>>& params, bool relu, at::Tensor& sum_dy,
-                           at::Tensor& sum_dy_xmu) {
+void launch_normalize(const BatchNormInput& p, const at::Tensor& z, at::Tensor& output, const at::Tensor& coefficients,
+                      bool relu) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t channels = p.geometry.channels;
-  if (channels == 0) return;
-  if (p.input.numel() == 0) {
-    sum_dy.zero_();
-    sum_dy_xmu.zero_();
-    return;
-  }
-  auto [partial, splits] = reduce_partials(
-      GradientSumsReducer<scalar_t, acc_t>{dy.const_data_ptr<scalar_t>(), p.input.const_data_ptr<scalar_t>(), params, relu}, p);
-  const auto stream = cuda::current_stream();
-  cuda::launch(finalize_sums_kernel<acc_t>, (channels + kFinalizeThreads - 1) / kFinalizeThreads, kFinalizeThreads, 0,
-               stream,
-      reinterpret_cast<const SumPair<acc_t>*>(partial.const_data_ptr()), splits, channels,
-      sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>());
-  REGOPS_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename scalar_t>
-void launch_normalize(const BatchNormInput& p, at::Tensor& output,
-                      const ChannelParams<at::opmath_type<scalar_t>>& params, bool relu) {
-  const int64_t numel = p.input.numel();
-  if (numel == 0) return;
+  if (p.input.numel() == 0) return;
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
   scalar_t* y = output.mutable_data_ptr<scalar_t>();
-  const auto kernel = normalize_kernel<scalar_t, at::opmath_type<scalar_t>>;
-  const int64_t vectors = (numel + vector_size<scalar_t>() - 1) / vector_size<scalar_t>();
-  cuda::launch(kernel, grid_size_for(kernel, vectors, kThreads), kThreads, 0, cuda::current_stream(),
-      x, y, params, elementwise_shape(p), relu, can_vectorize({x, y}));
+  const acc_t* k = coefficients.const_data_ptr<acc_t>();
+  const int64_t channels = p.geometry.channels;
+  if (z.defined()) {
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    run_elementwise<scalar_t>(NormalizeOp<scalar_t, acc_t, true>{x, zp, y, k, channels, relu},
+                              make_pass<scalar_t>(p, {x, zp, y}));
+  } else {
+    run_elementwise<scalar_t>(NormalizeOp<scalar_t, acc_t, false>{x, nullptr, y, k, channels, relu},
+                              make_pass<scalar_t>(p, {x, y}));
+  }
+}
+
+at::Tensor coefficient_rows(const at::Tensor& input, int rows) {
+  return at::empty({rows, input.size(1)}, accumulate_options(input));
+}
+
+// The ReLU mask rows (scale and shift) of backward coefficients.
+template <typename acc_t>
+void launch_mask_coefficients(const at::Tensor& mean, const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                              const std::optional<at::Tensor>& bias, at::Tensor& coefficients) {
+  const int64_t channels = mean.numel();
+  if (channels == 0) return;
+  cuda::launch(affine_coefficients_kernel<acc_t>, finalize_blocks(channels), kFinalizeThreads, 0,
+               cuda::current_stream(),
+      mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), false, acc_t(0), optional_pointer<acc_t>(weight),
+      optional_pointer<acc_t>(bias), channels, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+      coefficients.mutable_data_ptr<acc_t>(), static_cast<int>(kMaskScale));
   REGOPS_KERNEL_LAUNCH_CHECK();
 }
 
+// The partials of (sum(g), sum(g * (x - mean))); with a residual z, dz = g too.
 template <typename scalar_t>
-void launch_grad_input(const BatchNormInput& p, const at::Tensor& dy, at::Tensor& dx,
-                       const BackwardParams<at::opmath_type<scalar_t>>& params) {
-  const int64_t numel = p.input.numel();
-  if (numel == 0) return;
+std::pair<at::Tensor, int64_t> reduce_gradients(const BatchNormInput& p, const at::Tensor& dy, const at::Tensor& mean,
+                                                const at::Tensor& coefficients, bool relu, const at::Tensor& z,
+                                                at::Tensor& dz) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const scalar_t* x = p.input.const_data_ptr<scalar_t>();
+  const scalar_t* g = dy.const_data_ptr<scalar_t>();
+  const acc_t* m = mean.const_data_ptr<acc_t>();
+  const acc_t* k = coefficients.const_data_ptr<acc_t>();
+  const int64_t channels = p.geometry.channels;
+  if (z.defined()) {
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    scalar_t* dzp = dz.mutable_data_ptr<scalar_t>();
+    return run_reduction<scalar_t>(GradientSumsOp<scalar_t, acc_t, true>{g, x, zp, dzp, m, k, channels, relu},
+                                   make_pass<scalar_t>(p, {x, g, zp, dzp}), p.input.options());
+  }
+  return run_reduction<scalar_t>(GradientSumsOp<scalar_t, acc_t, false>{g, x, nullptr, nullptr, m, k, channels, relu},
+                                 make_pass<scalar_t>(p, {x, g}), p.input.options());
+}
+
+template <typename scalar_t>
+void launch_grad_input(const BatchNormInput& p, const at::Tensor& dy, at::Tensor& dx, const at::Tensor& mean,
+                       const at::Tensor& coefficients, bool relu) {
+  using acc_t = at::opmath_type<scalar_t>;
+  if (p.input.numel() == 0) return;
   const scalar_t* x = p.input.const_data_ptr<scalar_t>();
   const scalar_t* g = dy.const_data_ptr<scalar_t>();
   scalar_t* out = dx.mutable_data_ptr<scalar_t>();
-  const auto kernel = grad_input_kernel<scalar_t, at::opmath_type<scalar_t>>;
-  const int64_t vectors = (numel + vector_size<scalar_t>() - 1) / vector_size<scalar_t>();
-  cuda::launch(kernel, grid_size_for(kernel, vectors, kThreads), kThreads, 0, cuda::current_stream(),
-      g, x, out, params, elementwise_shape(p), can_vectorize({x, g, out}));
-  REGOPS_KERNEL_LAUNCH_CHECK();
-}
-
-template <typename acc_t>
-ChannelParams<acc_t> channel_params(const at::Tensor& mean, const at::Tensor& invstd,
-                                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias) {
-  return ChannelParams<acc_t>{mean.const_data_ptr<acc_t>(), invstd.const_data_ptr<acc_t>(), optional_pointer<acc_t>(weight),
-                              optional_pointer<acc_t>(bias)};
-}
-
-std::optional<at::Tensor> contiguous_or_none(const std::optional<at::Tensor>& tensor) {
-  return has_tensor(tensor) ? std::optional<at::Tensor>(tensor->contiguous()) : std::nullopt;
+  run_elementwise<scalar_t>(GradInputOp<scalar_t, acc_t>{g, x, out, mean.const_data_ptr<acc_t>(),
+                                                         coefficients.const_data_ptr<acc_t>(), p.geometry.channels, relu},
+                            make_pass<scalar_t>(p, {x, g, out}));
 }
 
 std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
@@ -437,7 +791,7 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input
   at::Tensor mean = at::empty({input.size(1)}, accumulate_options(input));
   at::Tensor var = at::empty_like(mean);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_stats_cuda", [&] {
-    compute_statistics<scalar_t>(p, mean, var, nullptr, 0.0);
+    compute_statistics<scalar_t>(p, mean, var, nullptr, 0.0, std::nullopt, std::nullopt, at::Tensor());
   });
   return {mean, var};
 }
@@ -450,10 +804,19 @@ at::Tensor batch_norm_elementwise_cuda(const at::Tensor& input, const at::Tensor
   const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
   at::Tensor output = at::empty_like(p.input);
+  if (input.numel() == 0) return output;
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
   const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
+  at::Tensor coefficients = coefficient_rows(input, kForwardRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_elementwise_cuda", [&] {
-    launch_normalize<scalar_t>(p, output, channel_params<at::opmath_type<scalar_t>>(m, s, w, b), relu);
+    using acc_t = at::opmath_type<scalar_t>;
+    cuda::launch(affine_coefficients_kernel<acc_t>, finalize_blocks(p.geometry.channels), kFinalizeThreads, 0,
+                 cuda::current_stream(),
+        m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), false, acc_t(0), optional_pointer<acc_t>(w),
+        optional_pointer<acc_t>(b), p.geometry.channels, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+        coefficients.mutable_data_ptr<acc_t>(), static_cast<int>(kScale));
+    REGOPS_KERNEL_LAUNCH_CHECK();
+    launch_normalize<scalar_t>(p, at::Tensor(), output, coefficients, relu);
   });
   return output;
 }
@@ -469,10 +832,23 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor sum_dy = at::empty({input.size(1)}, accumulate_options(input));
   at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
+  if (input.size(1) == 0) return {sum_dy, sum_dy_xmu};
+  if (input.numel() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
   const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
+  at::Tensor coefficients = coefficient_rows(input, kBackwardRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_reduce_cuda", [&] {
-    compute_gradient_sums<scalar_t>(p, dy, channel_params<at::opmath_type<scalar_t>>(m, s, w, b), relu, sum_dy, sum_dy_xmu);
+    using acc_t = at::opmath_type<scalar_t>;
+    launch_mask_coefficients<acc_t>(m, s, w, b, coefficients);
+    at::Tensor none;
+    auto [partial, splits] = reduce_gradients<scalar_t>(p, dy, m, coefficients, relu, at::Tensor(), none);
+    cuda::launch(finalize_gradients_kernel<acc_t>, finalize_blocks(p.geometry.channels), kFinalizeThreads, 0,
+                 cuda::current_stream(),
+        reinterpret_cast<const SumPair<acc_t>*>(partial.const_data_ptr()), splits, static_cast<const acc_t*>(nullptr),
+        static_cast<const acc_t*>(nullptr), s.const_data_ptr<acc_t>(), optional_pointer<acc_t>(w), acc_t(1), true,
+        p.geometry.channels, sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(),
+        static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+    REGOPS_KERNEL_LAUNCH_CHECK();
   });
   return {sum_dy, sum_dy_xmu};
 }
@@ -488,13 +864,21 @@ at::Tensor batch_norm_backward_elementwise_cuda(const at::Tensor& grad_out, cons
   const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor dx = at::empty_like(p.input);
+  if (input.numel() == 0) return dx;
   const at::Tensor m = mean.contiguous(), s = invstd.contiguous(), a = sum_dy.contiguous(), c = sum_dy_xmu.contiguous();
   const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
+  at::Tensor coefficients = coefficient_rows(input, kBackwardRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_elementwise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const BackwardParams<acc_t> params{channel_params<acc_t>(m, s, w, b), a.const_data_ptr<acc_t>(),
-                                       c.const_data_ptr<acc_t>(), static_cast<acc_t>(count), true, relu};
-    launch_grad_input<scalar_t>(p, dy, dx, params);
+    launch_mask_coefficients<acc_t>(m, s, w, b, coefficients);
+    cuda::launch(finalize_gradients_kernel<acc_t>, finalize_blocks(p.geometry.channels), kFinalizeThreads, 0,
+                 cuda::current_stream(),
+        static_cast<const SumPair<acc_t>*>(nullptr), int64_t(0), a.const_data_ptr<acc_t>(), c.const_data_ptr<acc_t>(),
+        s.const_data_ptr<acc_t>(), optional_pointer<acc_t>(w), static_cast<acc_t>(count), true, p.geometry.channels,
+        static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+        static_cast<acc_t*>(nullptr), coefficients.mutable_data_ptr<acc_t>());
+    REGOPS_KERNEL_LAUNCH_CHECK();
+    launch_grad_input<scalar_t>(p, dy, dx, m, coefficients, relu);
   });
   return dx;
 }
@@ -502,56 +886,76 @@ at::Tensor batch_norm_backward_elementwise_cuda(const at::Tensor& grad_out, cons
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
     const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
-    double eps, bool relu) {
+    double eps, bool relu, const std::optional<at::Tensor>& residual) {
   const char* op = "batch_norm_forward";
-  check_forward_arguments(input, weight, bias, running_mean, running_var, training, op);
+  check_forward_arguments(input, weight, bias, running_mean, running_var, training, residual, op);
   const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
+  const at::Tensor z = prepare_residual(residual, p);
   const at::TensorOptions options = accumulate_options(input);
   at::Tensor output = at::empty_like(p.input);
-  at::Tensor mean, invstd, batch_var;
-  if (training) {
-    mean = at::empty({input.size(1)}, options);
-    invstd = at::empty_like(mean);
-    batch_var = at::empty_like(mean);
-  } else {
-    mean = running_mean->contiguous().clone();
-    invstd = at::rsqrt(*running_var + eps).contiguous();
-    batch_var = at::empty({0}, options);
-  }
+  const int64_t channels = input.size(1);
+  at::Tensor mean = at::empty({channels}, options);
+  at::Tensor invstd = at::empty_like(mean);
+  at::Tensor batch_var = training ? at::empty_like(mean) : at::empty({0}, options);
   const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
+  at::Tensor coefficients = coefficient_rows(input, kForwardRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_forward_cuda", [&] {
-    if (training) compute_statistics<scalar_t>(p, mean, batch_var, &invstd, eps);
-    launch_normalize<scalar_t>(p, output, channel_params<at::opmath_type<scalar_t>>(mean, invstd, w, b), relu);
+    using acc_t = at::opmath_type<scalar_t>;
+    if (training) {
+      compute_statistics<scalar_t>(p, mean, batch_var, &invstd, eps, w, b, coefficients);
+    } else if (channels > 0) {
+      const at::Tensor rm = running_mean->contiguous(), rv = running_var->contiguous();
+      cuda::launch(affine_coefficients_kernel<acc_t>, finalize_blocks(channels), kFinalizeThreads, 0,
+                   cuda::current_stream(),
+          rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(), true, static_cast<acc_t>(eps),
+          optional_pointer<acc_t>(w), optional_pointer<acc_t>(b), channels, mean.mutable_data_ptr<acc_t>(),
+          invstd.mutable_data_ptr<acc_t>(), coefficients.mutable_data_ptr<acc_t>(), static_cast<int>(kScale));
+      REGOPS_KERNEL_LAUNCH_CHECK();
+    }
+    launch_normalize<scalar_t>(p, z, output, coefficients, relu);
   });
   return {output, mean, invstd, batch_var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
     const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
-    bool relu) {
+    bool relu, const std::optional<at::Tensor>& residual) {
   const char* op = "batch_norm_backward";
-  check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, op);
+  check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, residual, op);
   const cuda::DeviceGuard guard(input.device());
   const BatchNormInput p = prepare_batch_norm_input(input);
   const at::Tensor dy = grad_out.contiguous(p.format);
+  const at::Tensor z = prepare_residual(residual, p);
+  at::Tensor grad_residual = z.defined() ? at::empty_like(p.input) : at::empty({0}, input.options());
   at::Tensor dx = at::empty_like(p.input);
   const at::TensorOptions options = accumulate_options(input);
-  at::Tensor sum_dy = at::empty({input.size(1)}, options);
-  at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
+  const int64_t channels = input.size(1);
+  at::Tensor grad_weight = at::empty({channels}, options);
+  at::Tensor grad_bias = at::empty_like(grad_weight);
+  if (channels == 0) return {dx, grad_weight, grad_bias, grad_residual};
+  if (input.numel() == 0) return {dx, grad_weight.zero_(), grad_bias.zero_(), grad_residual};
   const at::Tensor m = save_mean.contiguous(), s = save_invstd.contiguous();
   const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
   const int64_t count = std::max<int64_t>(1, p.geometry.count_per_channel());
+  at::Tensor coefficients = coefficient_rows(input, kBackwardRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const ChannelParams<acc_t> params = channel_params<acc_t>(m, s, w, b);
-    compute_gradient_sums<scalar_t>(p, dy, params, relu, sum_dy, sum_dy_xmu);
-    const BackwardParams<acc_t> backward{params, sum_dy.const_data_ptr<acc_t>(), sum_dy_xmu.const_data_ptr<acc_t>(),
-                                         static_cast<acc_t>(count), training, relu};
-    launch_grad_input<scalar_t>(p, dy, dx, backward);
+    launch_mask_coefficients<acc_t>(m, s, w, b, coefficients);
+    auto [partial, splits] = reduce_gradients<scalar_t>(p, dy, m, coefficients, relu, z, grad_residual);
+    cuda::launch(finalize_gradients_kernel<acc_t>, finalize_blocks(channels), kFinalizeThreads, 0,
+                 cuda::current_stream(),
+        reinterpret_cast<const SumPair<acc_t>*>(partial.const_data_ptr()), splits, static_cast<const acc_t*>(nullptr),
+        static_cast<const acc_t*>(nullptr), s.const_data_ptr<acc_t>(), optional_pointer<acc_t>(w),
+        static_cast<acc_t>(count), training, channels, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+        grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(),
+        coefficients.mutable_data_ptr<acc_t>());
+    REGOPS_KERNEL_LAUNCH_CHECK();
+    // With a residual the reduction wrote the masked dy: grad_input needs no mask.
+    launch_grad_input<scalar_t>(p, z.defined() ? grad_residual : dy, dx, m, coefficients, relu && !z.defined());
   });
-  return {dx, sum_dy_xmu * s, sum_dy};
+  return {dx, grad_weight, grad_bias, grad_residual};
 }
 
 }  // namespace

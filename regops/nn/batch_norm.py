@@ -1,5 +1,6 @@
 """regops.nn.BatchNorm1d/2d/3d: drop-ins for torch's modules on the fused
-regops kernels, with an optional fused ReLU.
+regops kernels, with an optional fused ReLU and residual add
+(``bn(x, residual=z)`` computes ``act(bn(x) + z)``).
 
 They subclass torch's ``_BatchNorm``, so parameters, buffers (including
 ``num_batches_tracked``), ``reset_parameters``, ``momentum=None`` (a
@@ -17,11 +18,14 @@ from regops.ops.batch_norm import batch_norm, check_activation
 
 
 class _BatchNorm(_TorchBatchNorm):
-    """torch's ``_BatchNorm`` running regops.batch_norm, plus ``activation``."""
+    """torch's ``_BatchNorm`` running regops.batch_norm, plus ``activation``
+    (``bias=False``: an affine weight without a bias, as torch's)."""
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, device=None, dtype=None, *, activation: str | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype)
+                 track_running_stats: bool = True, device: torch.device | str | None = None,
+                 dtype: torch.dtype | None = None, *, bias: bool = True,
+                 activation: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias)
         self.activation = check_activation(activation)
 
     def _momentum_and_training(self) -> tuple[float | torch.Tensor, bool]:
@@ -37,14 +41,16 @@ class _BatchNorm(_TorchBatchNorm):
         use_batch_stats = self.training or (self.running_mean is None and self.running_var is None)
         return factor, use_batch_stats
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
+    def forward(self, input: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """act(bn(input) + residual): ``residual`` (the input's shape and
+        dtype) is added before the activation in the same pass."""
         self._check_input_dim(input)
         factor, use_batch_stats = self._momentum_and_training()
         # Buffers are updated only when they are tracked and the module trains.
         keep_running = not self.training or self.track_running_stats
         return batch_norm(input, self.running_mean if keep_running else None,
                           self.running_var if keep_running else None, self.weight, self.bias, use_batch_stats,
-                          factor, self.eps, activation=self.activation)
+                          factor, self.eps, activation=self.activation, residual=residual)
 
     def extra_repr(self) -> str:
         text = super().extra_repr()

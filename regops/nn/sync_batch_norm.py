@@ -135,9 +135,10 @@ class SyncBatchNorm(_BatchNorm):
     """
 
     def __init__(self, num_features: int, eps: float = 1e-5, momentum: float | None = 0.1, affine: bool = True,
-                 track_running_stats: bool = True, process_group=None, device=None, dtype=None, *,
-                 activation: str | None = None) -> None:
-        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype,
+                 track_running_stats: bool = True, process_group: dist.ProcessGroup | None = None,
+                 device: torch.device | str | None = None, dtype: torch.dtype | None = None, *,
+                 bias: bool = True, activation: str | None = None) -> None:
+        super().__init__(num_features, eps, momentum, affine, track_running_stats, device, dtype, bias=bias,
                          activation=activation)
         self.process_group = process_group
 
@@ -176,7 +177,9 @@ class SyncBatchNorm(_BatchNorm):
         converted = module
         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
             converted = cls(module.num_features, module.eps, module.momentum, module.affine,
-                            module.track_running_stats, process_group, activation=getattr(module, "activation", None))
+                            module.track_running_stats, process_group,
+                            bias=not module.affine or module.bias is not None,
+                            activation=getattr(module, "activation", None))
             if module.affine:
                 with torch.no_grad():
                     converted.weight = module.weight

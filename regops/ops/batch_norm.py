@@ -64,8 +64,10 @@ def check_activation(activation) -> str | None:
 
 def _check_input(input) -> torch.Tensor:
     check_tensor(input, "input")
-    if input.dim() < 2:
-        raise ValueError(f"input must have at least 2 dimensions (N, C, ...), got shape {tuple(input.shape)}")
+    if input.dim() < 2 and input.numel() > 0:
+        # torch takes the channels from dim 1 and so accepts only an empty 1-D input.
+        raise ValueError(f"input must have at least 2 dimensions (N, C, ...) or be empty, got shape "
+                         f"{tuple(input.shape)}")
     if input.dtype not in _INPUT_DTYPES:
         raise TypeError(f"input must be float32, float16, bfloat16 or float64, got {input.dtype}")
     return input
@@ -111,6 +113,17 @@ def _channel_tensor(tensor, name: str, input: torch.Tensor, *, optional: bool = 
     raise ValueError(f"{name} must be {wanted} (or {input.dtype} like input), got {tensor.dtype}")
 
 
+def _check_residual(residual, input: torch.Tensor):
+    """The tensor added before the activation: the input's shape, dtype and device, any strides."""
+    if residual is None:
+        return None
+    check_tensor(residual, "residual")
+    if residual.shape != input.shape or residual.dtype != input.dtype or residual.device != input.device:
+        raise ValueError(f"residual must match input (shape {tuple(input.shape)}, {input.dtype}, {input.device}), "
+                         f"got shape {tuple(residual.shape)}, {residual.dtype}, {residual.device}")
+    return residual
+
+
 def _check_count(input: torch.Tensor) -> None:
     """torch's rule: training needs more than one value per channel."""
     values = input.shape[0]
@@ -122,16 +135,26 @@ def _check_count(input: torch.Tensor) -> None:
 
 def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_var: torch.Tensor | None,
                weight: torch.Tensor | None = None, bias: torch.Tensor | None = None, training: bool = False,
-               momentum: float = 0.1, eps: float = 1e-5, *, activation: str | None = None) -> torch.Tensor:
+               momentum: float = 0.1, eps: float = 1e-5, *, activation: str | None = None,
+               residual: torch.Tensor | None = None) -> torch.Tensor:
     """Drop-in for ``torch.nn.functional.batch_norm``; ``activation="relu"``
     fuses a ReLU into the forward and the backward (whose mask is recomputed,
-    not stored). In training the running buffers are updated in place."""
+    not stored). ``residual`` (the input's shape and dtype) is added before
+    the activation, ``act(bn(input) + residual)`` in the same pass, with its
+    gradient from the backward's reduction pass. In training the running
+    buffers are updated in place."""
     _check_input(input)
     relu = check_activation(activation) == "relu"
+    residual = _check_residual(residual, input)
     momentum = _check_momentum(momentum)
     eps = _check_real(eps, "eps")
+    if training and not eps > 0:
+        raise ValueError(f"batch_norm eps must be positive during training, got {eps}")
     if eps < 0:
         raise ValueError(f"eps must be non-negative, got {eps}")
+    if input.dim() < 2:
+        # An empty 1-D input (N = C = 0) has nothing to normalize; torch returns a copy.
+        return input.clone()
     w = _channel_tensor(weight, "weight", input)
     b = _channel_tensor(bias, "bias", input)
     rm = _channel_tensor(running_mean, "running_mean", input)
@@ -146,10 +169,10 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
     backend = backend_for(input)
     if backend == "reference":
         return reference.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps,
-                                    activation=activation)
+                                    activation=activation, residual=residual)
     forward = _op(backend, "batch_norm_forward", input.device.type)
     if not training:
-        return forward(input, w, b, rm, rv, False, eps, relu)[0]
+        return forward(input, w, b, rm, rv, False, eps, relu, residual)[0]
     if _parameters_alias_buffers((weight, bias), (running_mean, running_var)):
         # torch updates the running buffers before it normalizes, so a weight
         # or bias that is also a running buffer takes part with its updated
@@ -158,8 +181,8 @@ def batch_norm(input: torch.Tensor, running_mean: torch.Tensor | None, running_v
             batch_mean, batch_var = _run("batch_norm_stats", input, input)
         _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum)
         w, b = _channel_tensor(weight, "weight", input), _channel_tensor(bias, "bias", input)
-        return forward(input, w, b, None, None, True, eps, relu)[0]
-    output, batch_mean, _, batch_var = forward(input, w, b, None, None, True, eps, relu)
+        return forward(input, w, b, None, None, True, eps, relu, residual)[0]
+    output, batch_mean, _, batch_var = forward(input, w, b, None, None, True, eps, relu, residual)
     _update_running_stats(input, running_mean, running_var, batch_mean, batch_var, momentum)
     return output
 
@@ -285,17 +308,28 @@ def _check_fake_channels(input, *tensors) -> None:
                          lambda: f"per-channel tensors must be on the input's device ({input.device}), got {tensor.device}")
 
 
+def _check_fake_residual(input, residual) -> None:
+    if residual is not None:
+        torch._check(residual.shape == input.shape, lambda: "residual must have the input's shape")
+        torch._check(residual.dtype == input.dtype, lambda: "residual must have the input's dtype")
+        torch._check(residual.device == input.device,
+                     lambda: f"residual must be on the input's device ({input.device}), got {residual.device}")
+
+
 def _register_fakes(namespace: str) -> None:
     @torch.library.register_fake(f"{namespace}::batch_norm_forward")
-    def _forward_fake(input, weight, bias, running_mean, running_var, training, eps, relu):
+    def _forward_fake(input, weight, bias, running_mean, running_var, training, eps, relu, residual=None):
         _check_fake_channels(input, weight, bias, running_mean, running_var)
+        _check_fake_residual(input, residual)
         batch_var = _channels_like(input, None if training else 0)
         return _output_like(input), _channels_like(input), _channels_like(input), batch_var
 
     @torch.library.register_fake(f"{namespace}::batch_norm_backward")
-    def _backward_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu):
+    def _backward_fake(grad_out, input, weight, bias, save_mean, save_invstd, training, relu, residual=None):
         _check_fake_channels(input, weight, bias, save_mean, save_invstd)
-        return _output_like(input), _channels_like(input), _channels_like(input)
+        _check_fake_residual(input, residual)
+        grad_residual = _output_like(input) if residual is not None else input.new_empty((0,))
+        return _output_like(input), _channels_like(input), _channels_like(input), grad_residual
 
     @torch.library.register_fake(f"{namespace}::batch_norm_stats")
     def _stats_fake(input):
@@ -344,7 +378,7 @@ def _statistics_grad(input, save_mean, save_invstd, grad_mean, grad_invstd, grad
     return (_per_channel(constant, input) + xmu * _per_channel(xmu_coefficient, input)).to(input.dtype)
 
 
-def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
+def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias, grad_grad_residual):
     """Vector-Jacobian product of batch_norm_backward (csrc/include/regops/batch_norm.h)
     in plain torch ops, so that it is compilable and differentiable again.
 
@@ -356,8 +390,10 @@ def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
     w * r * g). mean and invstd are inputs here: their gradients go to
     save_mean and save_invstd, whose own backward (_statistics_grad) carries
     them on to x, so the sum is the derivative through the batch statistics.
-    u, a, b below are the incoming gradients of grad_input, grad_weight and grad_bias."""
-    grad_out, input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
+    u, a, b below are the incoming gradients of grad_input, grad_weight and
+    grad_bias; that of grad_residual (= g) adds to d L / d g. A residual z
+    only moves the mask (x * scale + shift + z <= 0) and gets no gradient."""
+    grad_out, input, weight, bias, save_mean, save_invstd, residual = ctx.saved_tensors
     training, relu = ctx.training, ctx.relu
     acc = save_mean.dtype
     dims = _reduce_dims(input)
@@ -372,7 +408,10 @@ def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
         with torch.no_grad():  # the forward's mask, the same expression as the kernels'
             scale = w_r.detach()
             shift = (0 if bias is None else _per_channel(bias.detach(), input)) - mean.detach() * scale
-            blocked = x.detach() * scale + shift <= 0
+            pre_activation = x.detach() * scale + shift
+            if residual is not None:
+                pre_activation = pre_activation + residual.detach().to(acc)
+            blocked = pre_activation <= 0
         g = torch.where(blocked, torch.zeros_like(g), g)
     sum_g, sum_g_xmu = g.sum(dims, keepdim=True), (g * xmu).sum(dims, keepdim=True)
 
@@ -403,6 +442,8 @@ def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
         terms["r"].append(a * sum_g_xmu)
     if grad_grad_bias is not None:
         terms["g"].append(_per_channel(grad_grad_bias.to(acc), input).expand_as(g))
+    if grad_grad_residual is not None and ctx.has_residual:
+        terms["g"].append(grad_grad_residual.to(acc))
 
     def total(name):
         return sum(terms[name][1:], terms[name][0]) if terms[name] else None
@@ -421,7 +462,7 @@ def _backward_backward(ctx, grad_grad_input, grad_grad_weight, grad_grad_bias):
             None,  # bias only places the ReLU mask
             channels(total("mean")) if needs[4] else None,
             channels(total("r")) if needs[5] else None,
-            None, None)
+            None, None, None)
 
 
 def _register_autograd(backend: str, device_type: str) -> None:
@@ -429,36 +470,46 @@ def _register_autograd(backend: str, device_type: str) -> None:
     backward = _op(backend, "batch_norm_backward", device_type)
 
     def setup_context(ctx, inputs, output):
-        input, weight, bias, _, _, training, _, relu = inputs
+        input, weight, bias, _, _, training, _, relu = inputs[:8]
+        residual = inputs[8] if len(inputs) > 8 else None
         _, save_mean, save_invstd, _ = output
         ctx.training, ctx.relu = training, relu
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
+        ctx.has_residual = residual is not None
         # Gradients of unused outputs stay None: the batch statistics'
         # backward then costs nothing in an ordinary training step.
         ctx.set_materialize_grads(False)
-        # The ReLU mask is recomputed from x, so only the relu case keeps bias.
-        ctx.save_for_backward(input, weight, bias if relu else None, save_mean, save_invstd)
+        # The ReLU mask is recomputed from x (and the residual), so only the
+        # relu case keeps bias and the residual.
+        ctx.save_for_backward(input, weight, bias if relu else None, save_mean, save_invstd,
+                              residual if relu else None)
 
     def backward_fn(ctx, grad_output, grad_mean, grad_invstd, grad_var):
-        input, weight, bias, save_mean, save_invstd = ctx.saved_tensors
-        grad_input = grad_weight = grad_bias = None
+        input, weight, bias, save_mean, save_invstd, residual = ctx.saved_tensors
+        grad_input = grad_weight = grad_bias = grad_residual = None
         if grad_output is not None:
-            grad_input, grad_weight, grad_bias = backward(grad_output, input, weight, bias, save_mean, save_invstd,
-                                                          ctx.training, ctx.relu)
+            grad_input, grad_weight, grad_bias, grad_residual = backward(
+                grad_output, input, weight, bias, save_mean, save_invstd, ctx.training, ctx.relu, residual)
+            if residual is None:
+                # Without the ReLU the residual's gradient is grad_output itself.
+                grad_residual = grad_output if ctx.has_residual else None
         if ctx.training and input.numel() > 0 and ctx.needs_input_grad[0] and (
                 grad_mean is not None or grad_invstd is not None or grad_var is not None):
             extra = _statistics_grad(input, save_mean, save_invstd, grad_mean, grad_invstd, grad_var)
             grad_input = extra if grad_input is None else grad_input + extra
-        return (grad_input if ctx.needs_input_grad[0] else None,
-                grad_weight if ctx.has_weight and ctx.needs_input_grad[1] else None,
-                grad_bias if ctx.has_bias and ctx.needs_input_grad[2] else None,
-                None, None, None, None, None)
+        grads = (grad_input if ctx.needs_input_grad[0] else None,
+                 grad_weight if ctx.has_weight and ctx.needs_input_grad[1] else None,
+                 grad_bias if ctx.has_bias and ctx.needs_input_grad[2] else None,
+                 None, None, None, None, None)
+        return grads + (grad_residual if ctx.has_residual and ctx.needs_input_grad[8] else None,)
 
     def setup_backward(ctx, inputs, output):
-        grad_out, input, weight, bias, save_mean, save_invstd, training, relu = inputs
-        ctx.training, ctx.relu = training, relu
+        grad_out, input, weight, bias, save_mean, save_invstd, training, relu = inputs[:8]
+        residual = inputs[8] if len(inputs) > 8 else None
+        ctx.training, ctx.relu, ctx.has_residual = training, relu, residual is not None
         ctx.set_materialize_grads(False)
-        ctx.save_for_backward(grad_out, input, weight, bias if relu else None, save_mean, save_invstd)
+        ctx.save_for_backward(grad_out, input, weight, bias if relu else None, save_mean, save_invstd,
+                              residual if relu else None)
 
     torch.library.register_autograd(forward, backward_fn, setup_context=setup_context)
     torch.library.register_autograd(backward, _backward_backward, setup_context=setup_backward)

@@ -12,6 +12,7 @@ that order. Any other input is copied to contiguous first.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Sequence
 
 import torch
 
@@ -138,7 +139,8 @@ def dropout_backward(grad: torch.Tensor, mask: torch.Tensor, p: float, *,
     return _ops(backend, grad.device.type)[2](grad, mask, p)
 
 
-def unpack_mask(mask: torch.Tensor, shape=None, *, like: torch.Tensor | None = None) -> torch.Tensor:
+def unpack_mask(mask: torch.Tensor, shape: Sequence[int] | None = None, *,
+                like: torch.Tensor | None = None) -> torch.Tensor:
     """The bool keep-mask stored in a packed dropout mask: for the tensor
     ``like`` that was dropped out (its shape, and its memory order when it is
     dense), or for a row-major tensor of ``shape``."""

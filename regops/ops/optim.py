@@ -6,6 +6,8 @@ per (device, dtype) group; the argument checks users see live there.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 
 from regops import reference
@@ -57,13 +59,23 @@ def _average_after(backend, params, averages, average_weights, rounding, found_i
         reference.store_average(average, param, weight, rounding_values, index)
 
 
+def _for_dtype(backend: str, dtype: torch.dtype) -> str:
+    """The CUDA and Triton kernels compute in float32: float64 tensors take
+    the reference implementation there (torch ops in float64 on the tensors'
+    device, one tensor at a time, and a host read of found_inf); the C++ CPU
+    kernels compute float64 in float64."""
+    if dtype == torch.float64 and backend in ("cuda", "triton"):
+        return "reference"
+    return backend
+
+
 def _step_backend(params, found_inf) -> str | None:
     """The backend that runs a step on ``params``, or None when the step has
     nothing to do: no parameters, or the reference backend and a nonzero
     ``found_inf`` (the other backends skip on the device)."""
     if not params:
         return None
-    backend = backend_for(params[0])
+    backend = _for_dtype(backend_for(params[0]), params[0].dtype)
     # The reference backend is the readable oracle: it may synchronize.
     if backend == "reference" and found_inf is not None and bool(found_inf.item() != 0):
         return None
@@ -122,13 +134,13 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     _average_after(backend, params, averages, average_weights, rounding, found_inf)
 
 
-def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:
+def multi_tensor_norm(tensors: Sequence[torch.Tensor], squared: bool = False) -> torch.Tensor:
     """The L2 norm of all ``tensors`` together (one device and dtype), or its
     square, as a float32 scalar on their device, in one pass without a host
     synchronization."""
     if not tensors:
         raise ValueError("tensors must not be empty")
-    backend = backend_for(tensors[0])
+    backend = _for_dtype(backend_for(tensors[0]), tensors[0].dtype)
     if backend == "reference":
         return reference.multi_tensor_norm(tensors, squared)
     if backend == "triton":

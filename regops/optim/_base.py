@@ -16,13 +16,22 @@ import numbers
 
 import torch
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
 from regops.distributed import grad_norm_squared, is_dtensor, local_tensor
 from regops.ops.optim import multi_tensor_norm
 from regops.optim.averaging import averages_this_step, averaging_arguments, count_averaged
 
-SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Complex parameters are updated as pairs of real numbers (torch.view_as_real),
+# as torch.optim does.
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.complex64, torch.complex128)
 L1_MODES = ("subgradient", "proximal")
+# The torch.optim options of every group and the values torch gives them when
+# a state_dict lacks them (torch.optim.SGD/AdamW.__setstate__): never the
+# values of the optimizer the state_dict is loaded into.
+TORCH_FLAG_DEFAULTS = {"maximize": False, "foreach": None, "differentiable": False, "fused": None}
+# torch's words for a bad hyperparameter, followed by regops' rule.
+_TORCH_NAMES = {"lr": "learning rate", "eps": "epsilon value"}
 
 
 def check_nonnegative(value, name: str, *, read_tensor: bool = True) -> None:
@@ -32,13 +41,29 @@ def check_nonnegative(value, name: str, *, read_tensor: bool = True) -> None:
     dtype are checked."""
     if isinstance(value, torch.Tensor):
         if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(f"{name} must be a float or a one-element floating-point tensor, got a {value.dtype} "
-                             f"tensor of {value.numel()} elements")
+            raise ValueError(f"Tensor {name} must be 1-element: {name} must be a float or a one-element "
+                             f"floating-point tensor, got a {value.dtype} tensor of {value.numel()} elements")
         if not read_tensor:
             return
         value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a number >= 0, got {value!r}")
+        words = _TORCH_NAMES.get(name, f"{name} value")
+        raise ValueError(f"Invalid {words}: {value!r} ({name} must be a number >= 0)")
+
+
+def check_implementation_flags(group: dict, optimizer: str) -> None:
+    """torch.optim's implementation options. ``foreach`` and ``fused`` pick
+    among torch's implementations of one rule; every regops step is one fused
+    multi-tensor update whatever they say, so any value is accepted (with
+    torch's rule that they exclude each other). ``capturable``: the step never
+    reads a device value on the host, so it is always capturable. A
+    differentiable step (autograd through the update) is not implemented."""
+    if group.get("fused") and group.get("foreach"):
+        raise RuntimeError("`fused` and `foreach` cannot be `True` together.")
+    if group.get("differentiable"):
+        prefix = "`fused` does not support `differentiable`; " if group.get("fused") else ""
+        raise NotImplementedError(f"{prefix}{optimizer} does not implement differentiable=True (autograd through "
+                                  "the update); use torch.optim with differentiable=True for that")
 
 
 def check_l1_mode(value) -> None:
@@ -58,19 +83,21 @@ def check_max_grad_norm(value) -> None:
         raise ValueError(f"max_grad_norm must be None or a number > 0, got {value!r}")
 
 
-def check_dense(p: torch.Tensor, name: str) -> None:
-    """The kernels walk a parameter's storage as one flat array, so it must
-    cover exactly its elements (any dimension order, no gaps, no overlap);
-    torch.optim would accept a strided view such as ``w[:, ::2]``."""
-    if p.numel() <= 1:
-        return
+def is_flat(t: torch.Tensor) -> bool:
+    """Whether a kernel can walk ``t``'s storage as one flat array: it covers
+    exactly its elements (any dimension order, no gaps, no overlap)."""
+    if t.numel() <= 1:
+        return True
     expected = 1
-    for stride, size in sorted((st, sz) for st, sz in zip(p.stride(), p.shape) if sz != 1):
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz != 1):
         if stride != expected:
-            raise ValueError(f"{name} must be non-overlapping and dense (a contiguous tensor or a permutation of one), "
-                             f"got shape {tuple(p.shape)} with strides {p.stride()}; pass param.contiguous() "
-                             f"or the tensor it is a view of")
+            return False
         expected *= size
+    return True
+
+
+def _real_view(t: torch.Tensor) -> torch.Tensor:
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 class PenalizedOptimizer(Optimizer):
@@ -92,6 +119,11 @@ class PenalizedOptimizer(Optimizer):
         # hooks below are skipped (the step's Python work per parameter is
         # what small models wait for).
         self._has_dtensors = False
+        # Whether this step maps tensors for the kernels (a DTensor, a complex
+        # or a non-flat parameter, see _locals), and the contiguous copies of
+        # non-flat tensors it writes back after the update.
+        self._maps_tensors = False
+        self._write_back: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         super().__init__(params, defaults)
 
     # --- hooks for distributed subclasses ----------------------------------------
@@ -103,11 +135,33 @@ class PenalizedOptimizer(Optimizer):
         return local_tensor(tensor)
 
     def _locals(self, tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-        """``_local`` of each tensor (the list itself when no parameter is a
-        DTensor; callers do not modify it)."""
-        if not self._has_dtensors:
+        """The tensors the kernels update for parameters or states: ``_local``
+        of each, a complex one viewed as real pairs (torch.view_as_real), and
+        one the kernels cannot walk flat (``w[:, ::2]``) replaced by a copy
+        with the layout of its states (torch.empty_like), which ``step``
+        writes back after the update; the same copy for every call of one
+        step. The list itself when this step maps nothing (callers do not
+        modify it)."""
+        if not self._maps_tensors:
             return tensors
-        return [self._local(t) for t in tensors]
+        return [self._kernel_tensor(t) for t in tensors]
+
+    def _kernel_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
+        local = self._local(tensor) if self._has_dtensors else tensor
+        view = _real_view(local)
+        if is_flat(view):
+            return view
+        entry = self._write_back.get(id(tensor))
+        if entry is None:
+            entry = self._write_back[id(tensor)] = (view, _real_view(torch.empty_like(local)).copy_(view))
+        return entry[1]
+
+    def _kernel_grad(self, grad: torch.Tensor, kernel_param: torch.Tensor) -> torch.Tensor:
+        """The (local, real) gradient with the strides of the tensor the
+        kernel updates for its parameter; copied only when they differ."""
+        if self._maps_tensors:
+            grad = _real_view(self._local(grad) if self._has_dtensors else grad)
+        return self._dense_like(grad, kernel_param)
 
     def _global_grad_norm_squared(self, grads_by_group: list[list[torch.Tensor]]) -> torch.Tensor:
         """Squared L2 norm of all gradients (local tensors, as stored: still
@@ -119,6 +173,7 @@ class PenalizedOptimizer(Optimizer):
         buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
         for grads in grads_by_group:
             for grad in grads:
+                grad = _real_view(grad)
                 buckets.setdefault((grad.device, grad.dtype), []).append(grad)
         first_device = next(iter(buckets))[0]
         total = None
@@ -130,33 +185,57 @@ class PenalizedOptimizer(Optimizer):
     # --- param groups --------------------------------------------------------------
 
     def add_param_group(self, param_group: dict) -> None:
-        params = param_group["params"]
-        params = [params] if isinstance(params, torch.Tensor) else list(params)
-        seen = set()
-        for p in params:
-            if not isinstance(p, torch.Tensor):
-                raise TypeError(f"params must be tensors, got {type(p).__name__}")
-            if id(p) in seen:
-                raise ValueError("a parameter is listed twice in one param group; list each parameter once")
-            seen.add(id(p))
-            if p.dtype not in SUPPORTED_DTYPES:
-                raise TypeError(f"{type(self).__name__} supports float32, float16 and bfloat16 parameters, "
-                                f"got {p.dtype}")
-            check_dense(p, "params")
-            self._has_dtensors = self._has_dtensors or is_dtensor(p)
-        super().add_param_group({**param_group, "params": params})
-        self._check_group(self.param_groups[-1])
+        # torch.optim's own rules first (a tensor or an iterable of tensors or
+        # of (name, tensor) pairs; a duplicate in a group warns, one across
+        # groups raises), then regops' checks of the group as torch completed
+        # it; a group that fails them is not kept.
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            for p in group["params"]:
+                if p.dtype not in SUPPORTED_DTYPES:
+                    raise TypeError(f"{type(self).__name__} supports float32, float64, float16, bfloat16, complex64 "
+                                    f"and complex128 parameters, got {p.dtype}")
+            check_implementation_flags(group, f"regops.optim.{type(self).__name__}")
+            self._check_group(group)
+        except Exception:
+            self.param_groups.pop()
+            raise
+        self._has_dtensors = self._has_dtensors or any(is_dtensor(p) for p in group["params"])
         self._share_rounding_seed()
 
     def __setstate__(self, state):
         super().__setstate__(state)
         self.__dict__.setdefault("_has_dtensors", any(is_dtensor(p) for group in self.param_groups
                                                           for p in group["params"]))
-        # A state_dict saved by torch.optim lacks the regops options.
+        self.__dict__.setdefault("_maps_tensors", False)
+        self.__dict__.setdefault("_write_back", {})
+        # A state_dict without an option: torch's options take torch's
+        # defaults, as torch.optim does; the regops options, which a
+        # torch.optim state_dict never has, keep this optimizer's.
+        torch_defaults = {**TORCH_FLAG_DEFAULTS, **self._torch_flag_defaults()}
         for group in self.param_groups:
             for key, value in self._extra_defaults().items():
-                group.setdefault(key, self.defaults.get(key, value))
+                group.setdefault(key, torch_defaults[key] if key in torch_defaults else self.defaults.get(key, value))
+            for key, value in torch_defaults.items():
+                group.setdefault(key, value)
+            # The kernels walk a parameter and its states as one flat array
+            # each: a loaded state laid out otherwise (torch's momentum
+            # buffer is a clone of the gradient) takes its parameter's layout.
+            for p in group["params"]:
+                if p not in self.state or is_dtensor(p) or p.numel() <= 1:
+                    continue
+                layout = p.stride() if is_flat(p) else torch.empty_like(p).stride()  # that of zeros_like(p)
+                for key, value in self.state[p].items():
+                    if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != layout:
+                        self.state[p][key] = torch.empty_like(p).copy_(value)
+
         self._share_rounding_seed()
+
+    def _torch_flag_defaults(self) -> dict:
+        """The torch.optim options of this optimizer besides
+        TORCH_FLAG_DEFAULTS, with torch's values for a state_dict that lacks them."""
+        return {}
 
     # --- stochastic rounding ---------------------------------------------------------
 
@@ -202,23 +281,24 @@ class PenalizedOptimizer(Optimizer):
 
     # --- the step ------------------------------------------------------------------
 
-    def _params_with_grads(self, group) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def _params_with_grads(self, group, seen: set) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         params, grads = [], []
         for p in group["params"]:
             grad = p.grad
-            if grad is None:
+            if grad is None or id(p) in seen:
+                # A parameter listed twice in a group (torch warns) is updated once.
                 continue
+            seen.add(id(p))
             if grad.is_sparse:
                 raise RuntimeError(f"{type(self).__name__} does not support sparse gradients; "
                                    "use torch.optim.SparseAdam or a dense gradient")
             # Checked here, for every group before any is updated, so that a
-            # bad parameter never leaves a half-done step behind. Strides
-            # can change after construction (``p.data = ...``); a contiguous
-            # parameter needs no further look.
+            # bad parameter never leaves a half-done step behind.
             if grad.dtype != p.dtype:
                 raise TypeError(f"gradient dtype {grad.dtype} differs from its parameter's {p.dtype}")
-            if self._has_dtensors or not p.is_contiguous():
-                check_dense(self._local(p), "params")
+            # Strides can change after construction (``p.data = ...``).
+            if not self._maps_tensors and (p.is_complex() or not p.is_contiguous()):
+                self._maps_tensors = True
             params.append(p)
             grads.append(grad)
         return params, grads
@@ -232,7 +312,9 @@ class PenalizedOptimizer(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        per_group = [self._params_with_grads(group) for group in self.param_groups]
+        self._maps_tensors = self._has_dtensors
+        seen: set = set()
+        per_group = [self._params_with_grads(group, seen) for group in self.param_groups]
         if not any(params for params, _ in per_group):
             return loss
         # Hyperparameters may have changed since construction (a scheduler, a
@@ -266,17 +348,22 @@ class PenalizedOptimizer(Optimizer):
                 # torch.nn.utils.clip_grad_norm_'s coefficient, on the device.
                 clip_coef = torch.clamp(group["max_grad_norm"] / (norm + 1e-6), max=1.0)
             buckets: dict[tuple[torch.device, torch.dtype], tuple[list, list]] = {}
-            for p, g in zip(params, self._locals(grads)):
+            for p, g in zip(params, grads):
                 bucket = buckets.setdefault((p.device, p.dtype), ([], []))
                 bucket[0].append(p)
                 bucket[1].append(g)
             for (device, _), (bucket_params, bucket_grads) in buckets.items():
-                dense_grads = [self._dense_like(g, p) for p, g in zip(self._locals(bucket_params), bucket_grads)]
+                dense_grads = [self._kernel_grad(g, p) for p, g in zip(self._locals(bucket_params), bucket_grads)]
                 counts = []
                 extras = functools.partial(self._op_extras, group_index, averaging, counts)
                 bucket_found_inf = _on(found_inf, device)
-                self._group_step(group, bucket_params, dense_grads, _on(grad_scale, device), bucket_found_inf,
-                                 _on(clip_coef, device), extras)
+                try:
+                    self._group_step(group, bucket_params, dense_grads, _on(grad_scale, device), bucket_found_inf,
+                                     _on(clip_coef, device), extras)
+                finally:
+                    for view, copy in self._write_back.values():
+                        view.copy_(copy)
+                    self._write_back.clear()
                 count_averaged(counts, bucket_found_inf)
         return loss
 

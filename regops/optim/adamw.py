@@ -8,7 +8,7 @@ import numbers
 import torch
 
 from regops.ops.optim import adamw_step_
-from regops.optim._base import (PenalizedOptimizer, check_bool, check_l1_mode, check_max_grad_norm,
+from regops.optim._base import (ParamsT, PenalizedOptimizer, check_bool, check_l1_mode, check_max_grad_norm,
                                 check_nonnegative)
 from regops.optim.averaging import check_averaging
 
@@ -46,11 +46,20 @@ class AdamW(PenalizedOptimizer):
     regops.optim.averaging and regops.optim.swap_averaged).
     """
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
-                 maximize=False, l2=0.0, l1=0.0, l1_mode="subgradient", max_grad_norm=None,
-                 stochastic_rounding=False, ema_decay=None, swa_start=None, average_dtype=None):
+    def __init__(self, params: ParamsT, lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float | torch.Tensor, float | torch.Tensor] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, l2: float = 0.0, l1: float = 0.0, l1_mode: str = "subgradient",
+                 max_grad_norm: float | None = None, stochastic_rounding: bool = False,
+                 ema_decay: float | None = None, swa_start: int | None = None,
+                 average_dtype: torch.dtype | None = None) -> None:
+        if isinstance(betas, (tuple, list)) and len(betas) == 2:
+            # torch's form: a one-element tensor beta becomes a 0-dim one.
+            betas = tuple(b.reshape(()) if isinstance(b, torch.Tensor) and b.numel() == 1 else b for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
-                        l2=l2, l1=l1, l1_mode=l1_mode, max_grad_norm=max_grad_norm,
+                        foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
+                        decoupled_weight_decay=True, l2=l2, l1=l1, l1_mode=l1_mode, max_grad_norm=max_grad_norm,
                         stochastic_rounding=stochastic_rounding, ema_decay=ema_decay, swa_start=swa_start,
                         average_dtype=average_dtype)
         super().__init__(params, defaults)
@@ -60,15 +69,40 @@ class AdamW(PenalizedOptimizer):
                 "max_grad_norm": None, "stochastic_rounding": False, "ema_decay": None, "swa_start": None,
                 "average_dtype": None}
 
+    def _torch_flag_defaults(self) -> dict:
+        return {"amsgrad": False, "capturable": False, "decoupled_weight_decay": True}
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        # torch.optim keeps a state_dict's Python-number step as a tensor.
+        for group in self.param_groups:
+            for p in group["params"]:
+                p_state = self.state.get(p)
+                if p_state and "step" in p_state and not isinstance(p_state["step"], torch.Tensor):
+                    p_state["step"] = torch.tensor(float(p_state["step"]), dtype=torch.float32, device=p.device)
+
     def _check_group(self, group: dict, read_tensors: bool = True) -> None:
         for name in ("lr", "eps", "weight_decay", "l2", "l1"):
             check_nonnegative(group[name], name, read_tensor=read_tensors)
         betas = group["betas"]
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair of numbers in [0, 1), got {betas!r}")
+        if isinstance(betas[0], torch.Tensor) != isinstance(betas[1], torch.Tensor):
+            raise ValueError("betas must be either both floats or both Tensors")
         for index, beta in enumerate(betas):
+            if isinstance(beta, torch.Tensor):
+                if beta.numel() != 1 or not beta.is_floating_point():
+                    raise ValueError(f"Tensor betas[{index}] must be 1-element: a one-element floating-point "
+                                     f"tensor, got a {beta.dtype} tensor of {beta.numel()} elements")
+                if not read_tensors:
+                    continue
+                beta = float(beta)
             if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
-                raise ValueError(f"betas[{index}] must be in [0, 1), got {beta!r}")
+                raise ValueError(f"Invalid beta parameter at index {index}: {beta!r} (betas[{index}] must be in "
+                                 "[0, 1))")
+        if not group["decoupled_weight_decay"]:
+            raise ValueError("decoupled_weight_decay must be True for regops.optim.AdamW (a coupled penalty "
+                             "is its l2 option)")
         check_l1_mode(group["l1_mode"])
         check_max_grad_norm(group["max_grad_norm"])
         check_bool(group["stochastic_rounding"], "stochastic_rounding")

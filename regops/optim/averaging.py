@@ -16,6 +16,7 @@ GradScaler skips changes neither without a host synchronization.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 import numbers
 
 import torch
@@ -69,7 +70,10 @@ def averaging_arguments(state: dict, group: dict, params: list[torch.Tensor]):
     for p in params:
         param_state = state[p]
         if key not in param_state:
-            dtype = group["average_dtype"] or p.dtype
+            # average_dtype (float32) applies to 16-bit parameters; others
+            # average in their own dtype.
+            sixteen_bit = p.dtype in (torch.float16, torch.bfloat16)
+            dtype = group["average_dtype"] if sixteen_bit and group["average_dtype"] is not None else p.dtype
             param_state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             param_state["n_averaged"] = torch.zeros((), dtype=torch.float32, device=p.device)
         averages.append(param_state[key])
@@ -93,7 +97,7 @@ def count_averaged(counts: list[torch.Tensor], found_inf: torch.Tensor | None) -
 
 
 @contextlib.contextmanager
-def swap_averaged(optimizer):
+def swap_averaged(optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Puts the averaged weights of ``optimizer`` (its groups with ema_decay
     or swa_start) into the parameters for the block, and the trained weights
     back after it. An average of the parameter's dtype is swapped in by

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from regops.ops.optim import sgd_step_
-from regops.optim._base import (PenalizedOptimizer, check_bool, check_l1_mode, check_max_grad_norm,
+from regops.optim._base import (ParamsT, PenalizedOptimizer, check_bool, check_l1_mode, check_max_grad_norm,
                                 check_nonnegative)
 from regops.optim.averaging import check_averaging
 
@@ -43,11 +43,15 @@ class SGD(PenalizedOptimizer):
     regops.optim.averaging and regops.optim.swap_averaged).
     """
 
-    def __init__(self, params, lr=1e-3, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, *,
-                 maximize=False, l1=0.0, l1_mode="subgradient", max_grad_norm=None, stochastic_rounding=False,
-                 ema_decay=None, swa_start=None, average_dtype=None):
+    def __init__(self, params: ParamsT, lr: float | torch.Tensor = 1e-3, momentum: float = 0.0,
+                 dampening: float = 0.0, weight_decay: float = 0.0, nesterov: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
+                 l1: float = 0.0, l1_mode: str = "subgradient", max_grad_norm: float | None = None,
+                 stochastic_rounding: bool = False, ema_decay: float | None = None, swa_start: int | None = None,
+                 average_dtype: torch.dtype | None = None) -> None:
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
-                        nesterov=nesterov, maximize=maximize, l1=l1, l1_mode=l1_mode, max_grad_norm=max_grad_norm,
+                        nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
+                        fused=fused, l1=l1, l1_mode=l1_mode, max_grad_norm=max_grad_norm,
                         stochastic_rounding=stochastic_rounding, ema_decay=ema_decay, swa_start=swa_start,
                         average_dtype=average_dtype)
         super().__init__(params, defaults)
@@ -55,6 +59,9 @@ class SGD(PenalizedOptimizer):
     def _extra_defaults(self) -> dict:
         return {"nesterov": False, "maximize": False, "l1": 0.0, "l1_mode": "subgradient", "max_grad_norm": None,
                 "stochastic_rounding": False, "ema_decay": None, "swa_start": None, "average_dtype": None}
+
+    def _torch_flag_defaults(self) -> dict:
+        return {"nesterov": False, "fused": False}  # torch.optim.SGD.__setstate__'s
 
     def _check_group(self, group: dict, read_tensors: bool = True) -> None:
         for name in ("lr", "momentum", "dampening", "weight_decay", "l1"):

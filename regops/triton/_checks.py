@@ -142,6 +142,18 @@ def check_batch_norm_arguments(op: str, input: torch.Tensor, grad_out: torch.Ten
         check_channel_tensor(tensor, input, name, op)
 
 
+def check_residual(residual: torch.Tensor | None, input: torch.Tensor, op: str) -> None:
+    """The residual added before the activation: the input's shape, dtype and device."""
+    if residual is None:
+        return
+    check(residual.shape == input.shape, "regops ", op, ": residual must have the input's shape ", sizes(input),
+          ", got ", sizes(residual))
+    check(residual.dtype == input.dtype, "regops ", op, ": residual must be ", scalar_type(input.dtype),
+          " like input, got ", scalar_type(residual.dtype))
+    check(residual.device == input.device, "regops ", op, ": residual is on ", residual.device, " but input is on ",
+          input.device)
+
+
 def check_batch_norm_count(count: int, op: str) -> None:
     check(count > 0, "regops ", op, ": count must be positive, got ", count)
 

@@ -178,10 +178,18 @@ def _masked_grad(dy, x, scale, shift, RELU: tl.constexpr):
 
 
 @triton.jit
-def _backward_partial_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, partial_ptr, outer, channels,
-                             inner, rows_per_program, splits, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
-                             RELU: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr,
-                             BLOCK_I: tl.constexpr):
+def _masked_grad_residual(dy, x, z, scale, shift, RELU: tl.constexpr):
+    if RELU:
+        dy = tl.where(x * scale + shift + z <= 0, 0.0, dy)
+    return dy
+
+
+@triton.jit
+def _backward_partial_kernel(dy_ptr, x_ptr, z_ptr, dz_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, partial_ptr,
+                             outer, channels, inner, rows_per_program, splits, HAS_WEIGHT: tl.constexpr,
+                             HAS_BIAS: tl.constexpr, RELU: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                             BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
+    """With HAS_RESIDUAL the mask includes z and dz receives the masked dy."""
     c_start = tl.program_id(0).to(tl.int64) * BLOCK_C
     o_begin, o_end = _program_rows(outer, rows_per_program)
     c = c_start + tl.arange(0, BLOCK_C)
@@ -195,8 +203,13 @@ def _backward_partial_kernel(dy_ptr, x_ptr, mean_ptr, invstd_ptr, weight_ptr, bi
             offsets, valid = _tile_offsets(o_start, o_end, c_start, channels, i_start, inner, BLOCK_O, BLOCK_C,
                                            BLOCK_I)
             x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(mean.dtype)
-            dy = tl.load(dy_ptr + offsets, mask=valid, other=0.0).to(mean.dtype)
-            dy = _masked_grad(dy, x, scale, shift, RELU)
+            dy_raw = tl.load(dy_ptr + offsets, mask=valid, other=0.0)
+            if HAS_RESIDUAL:
+                z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(mean.dtype)
+                dy = _masked_grad_residual(dy_raw.to(mean.dtype), x, z, scale, shift, RELU)
+                tl.store(dz_ptr + offsets, dy.to(dy_raw.dtype), mask=valid)
+            else:
+                dy = _masked_grad(dy_raw.to(mean.dtype), x, scale, shift, RELU)
             sum_dy += dy
             sum_dy_xmu += tl.where(valid, dy * (x - mean), 0.0)
     at = partial_ptr + tl.program_id(1).to(tl.int64) * channels + c
@@ -219,29 +232,33 @@ def _sum_merge_kernel(partial_ptr, sum_dy_ptr, sum_dy_xmu_ptr, channels, splits,
 
 
 @triton.jit
-def _normalize_block(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, index, valid, channels, inner,
-                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr):
+def _normalize_block(x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, index, valid, channels, inner,
+                     HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                     HAS_RESIDUAL: tl.constexpr):
     channel = (index // inner) % channels
     _, _, scale, shift = _channel_affine(channel, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, valid, HAS_WEIGHT,
                                          HAS_BIAS)
     x = tl.load(x_ptr + index, mask=valid, other=0.0)
     y = x.to(scale.dtype) * scale + shift
+    if HAS_RESIDUAL:
+        y += tl.load(z_ptr + index, mask=valid, other=0.0).to(scale.dtype)
     if RELU:
         y = tl.where(y < 0, 0.0, y)  # keeps NaN, as torch.relu
     tl.store(y_ptr + index, y.to(x.dtype), mask=valid)
 
 
 @triton.jit
-def _elementwise_kernel(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, numel, channels, inner,
-                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+def _elementwise_kernel(x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, numel, channels, inner,
+                        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, RELU: tl.constexpr,
+                        HAS_RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
     start = tl.program_id(0).to(tl.int64) * BLOCK
     index = start + tl.arange(0, BLOCK)
     if start + BLOCK <= numel:
-        _normalize_block(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, index,
-                         tl.full((BLOCK,), True, tl.int1), channels, inner, HAS_WEIGHT, HAS_BIAS, RELU)
+        _normalize_block(x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, index,
+                         tl.full((BLOCK,), True, tl.int1), channels, inner, HAS_WEIGHT, HAS_BIAS, RELU, HAS_RESIDUAL)
     else:
-        _normalize_block(x_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, index, index < numel, channels,
-                         inner, HAS_WEIGHT, HAS_BIAS, RELU)
+        _normalize_block(x_ptr, z_ptr, y_ptr, mean_ptr, invstd_ptr, weight_ptr, bias_ptr, index, index < numel,
+                         channels, inner, HAS_WEIGHT, HAS_BIAS, RELU, HAS_RESIDUAL)
 
 
 @triton.jit
@@ -343,28 +360,32 @@ def _launch_stats(x: torch.Tensor, geometry: _Geometry):
     return mean, var
 
 
-def _launch_elementwise(x, geometry, mean, invstd, weight, bias, relu):
+def _launch_elementwise(x, geometry, mean, invstd, weight, bias, relu, z=None):
     y = torch.empty_like(x)
     numel = x.numel()
     if numel > 0:
         launch(_elementwise_kernel, (triton.cdiv(numel, ELEMENTWISE_BLOCK),), x.device,
-               x, y, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean, numel,
-               geometry.channels, geometry.inner, HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None,
-               RELU=relu, BLOCK=ELEMENTWISE_BLOCK)
+               x, z if z is not None else x, y, mean, invstd, weight if weight is not None else mean,
+               bias if bias is not None else mean, numel, geometry.channels, geometry.inner,
+               HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu, HAS_RESIDUAL=z is not None,
+               BLOCK=ELEMENTWISE_BLOCK)
     return y
 
 
-def _launch_backward_reduce(dy, x, geometry, mean, invstd, weight, bias, relu):
+def _launch_backward_reduce(dy, x, geometry, mean, invstd, weight, bias, relu, z=None, dz=None):
+    """The per-channel sums; with a residual z the mask includes it and dz
+    receives the masked dy."""
     sum_dy, sum_dy_xmu = _channels(x), _channels(x)
     if geometry.channels == 0:
         return sum_dy, sum_dy_xmu
     partials = geometry.partials(x)
     block_o, block_c, block_i = geometry.blocks
     launch(_backward_partial_kernel, geometry.grid, x.device,
-           dy, x, mean, invstd, weight if weight is not None else mean, bias if bias is not None else mean, partials,
+           dy, x, z if z is not None else x, dz if dz is not None else dy, mean, invstd,
+           weight if weight is not None else mean, bias if bias is not None else mean, partials,
            geometry.outer, geometry.channels, geometry.inner, geometry.rows_per_program, geometry.splits,
-           HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu, BLOCK_O=block_o, BLOCK_C=block_c,
-           BLOCK_I=block_i, num_warps=reduce_warps(x.dtype))
+           HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, RELU=relu, HAS_RESIDUAL=z is not None,
+           BLOCK_O=block_o, BLOCK_C=block_c, BLOCK_I=block_i, num_warps=reduce_warps(x.dtype))
     launch(_sum_merge_kernel, (triton.cdiv(geometry.channels, MERGE_BLOCK),), x.device, partials, sum_dy, sum_dy_xmu,
            geometry.channels, geometry.splits, BLOCK=MERGE_BLOCK)
     return sum_dy, sum_dy_xmu
@@ -389,6 +410,10 @@ def _prepare(input: torch.Tensor, grad_out: torch.Tensor | None = None):
     x = input.contiguous(memory_format=memory_format)
     dy = None if grad_out is None else grad_out.contiguous(memory_format=memory_format)
     return x, dy, _Geometry(x, memory_format)
+
+
+def _residual(residual: torch.Tensor | None, memory_format: torch.memory_format) -> torch.Tensor | None:
+    return None if residual is None else residual.contiguous(memory_format=memory_format)
 
 
 def _side(tensor: torch.Tensor | None) -> torch.Tensor | None:
@@ -441,9 +466,13 @@ def batch_norm_backward_elementwise(grad_out: torch.Tensor, input: torch.Tensor,
 @triton_op("regops::triton_batch_norm_forward", mutates_args=())
 def batch_norm_forward(input: torch.Tensor, weight: torch.Tensor | None, bias: torch.Tensor | None,
                        running_mean: torch.Tensor | None, running_var: torch.Tensor | None, training: bool,
-                       eps: float, relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                       eps: float, relu: bool,
+                       residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                      torch.Tensor]:
     _checks.check_batch_norm_forward(input, weight, bias, running_mean, running_var, training, "batch_norm_forward")
+    _checks.check_residual(residual, input, "batch_norm_forward")
     x, _, geometry = _prepare(input)
+    z = _residual(residual, batch_norm_memory_format(input))
     if training:
         mean, var = _launch_stats(x, geometry)
         batch_var = var
@@ -451,22 +480,31 @@ def batch_norm_forward(input: torch.Tensor, weight: torch.Tensor | None, bias: t
         mean, var = running_mean.clone(memory_format=torch.contiguous_format), running_var
         batch_var = x.new_empty((0,), dtype=batch_norm_accumulate_dtype(x.dtype))
     invstd = torch.rsqrt(var + eps)
-    return _launch_elementwise(x, geometry, mean, invstd, _side(weight), _side(bias), relu), mean, invstd, batch_var
+    return _launch_elementwise(x, geometry, mean, invstd, _side(weight), _side(bias), relu, z), mean, invstd, batch_var
 
 
 @triton_op("regops::triton_batch_norm_backward", mutates_args=())
 def batch_norm_backward(grad_out: torch.Tensor, input: torch.Tensor, weight: torch.Tensor | None,
                         bias: torch.Tensor | None, save_mean: torch.Tensor, save_invstd: torch.Tensor, training: bool,
-                        relu: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                        relu: bool, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor, torch.Tensor]:
     _checks.check_batch_norm_arguments("batch_norm_backward", input, grad_out, weight=weight, bias=bias,
                                        save_mean=save_mean, save_invstd=save_invstd)
+    _checks.check_residual(residual, input, "batch_norm_backward")
     x, dy, geometry = _prepare(input, grad_out)
+    z = _residual(residual, batch_norm_memory_format(input))
     weight, bias, save_mean, save_invstd = _side(weight), _side(bias), _side(save_mean), _side(save_invstd)
-    sum_dy, sum_dy_xmu = _launch_backward_reduce(dy, x, geometry, save_mean, save_invstd, weight, bias, relu)
+    # With a residual the reduction writes the masked dy (grad_residual), and
+    # grad_input is computed from it without a mask.
+    dz = torch.empty_like(x) if z is not None else x.new_empty((0,))
+    sum_dy, sum_dy_xmu = _launch_backward_reduce(dy, x, geometry, save_mean, save_invstd, weight, bias, relu, z,
+                                                 dz if z is not None else None)
     count = x.numel() // max(1, x.shape[1])
+    if z is not None:
+        dy, relu = dz, False
     dx = _launch_backward_elementwise(dy, x, geometry, save_mean, save_invstd, weight, bias, sum_dy, sum_dy_xmu,
                                       count, training, relu)
-    return dx, sum_dy_xmu * save_invstd, sum_dy
+    return dx, sum_dy_xmu * save_invstd, sum_dy, dz
 
 
 # --- what the offline compile gate compiles (benchmarks/static_triton.py) ---------------
@@ -482,15 +520,20 @@ def compile_cases() -> None:
     def channel(c, dtype=torch.float32):
         return torch.empty(c, dtype=batch_norm_accumulate_dtype(dtype))
 
-    def train_and_back(x, weight=True, bias=True, relu=False):
+    def train_and_back(x, weight=True, bias=True, relu=False, residual=None):
         c = x.shape[1]
         w, b = (channel(c, x.dtype) if weight else None), (channel(c, x.dtype) if bias else None)
-        batch_norm_forward(x, w, b, None, None, True, 1e-5, relu)
-        batch_norm_backward(torch.empty_like(x), x, w, b, channel(c, x.dtype), channel(c, x.dtype), True, relu)
+        batch_norm_forward(x, w, b, None, None, True, 1e-5, relu, residual)
+        batch_norm_backward(torch.empty_like(x), x, w, b, channel(c, x.dtype), channel(c, x.dtype), True, relu,
+                            residual)
 
     for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         train_and_back(torch.empty(16, 32, 8, 8, dtype=dtype))  # NCHW, S = 64
         train_and_back(torch.empty(4, 64, 5, 5, dtype=dtype).to(memory_format=torch.channels_last), relu=True)
+        nchw = torch.empty(16, 32, 8, 8, dtype=dtype)
+        train_and_back(nchw, relu=True, residual=torch.empty_like(nchw))  # the bottleneck's bn + residual + ReLU
+    cl = torch.empty(4, 64, 5, 5).to(memory_format=torch.channels_last)
+    train_and_back(cl, weight=False, residual=torch.empty_like(cl))  # a residual without the ReLU
     for spatial in ((3, 3), (10, 20), (28, 28)):  # spatial tiles of 16, 256 and 1024 (64 above)
         train_and_back(torch.empty(3, 5, *spatial), weight=False, relu=True)
     for channels in (3, 8, 16, 24):  # channel tiles of 4, 8, 16 and 32 (64 above)
@@ -529,8 +572,8 @@ def _elementwise(a, *pointers) -> set[str]:
 # given the launch's arguments by name (see dropout.VECTOR_ACCESS).
 VECTOR_ACCESS = {
     "_stats_partial_kernel": lambda a: _reduction_loads(a, "x_ptr"),
-    "_backward_partial_kernel": lambda a: _reduction_loads(a, "x_ptr", "dy_ptr"),
-    "_elementwise_kernel": lambda a: _elementwise(a, "x_ptr", "y_ptr"),
+    "_backward_partial_kernel": lambda a: _reduction_loads(a, "x_ptr", "dy_ptr", "z_ptr"),
+    "_elementwise_kernel": lambda a: _elementwise(a, "x_ptr", "z_ptr", "y_ptr"),
     "_backward_elementwise_kernel": lambda a: _elementwise(a, "dy_ptr", "x_ptr", "dx_ptr"),
 }
 NEVER_ONE: dict[str, str] = {}

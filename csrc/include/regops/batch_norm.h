@@ -1,8 +1,9 @@
 // Batch normalization math shared by the CPU and CUDA kernels (the host side
 // of their entry points is in regops/batch_norm_host.h).
 //
-// Forward (torch.nn.functional.batch_norm, optionally followed by ReLU):
-//   y = act((x - mean) * invstd * weight + bias),  invstd = 1 / sqrt(var + eps)
+// Forward (torch.nn.functional.batch_norm, optionally plus a residual z and
+// followed by ReLU):
+//   y = act((x - mean) * invstd * weight + bias [+ z]),  invstd = 1 / sqrt(var + eps)
 // computed per element as x * scale + shift with scale = invstd * weight and
 // shift = bias - mean * scale folded once per channel.
 //
@@ -11,7 +12,7 @@
 // channel, sum_dy = sum(dy) and sum_dy_xmu = sum(dy * (x - mean)):
 //   training: dx = (dy - sum_dy / n - (x - mean) * invstd^2 * sum_dy_xmu / n) * invstd * weight
 //   eval:     dx = dy * invstd * weight   (mean and invstd are constants)
-//   dweight = sum_dy_xmu * invstd,  dbias = sum_dy
+//   dweight = sum_dy_xmu * invstd,  dbias = sum_dy,  dz = masked dy
 // folded into dx = dy * dy_scale + (x - mean) * xmu_scale + constant.
 #pragma once
 
@@ -46,6 +47,17 @@ REGOPS_INLINE acc_t batch_norm_normalize(acc_t x, BatchNormAffine<acc_t> affine,
 template <typename acc_t>
 REGOPS_INLINE acc_t batch_norm_masked_grad(acc_t dy, acc_t x, BatchNormAffine<acc_t> affine, bool relu) {
   return (relu && x * affine.scale + affine.shift <= acc_t(0)) ? acc_t(0) : dy;
+}
+
+// With a residual z added before the activation: act(x * scale + shift + z).
+template <typename acc_t>
+REGOPS_INLINE acc_t batch_norm_normalize(acc_t x, acc_t z, BatchNormAffine<acc_t> affine, bool relu) {
+  return batch_norm_activate(x * affine.scale + affine.shift + z, relu);
+}
+
+template <typename acc_t>
+REGOPS_INLINE acc_t batch_norm_masked_grad(acc_t dy, acc_t x, acc_t z, BatchNormAffine<acc_t> affine, bool relu) {
+  return (relu && x * affine.scale + affine.shift + z <= acc_t(0)) ? acc_t(0) : dy;
 }
 
 template <typename acc_t>

@@ -108,6 +108,23 @@ inline void check_grad_output(const at::Tensor& grad_output, const at::Tensor& i
 
 inline bool has_tensor(const std::optional<at::Tensor>& tensor) { return tensor.has_value() && tensor->defined(); }
 
+// The residual added before the activation: the input's shape, dtype and
+// device, any strides (it is brought into the input's working layout).
+inline void check_residual(const std::optional<at::Tensor>& residual, const at::Tensor& input, const char* op) {
+  if (!has_tensor(residual)) return;
+  TORCH_CHECK(residual->sizes() == input.sizes(), "regops ", op, ": residual must have the input's shape ",
+              input.sizes(), ", got ", residual->sizes());
+  TORCH_CHECK(residual->scalar_type() == input.scalar_type(), "regops ", op, ": residual must be ",
+              input.scalar_type(), " like input, got ", residual->scalar_type());
+  TORCH_CHECK(residual->device() == input.device(), "regops ", op, ": residual is on ", residual->device(),
+              " but input is on ", input.device());
+}
+
+// The residual in the input's working layout, or an undefined tensor.
+inline at::Tensor prepare_residual(const std::optional<at::Tensor>& residual, const BatchNormInput& p) {
+  return has_tensor(residual) ? residual->contiguous(p.format) : at::Tensor();
+}
+
 // ---- the argument checks of each entry point -----------------------------------
 
 // The per-channel tensors the elementwise passes normalize with.
@@ -152,7 +169,8 @@ inline void check_backward_elementwise_arguments(const at::Tensor& grad_out, con
 inline void check_forward_arguments(const at::Tensor& input, const std::optional<at::Tensor>& weight,
                                     const std::optional<at::Tensor>& bias,
                                     const std::optional<at::Tensor>& running_mean,
-                                    const std::optional<at::Tensor>& running_var, bool training, const char* op) {
+                                    const std::optional<at::Tensor>& running_var, bool training,
+                                    const std::optional<at::Tensor>& residual, const char* op) {
   check_batch_norm_input(input, op);
   check_optional_channel_tensor(weight, input, "weight", op);
   check_optional_channel_tensor(bias, input, "bias", op);
@@ -164,17 +182,20 @@ inline void check_forward_arguments(const at::Tensor& input, const std::optional
               ": running_mean and running_var must be given in eval mode (training=False)");
   TORCH_CHECK(!training || input.size(0) * batch_norm_spatial_size(input) != 1, "regops ", op,
               ": expected more than 1 value per channel when training, got input size ", input.sizes());
+  check_residual(residual, input, op);
 }
 
 inline void check_backward_arguments(const at::Tensor& grad_out, const at::Tensor& input,
                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                                     const at::Tensor& save_mean, const at::Tensor& save_invstd, const char* op) {
+                                     const at::Tensor& save_mean, const at::Tensor& save_invstd,
+                                     const std::optional<at::Tensor>& residual, const char* op) {
   check_batch_norm_input(input, op);
   check_grad_output(grad_out, input, op);
   check_optional_channel_tensor(weight, input, "weight", op);
   check_optional_channel_tensor(bias, input, "bias", op);
   check_channel_tensor(save_mean, input, "save_mean", op);
   check_channel_tensor(save_invstd, input, "save_invstd", op);
+  check_residual(residual, input, op);
 }
 
 }  // namespace regops

@@ -188,30 +188,41 @@ inline std::vector<at::Tensor> dense_norm_inputs(at::TensorList tensors) {
   return dense;
 }
 
-inline SGDCoefficients make_sgd_coefficients(double lr, double momentum, double dampening, double weight_decay,
-                                             bool nesterov, bool maximize, double l1, bool proximal,
-                                             bool first_step) {
-  SGDCoefficients c;
-  c.gradient = gradient_transform(weight_decay, l1, proximal, maximize, 1.0f);
-  c.lr = static_cast<float>(lr);
-  c.momentum = static_cast<float>(momentum);
+template <typename Real = float>
+inline SGDCoefficientsT<Real> make_sgd_coefficients(double lr, double momentum, double dampening,
+                                                    double weight_decay, bool nesterov, bool maximize, double l1,
+                                                    bool proximal, bool first_step) {
+  SGDCoefficientsT<Real> c;
+  c.gradient = gradient_transform<Real>(weight_decay, l1, proximal, maximize, 1.0f);
+  c.lr = static_cast<Real>(lr);
+  c.momentum = static_cast<Real>(momentum);
   c.has_momentum = momentum != 0.0;
-  c.one_minus_dampening = static_cast<float>(1.0 - dampening);
-  c.l1_threshold = proximal ? static_cast<float>(lr * l1) : 0.0f;
+  c.one_minus_dampening = static_cast<Real>(1.0 - dampening);
+  c.l1_threshold = proximal ? static_cast<Real>(lr * l1) : Real(0);
   c.nesterov = nesterov;
   c.first_step = first_step;
   return c;
 }
 
-// Calls fn(scalar_t{}) for the parameter dtypes the optimizers support: the
-// math is float32, so float64 parameters would silently lose precision.
-template <typename Fn>
+// Calls fn(scalar_t{}) for the parameter dtypes the optimizers support. The
+// CUDA kernels' math is float32, so float64 parameters, which would silently
+// lose precision there, are for the CPU kernels only (kWithDouble), whose
+// float64 math is float64.
+template <bool kWithDouble = false, typename Fn>
 void dispatch_optimizer_dtype(const char* op, at::ScalarType dtype, Fn fn) {
   switch (dtype) {
     case at::kFloat: fn(float{}); break;
     case at::kHalf: fn(at::Half{}); break;
     case at::kBFloat16: fn(at::BFloat16{}); break;
-    default: TORCH_CHECK(false, "regops ", op, ": parameters must be float32, float16 or bfloat16, got ", dtype);
+    case at::kDouble:
+      if constexpr (kWithDouble) {
+        fn(double{});
+        break;
+      }
+      [[fallthrough]];
+    default:
+      TORCH_CHECK(false, "regops ", op, ": parameters must be float32, ", kWithDouble ? "float64, " : "",
+                  "float16 or bfloat16, got ", dtype);
   }
 }
 

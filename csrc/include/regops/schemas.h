@@ -67,11 +67,17 @@ inline void define_schemas(torch::Library& m) {
   // towards save_mean and it, so momentum may be a traced tensor under
   // torch.compile); eval normalizes with running_mean and running_var and
   // returns batch_var empty. The backward is one reduction pass and one
-  // elementwise pass.
+  // elementwise pass. residual (the input's shape and dtype, any layout) is
+  // added before the ReLU: output = act(bn(input) + residual), the ResNet
+  // bottleneck's tail; the backward recomputes the mask from input and
+  // residual and returns grad_residual (the masked grad_out; empty without a
+  // residual), written by its reduction pass.
   m.def("batch_norm_forward(Tensor input, Tensor? weight, Tensor? bias, Tensor? running_mean, Tensor? running_var, "
-        "bool training, float eps, bool relu) -> (Tensor output, Tensor save_mean, Tensor save_invstd, Tensor batch_var)");
+        "bool training, float eps, bool relu, Tensor? residual=None) -> (Tensor output, Tensor save_mean, "
+        "Tensor save_invstd, Tensor batch_var)");
   m.def("batch_norm_backward(Tensor grad_out, Tensor input, Tensor? weight, Tensor? bias, Tensor save_mean, "
-        "Tensor save_invstd, bool training, bool relu) -> (Tensor grad_input, Tensor grad_weight, Tensor grad_bias)");
+        "Tensor save_invstd, bool training, bool relu, Tensor? residual=None) -> (Tensor grad_input, "
+        "Tensor grad_weight, Tensor grad_bias, Tensor grad_residual)");
   // The pieces of a synchronized batch norm, which sums per-rank statistics
   // and gradient sums across ranks between them: mean and biased variance;
   // the normalization; the per-channel gradient sums; and grad_input, where
@@ -83,6 +89,28 @@ inline void define_schemas(torch::Library& m) {
         "Tensor? bias, bool relu) -> (Tensor sum_dy, Tensor sum_dy_xmu)");
   m.def("batch_norm_backward_elementwise(Tensor grad_out, Tensor input, Tensor mean, Tensor invstd, Tensor? weight, "
         "Tensor? bias, Tensor sum_dy, Tensor sum_dy_xmu, int count, bool relu) -> Tensor");
+  // Layer normalization and RMSNorm over the last dimension of a (rows,
+  // hidden) input, optionally after dropout and a residual add
+  // (csrc/include/regops/layer_norm.h has the formulas): h = dropout(input) +
+  // residual, output = norm(h) * weight + bias. Dropout runs when seed is
+  // given, its mask bit i the dropout random rule's for flat element i of the
+  // row-major input (the mask of dropout_forward on a contiguous input).
+  // weight and bias are (hidden,) float32 (float64 for float64 inputs); mean
+  // (LayerNorm only, else empty) and rstd are (rows,) in that dtype. h, kept
+  // when store_h (else empty), is float32 when residual_in_fp32 (float64
+  // for float64), else residual's dtype (input's without a residual); a
+  // residual is of the input's dtype or float32. The backward reads h (the
+  // input itself when nothing was added or dropped), the saved mask or
+  // regenerates it from seed, adds grad_h (the gradient of a returned h) and
+  // returns grad_input (input's dtype), grad_residual (h's dtype, empty
+  // unless has_residual), and grad_weight and grad_bias summed over rows in
+  // a fixed order (empty without weight, or unless has_bias).
+  m.def("layer_norm_forward(Tensor input, Tensor? residual, Tensor? weight, Tensor? bias, float p, Tensor? seed, "
+        "int offset, float eps, bool rms, bool store_mask, bool store_h, bool residual_in_fp32) -> "
+        "(Tensor output, Tensor h, Tensor mean, Tensor rstd, Tensor mask)");
+  m.def("layer_norm_backward(Tensor grad_out, Tensor? grad_h, Tensor h, Tensor? weight, Tensor mean, Tensor rstd, "
+        "Tensor? mask, Tensor? seed, float p, int offset, bool rms, bool has_residual, bool has_bias) -> "
+        "(Tensor grad_input, Tensor grad_residual, Tensor grad_weight, Tensor grad_bias)");
 }
 
 }  // namespace regops

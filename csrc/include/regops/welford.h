@@ -1,10 +1,10 @@
 // Welford's running mean and sum of squared deviations (M2), and the merge
 // of two such partials (Chan, Golub and LeVeque, "Updating formulae and a
-// pairwise algorithm for computing sample variances", 1979). Every batch-norm
-// statistics kernel, CPU and CUDA, combines its partials with welford_merge:
-// the CUDA threads add values with welford_update, the CPU kernels first
-// reduce vectorized runs as sums shifted by the mean so far; the Triton
-// kernels follow the same formulas. Subtracting a (running) mean before
+// pairwise algorithm for computing sample variances", 1979). The CPU
+// batch-norm statistics reduce vectorized runs as sums shifted by the mean
+// so far and combine them with welford_merge; the Triton kernels follow the
+// same formulas; the CUDA kernels sum deviations from one shift per channel
+// (its first element, welford_shift) and finish with clamp_m2. Subtracting a (running) mean before
 // squaring keeps the variance accurate when |mean| >> std, where the
 // textbook E[x^2] - E[x]^2 loses every digit.
 //
