@@ -53,12 +53,6 @@ def test_bit_identical_to_the_reference_backend(backend_device, name, dtype):
     backend, device = backend_device
     if backend == "reference":
         pytest.skip("the reference backend is the oracle of this test")
-    if backend == "cpu":
-        # Known failure: the AVX2 / AVX-512 clones of the CPU loops contract
-        # multiply-adds into FMAs, so about one float32 value in 10^5 differs
-        # in its last bit from the reference and rounds the other way; the
-        # fix is -ffp-contract=off for csrc/cpu/optim.cpp.
-        pytest.xfail("the CPU kernel's FMA contraction changes ~1e-5 of the values before rounding")
     gen = torch.Generator().manual_seed(5)
     ours = _params(device, dtype, gen, _small(backend, device))
     oracle = [_leaf(p.detach().clone()) for p in ours]

@@ -375,9 +375,13 @@ def _launch_step(kernel, lists, *arguments, **constexprs) -> None:
     table, numels, chunk_tensor, chunk_start, aligned = _tables(lists, device)
     if chunk_tensor.numel() == 0:
         return
+    # enable_fp_fusion=False: no multiply-add contraction (Triton's default
+    # fuses a * b + c into an FMA), so every product and sum is rounded on
+    # its own, as in regops/reference.py and the C++ and CUDA kernels, and
+    # stochastic rounding sees the same float32 bits on every backend.
     launch(kernel, (chunk_tensor.numel(),), device, table, numels, chunk_tensor, chunk_start, len(lists[0]),
            *arguments, DTYPE=_TRITON_DTYPES[lists[0][0].dtype], ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK,
-           **constexprs)
+           enable_fp_fusion=False, **constexprs)
 
 
 def _average_arguments(params, averages, average_weights):
