@@ -13,7 +13,10 @@
 // Bytes per parameter (element size e): SGD 3e (5e with momentum), AdamW 7e
 // (9e with amsgrad); AdamW adds one launch that counts the step. lr (tensor
 // overload), GradScaler's grad_scale and found_inf and the clip coefficient
-// are read on the device.
+// are read on the device. A weight average (EMA / SWA, element size a) is
+// updated by the same threads right after the parameter, from the value just
+// stored: 2a more per parameter, its weights read on the device, no second
+// pass.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
@@ -114,6 +117,20 @@ __device__ __forceinline__ float round_stochastic(float value, uint32_t bits) {
   }
 }
 
+// The weight average of one element: average = lerp(average, p, weight)
+// from the stored parameter p, rounded as the CPU kernel rounds it
+// (stochastically, random slot kRoundAverage, for a 16-bit average of a
+// stochastic call).
+template <typename average_t, bool kStochastic>
+__device__ __forceinline__ average_t averaged(average_t average, float stored, LerpWeight weight, uint32_t bits) {
+  float value = lerp_like_torch(static_cast<float>(average), stored, weight);
+  if constexpr (kStochastic && sizeof(average_t) == 2) value = round_stochastic<average_t>(value, bits);
+  return static_cast<average_t>(value);
+}
+
+// No weight average: average_t is this type.
+struct NoAverage {};
+
 // kLists lists; list 1 (the gradients) is read only. Functor:
 //   using Coefficients = ...;
 //   __device__ bool prepare(const float* step, Coefficients&) const  (false: skip)
@@ -121,9 +138,15 @@ __device__ __forceinline__ float round_stochastic(float value, uint32_t bits) {
 // kStochastic (16-bit types): the written lists are rounded stochastically,
 // with `rounding` the op's [seed, group, step, tensor indices] on the device;
 // a vector is eight elements, which one Philox call per list serves.
-template <typename scalar_t, int kLists, bool kStochastic, typename Functor>
-__global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTable<kLists> table, Functor functor,
-                                                                      const int64_t* rounding) {
+// average_t (float or scalar_t; NoAverage without): the table has one more
+// list, the averages, and average_weights holds the lerp weight of each
+// tensor of the call (by position), on the device.
+template <typename scalar_t, int kLists, bool kStochastic, typename average_t, typename Functor>
+__global__ void __launch_bounds__(kThreads)
+    multi_tensor_apply_kernel(TensorTable<kLists + (std::is_same_v<average_t, NoAverage> ? 0 : 1)> table,
+                              Functor functor, const int64_t* rounding, const float* average_weights) {
+  constexpr bool kAverage = !std::is_same_v<average_t, NoAverage>;
+  using stored_average_t = std::conditional_t<kAverage, average_t, float>;  // a type for the unused paths
   const int tensor = table.block_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunk;
   const int64_t n = min(kChunk, table.numels[tensor] - start);
@@ -143,21 +166,41 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
     lists[l] = static_cast<scalar_t*>(table.addresses[l][tensor]) + start;
     aligned = aligned && aligned16(lists[l]);
   }
+  stored_average_t* average = nullptr;
+  LerpWeight weight{};
+  if constexpr (kAverage) {
+    average = static_cast<stored_average_t*>(table.addresses[kLists][tensor]) + start;
+    aligned = aligned && aligned16(average);
+    weight = lerp_weight(average_weights[table.positions[tensor]]);
+  }
   constexpr int kVector = 16 / sizeof(scalar_t);
   static_assert(!kStochastic || kVector == 8, "stochastic rounding draws 8 elements' bits per Philox call");
   using Vector = AlignedVector<scalar_t, kVector>;
+  // The average's kVector elements as 16-byte vectors: two for a float32
+  // average of 16-bit parameters, else one.
+  constexpr int kAveragePerVector = 16 / sizeof(stored_average_t);
+  constexpr int kAverageVectors = kVector / kAveragePerVector > 0 ? kVector / kAveragePerVector : 1;
+  using AverageVector = AlignedVector<stored_average_t, kAveragePerVector>;
   const int64_t vector_end = aligned ? n / kVector * kVector : 0;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVector; i < vector_end;
        i += static_cast<int64_t>(blockDim.x) * kVector) {
     Vector loaded[kLists];
 #pragma unroll
     for (int l = 0; l < kLists; ++l) loaded[l] = load_vector<Vector>(lists[l] + i);
+    AverageVector averages[kAverageVectors];
+    if constexpr (kAverage) {
+#pragma unroll
+      for (int a = 0; a < kAverageVectors; ++a) averages[a] = load_vector<AverageVector>(average + i + a * kAveragePerVector);
+    }
     Philox4 words[kLists];
+    Philox4 average_words{};
     if (kStochastic) {
+      const uint64_t block = static_cast<uint64_t>(start + i) / 8;
 #pragma unroll
       for (int l = 0; l < kLists; ++l) {
-        if (l != 1) words[l] = rounding_words(key, static_cast<uint64_t>(start + i) / 8, tensor_index, rounding_slot(l));
+        if (l != 1) words[l] = rounding_words(key, block, tensor_index, rounding_slot(l));
       }
+      if (kAverage && sizeof(stored_average_t) == 2) average_words = rounding_words(key, block, tensor_index, kRoundAverage);
     }
 #pragma unroll
     for (int e = 0; e < kVector; ++e) {
@@ -170,10 +213,19 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
         if (kStochastic && l != 1) x[l] = round_stochastic<scalar_t>(x[l], rounding_bits(words[l], e));
         loaded[l].value[e] = static_cast<scalar_t>(x[l]);
       }
+      if constexpr (kAverage) {
+        stored_average_t& a = averages[e / kAveragePerVector].value[e % kAveragePerVector];
+        a = averaged<stored_average_t, kStochastic>(a, static_cast<float>(loaded[0].value[e]), weight,
+                                                    kStochastic ? rounding_bits(average_words, e) : 0u);
+      }
     }
 #pragma unroll
     for (int l = 0; l < kLists; ++l) {
       if (l != 1) store_vector(lists[l] + i, loaded[l]);
+    }
+    if constexpr (kAverage) {
+#pragma unroll
+      for (int a = 0; a < kAverageVectors; ++a) store_vector(average + i + a * kAveragePerVector, averages[a]);
     }
   }
   for (int64_t i = vector_end + threadIdx.x; i < n; i += blockDim.x) {
@@ -190,6 +242,14 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
         x[l] = round_stochastic<scalar_t>(x[l], rounding_bits(words, static_cast<int>(element % 8)));
       }
       lists[l][i] = static_cast<scalar_t>(x[l]);
+    }
+    if constexpr (kAverage) {
+      uint32_t bits = 0;
+      if (kStochastic && sizeof(stored_average_t) == 2) {
+        bits = rounding_bits(rounding_words(key, element / 8, tensor_index, kRoundAverage),
+                             static_cast<int>(element % 8));
+      }
+      average[i] = averaged<stored_average_t, kStochastic>(average[i], static_cast<float>(lists[0][i]), weight, bits);
     }
   }
 }
@@ -268,12 +328,18 @@ __global__ void increment_steps_kernel(StepTable table, int count, const float* 
   *table.steps[i] += 1.0f;
 }
 
-// The CUDA kernels do not fuse the weight average yet: regops.ops.optim
-// updates it after them, so a direct call with averages is an error.
-void check_no_averages(const char* op, const c10::optional<at::TensorList>& averages) {
-  TORCH_CHECK(!averages.has_value() || averages->empty(), "regops ", op, ": the CUDA kernels do not update averages; "
-              "regops.ops.optim updates them after the step");
-}
+// The weight averages of a call (check_averages has checked them): the
+// tensors, empty without averaging, and the weights on the device.
+struct CallAverages {
+  std::vector<at::Tensor> tensors;
+  const float* weights = nullptr;
+
+  CallAverages(const c10::optional<at::TensorList>& averages, const c10::optional<at::Tensor>& average_weights) {
+    if (!averages.has_value() || averages->empty()) return;
+    tensors = averages->vec();
+    weights = average_weights->const_data_ptr<float>();
+  }
+};
 
 void check_cuda(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
@@ -290,37 +356,57 @@ DeviceScalars device_scalars(const at::Tensor* lr, const c10::optional<at::Tenso
           pointer(clip_coef)};
 }
 
-// rounding: the op's rounding tensor, or null (round to nearest even; also
-// for float32, which the update already holds exactly).
-template <typename scalar_t, int kLists, typename Functor>
-void launch(const std::vector<at::TensorList>& lists, at::TensorList steps, const Functor& functor,
-            const c10::optional<at::Tensor>& rounding) {
-  static_assert(sizeof(TensorTable<kLists>) + sizeof(Functor) + sizeof(void*) <= kArgumentBytes,
+// One kernel per table, for an average of type average_t (NoAverage: none).
+template <typename scalar_t, int kLists, typename average_t, typename Functor>
+void launch_tables(const std::vector<at::TensorList>& lists, at::TensorList steps, const Functor& functor,
+                   const int64_t* rounding, const float* average_weights) {
+  constexpr int kTableLists = kLists + (std::is_same_v<average_t, NoAverage> ? 0 : 1);
+  static_assert(sizeof(TensorTable<kTableLists>) + sizeof(Functor) + 2 * sizeof(void*) <= kArgumentBytes,
                 "kernel arguments over 4 KB");
-  const auto stream = cuda::current_stream();
   constexpr bool k16Bit = sizeof(scalar_t) == 2;
-  const int64_t* rounding_data = k16Bit && rounding.has_value() ? rounding->const_data_ptr<int64_t>() : nullptr;
-  for_each_table<kLists>(lists, steps, [&](const TensorTable<kLists>& table, int blocks, int64_t) {
-    if (rounding_data != nullptr) {
-      cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, k16Bit, Functor>, blocks, kThreads, 0, stream, table,
-                   functor, rounding_data);
+  const auto stream = cuda::current_stream();
+  for_each_table<kTableLists>(lists, steps, [&](const TensorTable<kTableLists>& table, int blocks, int64_t) {
+    if (rounding != nullptr) {
+      cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, k16Bit, average_t, Functor>, blocks, kThreads, 0,
+                   stream, table, functor, rounding, average_weights);
     } else {
-      cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, false, Functor>, blocks, kThreads, 0, stream, table,
-                   functor, rounding_data);
+      cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, false, average_t, Functor>, blocks, kThreads, 0,
+                   stream, table, functor, rounding, average_weights);
     }
     REGOPS_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// rounding: the op's rounding tensor, or null (round to nearest even; also
+// for float32, which the update already holds exactly). averages: appended
+// to the lists as the table's last, float32 or scalar_t.
+template <typename scalar_t, int kLists, typename Functor>
+void launch(std::vector<at::TensorList> lists, at::TensorList steps, const Functor& functor,
+            const c10::optional<at::Tensor>& rounding, const CallAverages& averages) {
+  constexpr bool k16Bit = sizeof(scalar_t) == 2;
+  const int64_t* rounding_data = k16Bit && rounding.has_value() ? rounding->const_data_ptr<int64_t>() : nullptr;
+  if (averages.tensors.empty()) {
+    launch_tables<scalar_t, kLists, NoAverage>(lists, steps, functor, rounding_data, nullptr);
+    return;
+  }
+  lists.push_back(averages.tensors);
+  if (k16Bit && averages.tensors[0].scalar_type() != at::kFloat) {
+    launch_tables<scalar_t, kLists, scalar_t>(lists, steps, functor, rounding_data, averages.weights);
+  } else {
+    launch_tables<scalar_t, kLists, float>(lists, steps, functor, rounding_data, averages.weights);
+  }
 }
 
 void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
               const at::Tensor* lr_tensor, double momentum, double dampening, double weight_decay, bool nesterov,
               bool maximize, double l1, bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
               const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
-              const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages) {
+              const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+              const c10::optional<at::Tensor>& average_weights) {
   constexpr const char* op = "sgd_step_";
   check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1);
   check_rounding(op, rounding, params);
-  check_no_averages(op, averages);
+  check_averages(op, averages, average_weights, params);
   if (params.empty()) return;
   check_cuda(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
@@ -330,12 +416,14 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
                                                      proximal, first_step);
   const DeviceScalars scalars = device_scalars(lr_tensor, grad_scale, found_inf, clip_coef);
   const float proximal_l1 = proximal ? static_cast<float>(l1) : 0.0f;
+  const CallAverages call_averages(averages, average_weights);
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (momentum != 0.0) {
-      launch<scalar_t, 3>({params, grads, momentum_buffers}, {}, SGDFunctor<3>{base, proximal_l1, scalars}, rounding);
+      launch<scalar_t, 3>({params, grads, momentum_buffers}, {}, SGDFunctor<3>{base, proximal_l1, scalars}, rounding,
+                          call_averages);
     } else {
-      launch<scalar_t, 2>({params, grads}, {}, SGDFunctor<2>{base, proximal_l1, scalars}, rounding);
+      launch<scalar_t, 2>({params, grads}, {}, SGDFunctor<2>{base, proximal_l1, scalars}, rounding, call_averages);
     }
   });
 }
@@ -345,9 +433,9 @@ void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList m
                    bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
                    const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
                    const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
-                   const c10::optional<at::Tensor>&) {
+                   const c10::optional<at::Tensor>& average_weights) {
   sgd_step(params, grads, momentum_buffers, lr, nullptr, momentum, dampening, weight_decay, nesterov, maximize, l1,
-           proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages);
+           proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights);
 }
 
 void sgd_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
@@ -355,9 +443,10 @@ void sgd_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::Te
                              bool nesterov, bool maximize, double l1, bool proximal, bool first_step,
                              const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
                              const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& rounding,
-                             const c10::optional<at::TensorList>& averages, const c10::optional<at::Tensor>&) {
+                             const c10::optional<at::TensorList>& averages,
+                             const c10::optional<at::Tensor>& average_weights) {
   sgd_step(params, grads, momentum_buffers, 0.0, &lr, momentum, dampening, weight_decay, nesterov, maximize, l1,
-           proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages);
+           proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights);
 }
 
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
@@ -365,28 +454,30 @@ void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_
                 double beta1, double beta2, double eps, double weight_decay, double l2, double l1, bool proximal,
                 bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
                 const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
-                const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages) {
+                const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                const c10::optional<at::Tensor>& average_weights) {
   constexpr const char* op = "adamw_step_";
   check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                         weight_decay, l2, l1, amsgrad);
   check_rounding(op, rounding, params);
-  check_no_averages(op, averages);
+  check_averages(op, averages, average_weights, params);
   if (params.empty()) return;
   check_cuda(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
   if (lr_tensor != nullptr) check_scalar_tensor(op, "lr", *lr_tensor, params[0].device());
   const cuda::DeviceGuard guard(params[0].device());
   const DeviceScalars scalars = device_scalars(lr_tensor, grad_scale, found_inf, clip_coef);
+  const CallAverages call_averages(averages, average_weights);
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (amsgrad) {
       launch<scalar_t, 5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, state_steps,
                           AdamWFunctor<5>{lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize,
-                                          scalars}, rounding);
+                                          scalars}, rounding, call_averages);
     } else {
       launch<scalar_t, 4>({params, grads, exp_avgs, exp_avg_sqs}, state_steps,
                           AdamWFunctor<4>{lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize,
-                                          scalars}, rounding);
+                                          scalars}, rounding, call_averages);
     }
   });
   // Count the step after the update has read the old count (same stream).
@@ -406,9 +497,10 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      bool proximal, bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
                      const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
                      const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
-                     const c10::optional<at::Tensor>&) {
+                     const c10::optional<at::Tensor>& average_weights) {
   adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, nullptr, beta1, beta2, eps,
-             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages);
+             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages,
+             average_weights);
 }
 
 void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -419,9 +511,10 @@ void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::
                                const c10::optional<at::Tensor>& found_inf,
                                const c10::optional<at::Tensor>& clip_coef,
                                const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
-                               const c10::optional<at::Tensor>&) {
+                               const c10::optional<at::Tensor>& average_weights) {
   adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, 0.0, &lr, beta1, beta2, eps,
-             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages);
+             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages,
+             average_weights);
 }
 
 // --- multi_tensor_norm: per-block float32 partial sums, then one block sums

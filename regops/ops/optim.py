@@ -38,25 +38,13 @@ def _grad_factor(grad_scale, clip_coef):
 
 
 def _average_arguments(backend, averages, average_weights) -> tuple:
-    """The ops' trailing averaging arguments. The CUDA kernels do not fuse
-    the average yet: for them it is updated after the step (_average_after)."""
+    """The ops' trailing averaging arguments: the Triton op takes a list
+    (empty without averaging), the native ops None."""
     if backend == "triton":
         return list(averages), average_weights
-    if backend == "cuda" or not averages:
+    if not averages:
         return None, None
     return list(averages), average_weights
-
-
-def _average_after(backend, params, averages, average_weights, rounding, found_inf) -> None:
-    """The weight average in a second pass of torch ops, by the reference
-    rule (bit-identical to the fused kernels), for the CUDA backend; nothing
-    on a step that found_inf skips. It reads the weights and the skip flag on
-    the host."""
-    if backend != "cuda" or not averages or (found_inf is not None and bool(found_inf.item() != 0)):
-        return
-    rounding_values = None if rounding is None else [int(v) for v in rounding.tolist()]
-    for index, (average, param, weight) in enumerate(zip(averages, params, average_weights.tolist())):
-        reference.store_average(average, param, weight, rounding_values, index)
 
 
 def _for_dtype(backend: str, dtype: torch.dtype) -> str:
@@ -108,7 +96,6 @@ def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weigh
     op = _op(backend, "sgd", isinstance(lr, torch.Tensor), params[0].device.type)
     op(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
        first_step, grad_scale, found_inf, clip_coef, rounding, *_average_arguments(backend, averages, average_weights))
-    _average_after(backend, params, averages, average_weights, rounding, found_inf)
 
 
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
@@ -131,7 +118,6 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
     op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, l2,
        l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding,
        *_average_arguments(backend, averages, average_weights))
-    _average_after(backend, params, averages, average_weights, rounding, found_inf)
 
 
 def multi_tensor_norm(tensors: Sequence[torch.Tensor], squared: bool = False) -> torch.Tensor:
