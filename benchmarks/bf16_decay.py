@@ -61,7 +61,7 @@ def decay_runs(steps: int, numel: int, seed: int = 0) -> dict[str, list[float]]:
     trajectories = {}
     for name, (dtype, make) in runs.items():
         torch.manual_seed(seed)
-        param = start.to(dtype).requires_grad_()
+        param = start.to(dtype, copy=True).requires_grad_()
         param.grad = torch.zeros_like(param)
         optimizer = make(param)
         initial = float(param.detach().float().norm())
