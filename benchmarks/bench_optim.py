@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -207,7 +208,11 @@ def _check_average(provider, step_owner, params):
             raise AssertionError(f"{provider}: the average after the first step is not the parameters")
 
 
-def run(device, sets: dict[str, list[tuple[int, ...]]], dtypes: list[str], cases=CASES):
+def run(device, sets: dict[str, list[tuple[int, ...]]], dtypes: list[str], cases=CASES, rounds: int = 1):
+    """One row per (set, dtype, case, provider). With ``rounds`` > 1 the
+    providers of a case are kept side by side and timed in turn, ``rounds``
+    times (interleaved, so that a slow phase of a shared machine hits them
+    all); a row is the median of the rounds' medians, its note the spread."""
     device = torch.device(device)
     copy_gbps = copy_bandwidth(device)
     rows: list[Row] = []
@@ -222,6 +227,7 @@ def run(device, sets: dict[str, list[tuple[int, ...]]], dtypes: list[str], cases
                 if case == "adamw+sr" and dtype == torch.float32:
                     continue  # float32 parameters are not rounded
                 expected = _reference_result(case, base)
+                prepared = []
                 for provider, backend, make in _providers(case, device):
                     params = _clone(base)
                     with regops.use_backend(backend):
@@ -229,12 +235,26 @@ def run(device, sets: dict[str, list[tuple[int, ...]]], dtypes: list[str], cases
                         _check(provider, case, step, params, expected, dtype)
                         if case == "adamw+ema" and backend is not None:
                             _check_average(provider, step, params)
-                        ms = time_fn(step, device)
-                    rows.append(Row("optim", case, size, dtype_name, provider, ms, BYTES_PER_PARAM[case] * e * numel,
-                                    device=device.type,
-                                    note=f"{BYTES_PER_PARAM[case] * e} B/param").finish(copy_gbps))
-                    del params, step
-                del expected
+                    if rounds == 1:
+                        with regops.use_backend(backend):
+                            prepared.append((provider, backend, [time_fn(step, device)], None))
+                        del params, step
+                    else:
+                        prepared.append((provider, backend, [], step))
+                for _ in range(rounds if rounds > 1 else 0):
+                    for provider, backend, samples, step in prepared:
+                        with regops.use_backend(backend):
+                            samples.append(time_fn(step, device))
+                for provider, _, samples, _ in prepared:
+                    note = f"{BYTES_PER_PARAM[case] * e} B/param"
+                    if rounds > 1:
+                        note += f", {rounds} interleaved rounds: {min(samples):.3f}-{max(samples):.3f} ms"
+                        print(f"{case} {size} {dtype_name} {provider}: median {statistics.median(samples):.3f} ms, "
+                              f"rounds {', '.join(f'{t:.3f}' for t in samples)}")
+                    rows.append(Row("optim", case, size, dtype_name, provider, statistics.median(samples),
+                                    BYTES_PER_PARAM[case] * e * numel, device=device.type,
+                                    note=note).finish(copy_gbps))
+                del prepared, expected
             del base
             if device.type == "cuda":
                 torch.cuda.empty_cache()
@@ -280,6 +300,8 @@ def main(argv=None) -> None:
     parser.add_argument("--quick", action="store_true", help="tiny sets, to check the script runs")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for CPU runs")
     parser.add_argument("--no-record", action="store_true", help="do not append rows to benchmarks/results/")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="time the providers of a case in turn this many times (medians, spread in the note)")
     args = parser.parse_args(argv)
     device = torch.device(args.device)
     if args.threads:
@@ -291,7 +313,7 @@ def main(argv=None) -> None:
     if args.sets:
         wanted = args.sets.split(",")
         sets = {k: v for k, v in sets.items() if k.split("/")[0].split("x")[0] in wanted}
-    rows = run(device, sets, args.dtypes.split(","), cases=tuple(args.cases.split(",")))
+    rows = run(device, sets, args.dtypes.split(","), cases=tuple(args.cases.split(",")), rounds=args.rounds)
     emit(rows, "optim", device, record=not args.no_record)
     print("\nbytes per parameter (e = element size): sgd 5e, adamw 7e, adamw+l1+clip 8e, adamw+ema 9e; "
           "'vs best torch' is the fastest torch provider's time over this row's")

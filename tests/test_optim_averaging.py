@@ -105,6 +105,8 @@ def test_skipped_steps_leave_the_average_and_resume_from_a_state_dict(backend_de
     neither the parameters nor the averages; a state_dict taken mid-way
     resumes to the same averages."""
     backend, device = backend_device
+    if triton_interpreted(backend, device):
+        pytest.skip("minutes under the Triton interpreter (the Triton kernel's skip of averages is unchecked here)")
     gen = torch.Generator().manual_seed(2)
     shapes = [(7, 13), (), (1031,), (5, 3), (2,), (1,)]
     params = _leaves(shapes, device, torch.float32, gen)
