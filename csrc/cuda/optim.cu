@@ -117,13 +117,23 @@ __device__ __forceinline__ float round_stochastic(float value, uint32_t bits) {
   }
 }
 
+// rounding_bits for a run-time element e (the scalar tail): the word
+// chosen with selects, not by indexing, which put the words on the stack.
+__device__ __forceinline__ uint32_t rounding_bits_at(const Philox4& words, int e) {
+  const int w = e >> 1;
+  const uint32_t word = w == 0 ? words.x[0] : w == 1 ? words.x[1] : w == 2 ? words.x[2] : words.x[3];
+  return (word >> ((e & 1) * 16)) & 0xFFFFu;
+}
+
 // The weight average of one element: average = lerp(average, p, weight)
 // from the stored parameter p, rounded as the CPU kernel rounds it
 // (stochastically, random slot kRoundAverage, for a 16-bit average of a
 // stochastic call).
+// The weight is passed as a float and turned into the lerp form here: a
+// LerpWeight kept across the loop went to the stack.
 template <typename average_t, bool kStochastic>
-__device__ __forceinline__ average_t averaged(average_t average, float stored, LerpWeight weight, uint32_t bits) {
-  float value = lerp_like_torch(static_cast<float>(average), stored, weight);
+__device__ __forceinline__ average_t averaged(average_t average, float stored, float weight, uint32_t bits) {
+  float value = lerp_like_torch(static_cast<float>(average), stored, lerp_weight(weight));
   if constexpr (kStochastic && sizeof(average_t) == 2) value = round_stochastic<average_t>(value, bits);
   return static_cast<average_t>(value);
 }
@@ -167,11 +177,11 @@ __global__ void __launch_bounds__(kThreads)
     aligned = aligned && aligned16(lists[l]);
   }
   stored_average_t* average = nullptr;
-  LerpWeight weight{};
+  float weight = 0.0f;
   if constexpr (kAverage) {
     average = static_cast<stored_average_t*>(table.addresses[kLists][tensor]) + start;
     aligned = aligned && aligned16(average);
-    weight = lerp_weight(average_weights[table.positions[tensor]]);
+    weight = average_weights[table.positions[tensor]];
   }
   constexpr int kVector = 16 / sizeof(scalar_t);
   static_assert(!kStochastic || kVector == 8, "stochastic rounding draws 8 elements' bits per Philox call");
@@ -239,15 +249,15 @@ __global__ void __launch_bounds__(kThreads)
       if (l == 1) continue;
       if (kStochastic) {
         const Philox4 words = rounding_words(key, element / 8, tensor_index, rounding_slot(l));
-        x[l] = round_stochastic<scalar_t>(x[l], rounding_bits(words, static_cast<int>(element % 8)));
+        x[l] = round_stochastic<scalar_t>(x[l], rounding_bits_at(words, static_cast<int>(element % 8)));
       }
       lists[l][i] = static_cast<scalar_t>(x[l]);
     }
     if constexpr (kAverage) {
       uint32_t bits = 0;
       if (kStochastic && sizeof(stored_average_t) == 2) {
-        bits = rounding_bits(rounding_words(key, element / 8, tensor_index, kRoundAverage),
-                             static_cast<int>(element % 8));
+        bits = rounding_bits_at(rounding_words(key, element / 8, tensor_index, kRoundAverage),
+                                static_cast<int>(element % 8));
       }
       average[i] = averaged<stored_average_t, kStochastic>(average[i], static_cast<float>(lists[0][i]), weight, bits);
     }
