@@ -84,6 +84,7 @@ demo: build
 	$(PYTHON) benchmarks/mnist.py
 	$(PYTHON) benchmarks/overfit.py
 	$(PYTHON) benchmarks/vit.py --quick
+	$(PYTHON) benchmarks/bf16_decay.py --steps 500 --numel 65536 --epochs 0 --out benchmarks/out/bf16_decay
 
 bench: build
 	$(PYTHON) benchmarks/run.py

@@ -53,6 +53,10 @@ PARITY_LOSS_RTOL = 1e-4
 # ~1e-6; a few steps reach ~3e-3 (measured on the default data, see README), most likely where a ReLU or
 # max-pool decision at a rounding-level tie goes the other way and routes one gradient row differently.
 PARITY_UPDATE_RTOL = 1e-2
+# The regops runs keep an exponential moving average of the weights in the
+# same fused step (ema_decay); its test accuracy is reported next to the raw
+# weights' (batch-norm statistics: those of the raw run).
+EMA_DECAY = 0.99
 
 
 # --- models --------------------------------------------------------------------
@@ -200,12 +204,13 @@ class TorchOptimizer:
 class RegopsOptimizer:
     """regops.optim.SGD / AdamW: the penalties are part of the fused update."""
 
-    def __init__(self, model: nn.Module, variant: Variant) -> None:
+    def __init__(self, model: nn.Module, variant: Variant, ema_decay: float | None = None) -> None:
         import regops.optim
 
         groups = param_groups(model, variant)
         cls = regops.optim.SGD if variant.optimizer == "sgd" else regops.optim.AdamW
-        self.optimizer = cls(groups, lr=variant.lr, weight_decay=variant.weight_decay, l1_mode=variant.l1_mode)
+        self.optimizer = cls(groups, lr=variant.lr, weight_decay=variant.weight_decay, l1_mode=variant.l1_mode,
+                             ema_decay=ema_decay)
 
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
@@ -217,15 +222,17 @@ class RegopsOptimizer:
         return [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
 
 
-def build(variant: Variant, implementation: str, initial: nn.Module, *, parity: bool = False):
-    """(model, optimizer) of one implementation, from a copy of ``initial``."""
+def build(variant: Variant, implementation: str, initial: nn.Module, *, parity: bool = False,
+          ema_decay: float | None = None):
+    """(model, optimizer) of one implementation, from a copy of ``initial``;
+    the regops optimizer keeps an EMA of the weights with ``ema_decay``."""
     model = copy.deepcopy(initial)
     if implementation == "torch":
         if parity:
             replay_dropouts(model)
         return model, TorchOptimizer(model, variant)
     model = regops.convert(model, fuse_bn_relu=True)
-    return model, RegopsOptimizer(model, variant)
+    return model, RegopsOptimizer(model, variant, ema_decay)
 
 
 # --- data ----------------------------------------------------------------------
@@ -489,14 +496,15 @@ def parity(variant: Variant, dataset_tensors: dict, num_classes: int, steps: int
 # --- reporting -----------------------------------------------------------------
 
 def results_table(results: dict, variants: list[Variant]) -> str:
-    lines = ["| model | implementation | test accuracy | final train loss | ms/step | memory MiB | zero weights |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+    lines = ["| model | implementation | test accuracy | EMA weights | final train loss | ms/step | memory MiB | "
+             "zero weights |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for variant in variants:
         for implementation in ("torch", "regops"):
             run = results[variant.name][implementation]
             zeros = f"{100 * run['zero_fraction']:.1f}%" if run["zero_fraction"] is not None else "-"
+            ema = f"{run['ema_accuracy']:.4f}" if run.get("ema_accuracy") is not None else "-"
             lines.append(f"| {variant.name} ({variant.model.__name__}) | {implementation} | "
-                         f"{run['test_accuracy'][-1]:.4f} | {run['final_loss']:.4f} | {run['step_ms']:.1f} | "
+                         f"{run['test_accuracy'][-1]:.4f} | {ema} | {run['final_loss']:.4f} | {run['step_ms']:.1f} | "
                          f"{run['memory_mib']:.2f} | {zeros} |")
     return "\n".join(lines)
 
@@ -560,12 +568,18 @@ def run_variant(variant: Variant, dataset_tensors: dict, num_classes: int, epoch
     initial = initial_model(variant, num_classes, device, seed)
     out = {}
     for implementation in ("torch", "regops"):
-        model, optimizer = build(variant, implementation, initial)
+        ema_decay = EMA_DECAY if implementation == "regops" else None
+        model, optimizer = build(variant, implementation, initial, ema_decay=ema_decay)
         result = train(model, optimizer, dataset_tensors, batches, seed=seed + 1,
                        progress=f"{variant.name} {implementation}", l1_weights=variant.l1 > 0)
+        ema_accuracy = None
+        if ema_decay is not None:
+            with regops.optim.swap_averaged(optimizer.optimizer):
+                ema_accuracy = evaluate(model, dataset_tensors["test_x"], dataset_tensors["test_y"])
         out[implementation] = {
-            "test_accuracy": result.test_accuracy, "final_loss": result.final_loss, "losses": result.losses,
-            "step_ms": result.step_ms, "memory_mib": result.memory_mib, "zero_fraction": result.zero_fraction,
+            "test_accuracy": result.test_accuracy, "ema_accuracy": ema_accuracy, "final_loss": result.final_loss,
+            "losses": result.losses, "step_ms": result.step_ms, "memory_mib": result.memory_mib,
+            "zero_fraction": result.zero_fraction,
         }
     return out
 
@@ -645,7 +659,9 @@ def main(argv=None) -> int:
     table = results_table(results, variants)
     print(f"\n{dataset.describe()}, {args.epochs} epochs, {device_name(device)}, {elapsed:.0f} s\n")
     print(table)
-    print("\ntest accuracy after the last epoch; final train loss: mean cross-entropy of the last epoch; "
+    print(f"\ntest accuracy after the last epoch; EMA weights: that of the regops run's EMA of the weights "
+          f"(ema_decay {EMA_DECAY:g}, kept in the fused step; batch-norm statistics of the raw run); "
+          "final train loss: mean cross-entropy of the last epoch; "
           "ms/step: median; memory: tensor memory of one training step (see --help)")
     if args.parity_steps:
         print(f"\nparity (torch run with regops' dropout masks; lockstep: every step starts from the torch run's "

@@ -186,8 +186,10 @@ def nvcc_flags() -> tuple[str, ...]:
     return tuple(flags)
 
 
-def sources() -> list[str]:
-    return sorted(glob.glob(os.path.join(ROOT, build_flags.CUDA_SOURCE_GLOB)))
+def sources(only: str | None = None) -> list[str]:
+    """csrc/cuda/*.cu, or only csrc/cuda/ONLY.cu."""
+    found = sorted(glob.glob(os.path.join(ROOT, build_flags.CUDA_SOURCE_GLOB)))
+    return [s for s in found if only is None or os.path.splitext(os.path.basename(s))[0] == only]
 
 
 def _source_digest(source: str, command: list[str]) -> str:
@@ -356,7 +358,8 @@ def _element_bits(demangled: str) -> int | None:
 def _inputs(family: str, variant: str) -> int:
     if family == "multi_tensor_apply_kernel":
         lists = re.search(r",\s*(\d+)\s*,", variant)
-        return int(lists.group(1)) if lists else 1
+        average = 0 if "NoAverage" in variant else 1  # the weight average is one more array
+        return int(lists.group(1)) + average if lists else 1
     spec = KERNELS.get(family)
     if spec and spec.vector_template:
         return _op_inputs(variant)
@@ -459,21 +462,23 @@ def source_rows(source: str) -> list[dict]:
     return rows
 
 
-def rows() -> list[dict]:
+def rows(only: str | None = None) -> list[dict]:
     """Every kernel instantiation of csrc/cuda/*.cu on every arch. Raises
     RuntimeError when nvcc, cuobjdump or c++filt is missing."""
     missing = missing_tools()
     if missing:
         raise RuntimeError(f"static CUDA gate needs {', '.join(missing)}")
     nvcc_flags()  # import torch once, before the threads
-    jobs = max(1, min(len(sources()), int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))))
+    jobs = max(1, min(len(sources(only)), int(os.environ.get("MAX_JOBS", os.cpu_count() or 1))))
     with ThreadPoolExecutor(jobs) as pool:
-        per_source = list(pool.map(source_rows, sources()))
+        per_source = list(pool.map(source_rows, sources(only)))
     return [row for source in per_source for row in source]
 
 
 def main() -> int:
-    table = rows()
+    # --only=STEM: the kernels of csrc/cuda/STEM.cu alone (e.g. --only=optim).
+    only = next((arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("--only=")), None)
+    table = rows(only)
     for row in table:
         print(json.dumps(row))
     return 1 if any(row["problems"] for row in table) else 0

@@ -66,10 +66,11 @@ def _cuobjdump() -> str:
     return found
 
 
-def _modules():
+def _modules(only: str | None = None):
     import regops.triton as package
 
     names = [m.name for m in pkgutil.iter_modules(package.__path__) if not m.name.startswith("_")]
+    names = [name for name in names if only is None or name == only]
     return [importlib.import_module(f"regops.triton.{name}") for name in sorted(names)]
 
 
@@ -214,7 +215,7 @@ def _coverage(module, kernels: dict, launches: list) -> list[dict]:
     return rows
 
 
-def _compile_rows() -> list[dict]:
+def _compile_rows(only: str | None = None) -> list[dict]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.backends.nvidia.compiler import CUDABackend
@@ -223,7 +224,7 @@ def _compile_rows() -> list[dict]:
     from regops.triton import _launch
 
     rows = []
-    for module in _modules():
+    for module in _modules(only):
         kernels = _kernels(module)
         with _launch.recording() as recorded:
             module.compile_cases()
@@ -275,14 +276,16 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def rows() -> list[dict]:
+def rows(only: str | None = None) -> list[dict]:
     """One row per (kernel, variant, arch), plus a row per kernel whose
-    coverage has problems. See the module docstring."""
+    coverage has problems. See the module docstring. ``only``: the rows of
+    one module of regops/triton/ (its stem)."""
     if not _interpreted():
-        return _compile_rows()
+        return _compile_rows(only)
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    result = subprocess.run([sys.executable, "-m", "benchmarks.static_triton", "--json"], cwd=root, env=env,
+    command = [sys.executable, "-m", "benchmarks.static_triton", "--json"] + ([f"--only={only}"] if only else [])
+    result = subprocess.run(command, cwd=root, env=env,
                             capture_output=True, text=True)
     if result.returncode != 0:
         raise RuntimeError(f"static_triton child failed:\n{result.stderr[-4000:]}")
@@ -302,7 +305,9 @@ def table(rows_: list[dict]) -> str:
 
 
 if __name__ == "__main__":
-    result = rows()
+    # --only=STEM: one module of regops/triton/ (e.g. --only=optim).
+    only = next((arg.split("=", 1)[1] for arg in sys.argv[1:] if arg.startswith("--only=")), None)
+    result = rows(only)
     if "--json" in sys.argv:
         print(json.dumps(result))
     else:

@@ -144,6 +144,86 @@ def optimizer_math_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+# --- stochastic rounding (csrc/include/regops/stochastic_rounding.h, README
+# "Stochastic rounding") ---------------------------------------------------------
+
+ROUNDING_SLOTS = {"param": 0, "momentum_buffer": 1, "exp_avg": 1, "exp_avg_sq": 2, "max_exp_avg_sq": 3, "average": 4}
+
+
+def rounding_bits(like: torch.Tensor, seed: int, group: int, step: int, tensor: int, slot: int) -> torch.Tensor:
+    """The 16 random bits (int64) of every element of ``like``, in its shape:
+    element i (in memory order) takes 16-bit half (i % 8) % 2 of word
+    (i % 8) // 2 of Philox at counter (lo32(i // 8), lo32(step), tensor,
+    slot + 8 * group) under key (lo32(seed), hi32(seed))."""
+    numel = like.numel()
+    seed &= (1 << 64) - 1
+    blocks = torch.arange((numel + 7) // 8, dtype=torch.int64, device=like.device)
+
+    def full(value):
+        return torch.full_like(blocks, value & _MASK32)
+
+    words = philox4x32_10([blocks & _MASK32, full(step), full(tensor), full(slot + 8 * group)],
+                          (seed & _MASK32, seed >> 32))
+    halves = torch.stack([half for word in words for half in (word & 0xFFFF, word >> 16)], dim=1)
+    return in_memory_order(halves.reshape(-1)[:numel], like)
+
+
+def _bits_to_float(bits: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2^32) as the float32 values with those bits."""
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+
+
+def stochastic_round(value: torch.Tensor, bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """float32 ``value`` rounded to bfloat16 or float16 with 16 random bits
+    per element: away from zero iff the bits plus the dropped fraction (its
+    top 16 bits) carry; NaN, inf and representable values stay as they are."""
+    value = value.float()
+    raw = value.view(torch.int32).to(torch.int64) & _MASK32
+    magnitude = raw & 0x7FFFFFFF
+    if dtype == torch.bfloat16:
+        rounded = _bits_to_float((raw + bits) & 0xFFFF0000)
+    elif dtype == torch.float16:
+        normal = _bits_to_float((raw + (bits >> 3)) & 0xFFFFE000)
+        scaled = value.abs() * 16777216.0  # 2^24: float16's subnormals are the multiples of 2^-24
+        whole = scaled.floor()
+        fraction = ((scaled - whole) * 65536.0).to(torch.int64)
+        up = (bits + fraction >= 65536).float()
+        subnormal = torch.copysign((whole + up) * 2.0 ** -24, value)
+        rounded = torch.where(magnitude >= 0x38800000, normal, subnormal)
+    else:
+        raise ValueError(f"stochastic rounding is to bfloat16 or float16, got {dtype}")
+    return torch.where(magnitude > 0x7F800000, value, rounded).to(dtype)
+
+
+def _store(target: torch.Tensor, value: torch.Tensor, rounding, index: int, slot: str) -> torch.Tensor:
+    """Writes float32 ``value`` into ``target``: stochastically rounded when
+    ``rounding`` ([seed, group, step, tensor indices] as ints) is given and
+    ``target`` is 16-bit, else rounded to nearest even."""
+    if rounding is not None and target.dtype in (torch.bfloat16, torch.float16):
+        bits = rounding_bits(target, rounding[0], rounding[1], rounding[2], rounding[3 + index], ROUNDING_SLOTS[slot])
+        value = stochastic_round(value, bits, target.dtype)
+    return target.copy_(value)
+
+
+def store_average(average: torch.Tensor, param: torch.Tensor, weight: float, rounding, index: int) -> None:
+    """average = lerp(average, param, weight) in float32 (float64 for float64
+    parameters) from the stored (rounded) parameter, written as ``_store``
+    writes (random slot 4)."""
+    math_dtype = optimizer_math_dtype(param.dtype)
+    _store(average, lerp_like_torch(average.to(math_dtype), param.to(math_dtype), weight), rounding, index, "average")
+
+
+def _averages(averages, average_weights):
+    """(average, weight) per tensor, or Nones without averaging."""
+    if not averages:
+        return None
+    return list(zip(averages, average_weights.tolist()))
+
+
+def _rounding_list(rounding):
+    return None if rounding is None else [int(v) for v in rounding.tolist()]
+
+
 def _transformed_gradient(grad, param, grad_factor, maximize, coupled_l2, l1_subgradient):
     g = grad.to(optimizer_math_dtype(grad.dtype))
     if grad_factor is not None:
@@ -159,16 +239,33 @@ def _transformed_gradient(grad, param, grad_factor, maximize, coupled_l2, l1_sub
     return g
 
 
+def lerp_like_torch(start: torch.Tensor, end: torch.Tensor, weight: float) -> torch.Tensor:
+    """torch.lerp's formula (start + weight * (end - start) for |weight| < 0.5,
+    else end - (end - start) * (1 - weight)) with each operation rounded on
+    its own, as the kernels compute it; torch's CPU lerp fuses a multiply-add,
+    which would round differently."""
+    if start.dtype != torch.float64:
+        weight = float(torch.tensor(float(weight), dtype=torch.float32))  # the kernels' float32 weight
+    if abs(weight) < 0.5:
+        return start + weight * (end - start)
+    return end + (weight - 1.0) * (end - start)  # weight - 1 is exact in float32 and in double
+
+
 def soft_threshold(p: torch.Tensor, threshold: float) -> torch.Tensor:
     """sign(p) * max(|p| - threshold, 0): the proximal step of threshold * |p|."""
     return torch.sign(p) * torch.clamp(p.abs() - threshold, min=0)
 
 
 def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0, weight_decay=0.0,
-             nesterov=False, maximize=False, l1=0.0, l1_mode="subgradient", grad_factor=None):
+             nesterov=False, maximize=False, l1=0.0, l1_mode="subgradient", grad_factor=None, rounding=None,
+             averages=(), average_weights=None):
     """One penalized SGD step in place. momentum_buffers[i] is None before the
-    first step (it then takes the gradient as torch does); returns the buffers."""
+    first step (it then takes the gradient as torch does); returns the buffers.
+    ``rounding``: the ops' stochastic rounding tensor, or None; ``averages``
+    (with ``average_weights``): weight averages updated from the new parameters."""
     lr = float(lr)
+    rounding = _rounding_list(rounding)
+    averaged = _averages(averages, average_weights)
     proximal = l1_mode == "proximal"
     new_buffers = []
     for i, (param, grad) in enumerate(zip(params, grads)):
@@ -179,22 +276,26 @@ def sgd_step(params, grads, momentum_buffers, *, lr, momentum=0.0, dampening=0.0
             new = g.clone() if buf is None else buf.to(p.dtype) * momentum + (1 - dampening) * g
             g = g + momentum * new if nesterov else new
             if buf is None:
-                buf = new.to(param.dtype)
-            else:
-                buf.copy_(new)
+                buf = torch.empty_like(param)
+            _store(buf, new, rounding, i, "momentum_buffer")
         p = p - lr * g
         if proximal:
             p = soft_threshold(p, lr * l1)
-        param.copy_(p)
+        _store(param, p, rounding, i, "param")
+        if averaged:
+            store_average(averaged[i][0], param, averaged[i][1], rounding, i)
         new_buffers.append(buf)
     return new_buffers
 
 
 def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, lr, betas=(0.9, 0.999), eps=1e-8,
                weight_decay=1e-2, amsgrad=False, maximize=False, l2=0.0, l1=0.0, l1_mode="subgradient",
-               grad_factor=None):
-    """One penalized AdamW step in place; steps (float32 tensors) are incremented."""
+               grad_factor=None, rounding=None, averages=(), average_weights=None):
+    """One penalized AdamW step in place; steps (float32 tensors) are incremented.
+    ``rounding``, ``averages`` and ``average_weights`` as for sgd_step."""
     lr = float(lr)
+    rounding = _rounding_list(rounding)
+    averaged = _averages(averages, average_weights)
     beta1, beta2 = betas
     proximal = l1_mode == "proximal"
     for i, (param, grad) in enumerate(zip(params, grads)):
@@ -203,18 +304,20 @@ def adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps, *, 
         p = param.to(optimizer_math_dtype(param.dtype))
         g = _transformed_gradient(grad, p, grad_factor, maximize, l2, 0.0 if proximal else l1)
         p = p * (1 - lr * weight_decay)
-        m = exp_avgs[i].to(p.dtype).lerp(g, 1 - beta1)
+        m = lerp_like_torch(exp_avgs[i].to(p.dtype), g, 1 - beta1)
         v = exp_avg_sqs[i].to(p.dtype) * beta2 + (1 - beta2) * g * g
-        exp_avgs[i].copy_(m)
-        exp_avg_sqs[i].copy_(v)
+        _store(exp_avgs[i], m, rounding, i, "exp_avg")
+        _store(exp_avg_sqs[i], v, rounding, i, "exp_avg_sq")
         if amsgrad:
             v = torch.maximum(max_exp_avg_sqs[i].to(p.dtype), v)
-            max_exp_avg_sqs[i].copy_(v)
+            _store(max_exp_avg_sqs[i], v, rounding, i, "max_exp_avg_sq")
         denom = v.sqrt() / (1 - beta2 ** step) ** 0.5 + eps
         p = p - lr / (1 - beta1 ** step) * (m / denom)
         if proximal:
             p = soft_threshold(p, lr * l1)
-        param.copy_(p)
+        _store(param, p, rounding, i, "param")
+        if averaged:
+            store_average(averaged[i][0], param, averaged[i][1], rounding, i)
 
 
 def multi_tensor_norm(tensors, squared: bool = False) -> torch.Tensor:

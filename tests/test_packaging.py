@@ -59,7 +59,8 @@ def _public_callables():
             yield name, value
     for module in (regops.nn, regops.optim):
         for name in module.__all__:
-            yield f"{module.__name__}.{name}", getattr(module, name).__init__
+            value = getattr(module, name)  # a class (its __init__) or a function (regops.optim.swap_averaged)
+            yield f"{module.__name__}.{name}", value if isinstance(value, types.FunctionType) else value.__init__
 
 
 @pytest.mark.parametrize("name,function", list(_public_callables()), ids=lambda v: v if isinstance(v, str) else "")

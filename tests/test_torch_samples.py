@@ -54,7 +54,8 @@ OPTIM_DTYPES = [torch.float32, torch.float64, torch.complex64]
 # oracle is always the for-loop implementation.
 IMPLEMENTATION_FLAGS = ("foreach", "fused", "differentiable", "capturable")
 # What regops' param groups hold besides torch's keys.
-REGOPS_OPTIONS = {"l1", "l1_mode", "l2", "max_grad_norm"}
+REGOPS_OPTIONS = {"l1", "l1_mode", "l2", "max_grad_norm", "stochastic_rounding", "ema_decay", "swa_start",
+                  "average_dtype"}
 STEPS = 4
 
 

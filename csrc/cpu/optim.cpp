@@ -15,6 +15,14 @@
 // buffer and writes p and the buffer (5e; 3e without momentum); AdamW reads
 // p, g, exp_avg, exp_avg_sq and writes p, exp_avg, exp_avg_sq (7e; 9e with
 // amsgrad).
+// No floating-point contraction in this file (GCC contracts a * b + c into
+// an FMA in the AVX2 / AVX-512 clones by default): every product and sum is
+// rounded on its own, as in regops/reference.py and the CUDA kernels
+// (mul_rn in regops/optim.h), so the float32 value that stochastic rounding
+// sees is the same bits on every backend. Before every include, so that all
+// functions inlined into the loops carry the same options.
+#pragma GCC optimize("fp-contract=off")
+
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -27,6 +35,7 @@
 
 #include "regops/optim.h"
 #include "regops/optim_host.h"
+#include "regops/stochastic_rounding.h"
 
 namespace regops {
 namespace {
@@ -39,16 +48,11 @@ constexpr int64_t kBlock = 512;      // float16 path: five float32 lists of 512 
 constexpr int64_t kSerialBelow = 1 << 16;
 
 // --- vectorizable loops --------------------------------------------------------
-// Compiled for AVX-512 and AVX2 as well (target_clones); the loader picks
-// the best the processor has. The loops run on float32 storage or directly
-// on bfloat16 bits (Bits16), converting in registers: one pass over memory,
-// no staging buffers. float16 goes through float32 blocks (apply_blocks).
-// x86-64-v4 (AVX-512 with BW/VL) rather than plain avx512f: narrowing float32
-// to bfloat16 bits needs the 16-bit element instructions, without which the
-// bfloat16 loops ran at half speed.
-#define REGOPS_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-// The loops must be inlined into each clone to be compiled for its target.
-#define REGOPS_ALWAYS_INLINE __attribute__((always_inline)) inline
+// Compiled for AVX-512 and AVX2 as well (REGOPS_CPU_CLONES, macros.h); the
+// loader picks the best the processor has. The loops run on float32 storage
+// or directly on bfloat16 bits (Bits16), converting in registers: one pass
+// over memory, no staging buffers. float16 goes through float32 blocks
+// (apply_blocks).
 
 using Bits16 = uint16_t;  // bfloat16 storage
 
@@ -70,6 +74,9 @@ REGOPS_ALWAYS_INLINE float load_element(const Bits16* data, int64_t i) {
   return value;
 }
 
+REGOPS_ALWAYS_INLINE float load_element(const at::Half* data, int64_t i) { return static_cast<float>(data[i]); }
+REGOPS_ALWAYS_INLINE void store_element(at::Half* data, int64_t i, float value) { data[i] = value; }
+
 REGOPS_ALWAYS_INLINE void store_element(Bits16* data, int64_t i, float value) {
   uint32_t bits;
   std::memcpy(&bits, &value, sizeof(bits));
@@ -78,51 +85,220 @@ REGOPS_ALWAYS_INLINE void store_element(Bits16* data, int64_t i, float value) {
   data[i] = static_cast<Bits16>(is_nan ? 0x7FC0u : rounded);
 }
 
+// Stochastic rounding (regops/stochastic_rounding.h) of one piece of a
+// tensor: the key of the call, the tensor's index in its param group and the
+// element index of the piece's first element (a multiple of kAlign, so of 8).
+struct PieceRounding {
+  RoundingKey key;
+  uint32_t tensor;
+  int64_t first;
+};
+
+// Elements whose random bits are drawn together: 16 Philox counters, a loop
+// the compiler vectorizes across counters; the bits are then laid out one
+// per element for the update loop.
+constexpr int64_t kRoundBlock = 128;
+
+REGOPS_ALWAYS_INLINE void draw_rounding_bits(const PieceRounding& r, int64_t first, uint32_t slot,
+                                             uint32_t (&bits)[kRoundBlock]) {
+  constexpr int kCounters = kRoundBlock / 8;
+  uint32_t words[4][kCounters];
+  const uint64_t block = static_cast<uint64_t>(first) / 8;
+  for (int c = 0; c < kCounters; ++c) {
+    const Philox4 w = rounding_words(r.key, block + c, r.tensor, slot);
+    for (int j = 0; j < 4; ++j) words[j][c] = w.x[j];
+  }
+  for (int c = 0; c < kCounters; ++c) {
+    for (int e = 0; e < 8; ++e) bits[8 * c + e] = rounding_bits(Philox4{{words[0][c], words[1][c], words[2][c],
+                                                                        words[3][c]}}, e);
+  }
+}
+
+// The stochastically rounded value for storage T: bfloat16 bits, or float32
+// blocks staged for float16 (float32 storage is never rounded).
+template <typename T>
+REGOPS_ALWAYS_INLINE float round_stochastic(float value, uint32_t bits) {
+  if constexpr (std::is_same_v<T, Bits16>) {
+    return stochastic_round_bfloat16(value, bits);
+  } else {
+    return stochastic_round_half(value, bits);
+  }
+}
+
+// The weight average of one piece: average = lerp(average, p, weight) from
+// the stored parameter, right after the update of the same piece (still in
+// cache). P is the loop type of the parameter (kHalfParam: float32 values
+// staged for float16 storage, rounded here as the store rounds them); A is
+// the average's storage: float, Bits16 or at::Half.
+template <typename A>
+REGOPS_ALWAYS_INLINE float round_average(float value, uint32_t bits) {
+  if constexpr (std::is_same_v<A, Bits16>) {
+    return stochastic_round_bfloat16(value, bits);
+  } else if constexpr (std::is_same_v<A, at::Half>) {
+    return stochastic_round_half(value, bits);
+  } else {
+    return value;
+  }
+}
+
+template <typename P, typename A, bool kHalfParam, bool kStochastic>
+REGOPS_CPU_CLONES void average_block(const P* __restrict__ p, A* __restrict__ average, int64_t n, LerpWeight weight,
+                                 const PieceRounding& rounding) {
+  using Real = Math<P>;  // float64 for float64 parameters
+  const LerpWeightT<Real> w{static_cast<Real>(weight.factor), weight.from_start};
+  uint32_t bits[kRoundBlock];
+  for (int64_t base = 0; base < n; base += kRoundBlock) {
+    if (kStochastic) draw_rounding_bits(rounding, rounding.first + base, kRoundAverage, bits);
+    const int64_t count = std::min(kRoundBlock, n - base);
+    for (int64_t i = 0; i < count; ++i) {
+      Real param = load_element(p, base + i);
+      if (kHalfParam) param = static_cast<float>(static_cast<at::Half>(param));
+      Real value = lerp_like_torch(static_cast<Real>(load_element(average, base + i)), param, w);
+      if (kStochastic) value = round_average<A>(value, bits[i]);
+      store_element(average, base + i, value);
+    }
+  }
+}
+
+// The averages of a call: pointers, weights and how to round.
+struct CallAverages {
+  bool present = false;
+  bool stochastic = false;
+  at::ScalarType dtype = at::kFloat;
+  std::vector<void*> data;
+  std::vector<LerpWeight> weights;
+
+  CallAverages(const c10::optional<at::TensorList>& optional_averages,
+               const c10::optional<at::Tensor>& average_weights, bool rounding) {
+    if (!optional_averages.has_value() || optional_averages->empty()) return;
+    const at::TensorList averages = *optional_averages;
+    present = true;
+    dtype = averages[0].scalar_type();
+    stochastic = rounding && (dtype == at::kBFloat16 || dtype == at::kHalf);
+    const float* w = average_weights->const_data_ptr<float>();
+    for (size_t i = 0; i < averages.size(); ++i) {
+      data.push_back(averages[i].data_ptr());
+      weights.push_back(lerp_weight(w[i]));
+    }
+  }
+
+  // After the update of elements [first, first + n) of tensor t, whose
+  // parameter values are at p (the loop's view of them).
+  template <typename scalar_t, typename P>
+  void update(const P* p, int64_t n, int64_t t, int64_t first, const PieceRounding& rounding) const {
+    constexpr bool kHalfParam = std::is_same_v<scalar_t, at::Half>;
+    auto run = [&](auto* average) {
+      if (stochastic) {
+        average_block<P, std::remove_pointer_t<decltype(average)>, kHalfParam, true>(p, average + first, n,
+                                                                                      weights[t], rounding);
+      } else {
+        average_block<P, std::remove_pointer_t<decltype(average)>, kHalfParam, false>(p, average + first, n,
+                                                                                       weights[t], rounding);
+      }
+    };
+    if (dtype == at::kFloat) {
+      run(static_cast<float*>(data[t]));
+    } else if constexpr (std::is_same_v<scalar_t, double>) {
+      run(static_cast<double*>(data[t]));
+    } else if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+      run(static_cast<Bits16*>(data[t]));
+    } else if constexpr (std::is_same_v<scalar_t, at::Half>) {
+      run(static_cast<at::Half*>(data[t]));
+    }
+  }
+};
+
 // One clone-compiled function per combination of flags: a flag that would
 // make a loop branch (momentum, amsgrad) or compute a term that is off
 // (penalties, see regops/optim.h) is a template argument, constant-folded in
 // the loop body. select_variant turns the runtime flags into the function.
 
-template <typename T, bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient,
-          bool kL1Proximal>
-REGOPS_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buffer, int64_t n,
-                             const SGDCoefficientsT<Math<T>>& coefficients) {
+template <typename T, bool kStochastic, bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2,
+          bool kL1Subgradient, bool kL1Proximal>
+REGOPS_CPU_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ buffer, int64_t n,
+                             const SGDCoefficientsT<Math<T>>& coefficients, const PieceRounding& rounding) {
   SGDCoefficientsT<Math<T>> c = coefficients;
   c.has_momentum = kMomentum;
   c.first_step = kFirstStep;
   c.nesterov = kNesterov;
-  for (int64_t i = 0; i < n; ++i) {
-    Math<T> param = load_element(p, i);
-    Math<T> buf = kMomentum && !kFirstStep ? load_element(buffer, i) : Math<T>(0);
-    sgd_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), buf, c);
-    store_element(p, i, param);
-    if (kMomentum) store_element(buffer, i, buf);
+  if constexpr (!kStochastic) {
+    for (int64_t i = 0; i < n; ++i) {
+      Math<T> param = load_element(p, i);
+      Math<T> buf = kMomentum && !kFirstStep ? load_element(buffer, i) : Math<T>(0);
+      sgd_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), buf, c);
+      store_element(p, i, param);
+      if (kMomentum) store_element(buffer, i, buf);
+    }
+  } else {
+    uint32_t param_bits[kRoundBlock], buffer_bits[kRoundBlock];
+    for (int64_t base = 0; base < n; base += kRoundBlock) {
+      draw_rounding_bits(rounding, rounding.first + base, 0, param_bits);
+      if (kMomentum) draw_rounding_bits(rounding, rounding.first + base, 1, buffer_bits);
+      const int64_t m = std::min(kRoundBlock, n - base);
+      T* __restrict__ pb = p + base;
+      const T* __restrict__ gb = g + base;
+      T* __restrict__ bb = kMomentum ? buffer + base : nullptr;
+      for (int64_t i = 0; i < m; ++i) {
+        Math<T> param = load_element(pb, i);
+        Math<T> buf = kMomentum && !kFirstStep ? load_element(bb, i) : Math<T>(0);
+        sgd_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(gb, i), buf, c);
+        store_element(pb, i, round_stochastic<T>(param, param_bits[i]));
+        if (kMomentum) store_element(bb, i, round_stochastic<T>(buf, buffer_bits[i]));
+      }
+    }
   }
 }
 
 template <typename T>
-using SGDBlock = void (*)(T*, const T*, T*, int64_t, const SGDCoefficientsT<Math<T>>&);
+using SGDBlock = void (*)(T*, const T*, T*, int64_t, const SGDCoefficientsT<Math<T>>&, const PieceRounding&);
 
-template <typename T, bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
-REGOPS_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ exp_avg,
+template <typename T, bool kStochastic, bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient,
+          bool kL1Proximal>
+REGOPS_CPU_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T* __restrict__ exp_avg,
                                T* __restrict__ exp_avg_sq, T* __restrict__ max_exp_avg_sq, int64_t n,
-                               const AdamWCoefficientsT<Math<T>>& coefficients) {
+                               const AdamWCoefficientsT<Math<T>>& coefficients, const PieceRounding& rounding) {
   AdamWCoefficientsT<Math<T>> c = coefficients;
   c.amsgrad = kAmsgrad;
   c.exp_avg_weight.from_start = kLerpFromStart;
-  for (int64_t i = 0; i < n; ++i) {
-    Math<T> param = load_element(p, i), m = load_element(exp_avg, i), v = load_element(exp_avg_sq, i);
-    Math<T> v_max = kAmsgrad ? load_element(max_exp_avg_sq, i) : Math<T>(0);
-    adamw_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), m, v, v_max, c);
-    store_element(p, i, param);
-    store_element(exp_avg, i, m);
-    store_element(exp_avg_sq, i, v);
-    if (kAmsgrad) store_element(max_exp_avg_sq, i, v_max);
+  if constexpr (!kStochastic) {
+    for (int64_t i = 0; i < n; ++i) {
+      Math<T> param = load_element(p, i), m = load_element(exp_avg, i), v = load_element(exp_avg_sq, i);
+      Math<T> v_max = kAmsgrad ? load_element(max_exp_avg_sq, i) : Math<T>(0);
+      adamw_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(g, i), m, v, v_max, c);
+      store_element(p, i, param);
+      store_element(exp_avg, i, m);
+      store_element(exp_avg_sq, i, v);
+      if (kAmsgrad) store_element(max_exp_avg_sq, i, v_max);
+    }
+  } else {
+    uint32_t param_bits[kRoundBlock], m_bits[kRoundBlock], v_bits[kRoundBlock], v_max_bits[kRoundBlock];
+    for (int64_t base = 0; base < n; base += kRoundBlock) {
+      draw_rounding_bits(rounding, rounding.first + base, 0, param_bits);
+      draw_rounding_bits(rounding, rounding.first + base, 1, m_bits);
+      draw_rounding_bits(rounding, rounding.first + base, 2, v_bits);
+      if (kAmsgrad) draw_rounding_bits(rounding, rounding.first + base, 3, v_max_bits);
+      const int64_t count = std::min(kRoundBlock, n - base);
+      T* __restrict__ pb = p + base;
+      const T* __restrict__ gb = g + base;
+      T* __restrict__ mb = exp_avg + base;
+      T* __restrict__ vb = exp_avg_sq + base;
+      T* __restrict__ vmb = kAmsgrad ? max_exp_avg_sq + base : nullptr;
+      for (int64_t i = 0; i < count; ++i) {
+        Math<T> param = load_element(pb, i), m = load_element(mb, i), v = load_element(vb, i);
+        Math<T> v_max = kAmsgrad ? load_element(vmb, i) : Math<T>(0);
+        adamw_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(gb, i), m, v, v_max, c);
+        store_element(pb, i, round_stochastic<T>(param, param_bits[i]));
+        store_element(mb, i, round_stochastic<T>(m, m_bits[i]));
+        store_element(vb, i, round_stochastic<T>(v, v_bits[i]));
+        if (kAmsgrad) store_element(vmb, i, round_stochastic<T>(v_max, v_max_bits[i]));
+      }
+    }
   }
 }
 
 template <typename T>
-using AdamWBlock = void (*)(T*, const T*, T*, T*, T*, int64_t, const AdamWCoefficientsT<Math<T>>&);
+using AdamWBlock = void (*)(T*, const T*, T*, T*, T*, int64_t, const AdamWCoefficientsT<Math<T>>&,
+                            const PieceRounding&);
 
 // variants.template get<flags...>() for the runtime values of flags.
 template <typename Variants, bool... kChosen>
@@ -140,31 +316,36 @@ auto select_variant(const Variants& variants, bool flag, Rest... rest) {
 // each other: gradient_transform zeroes the subgradient in proximal mode.
 template <typename T>
 struct SGDVariants {
-  template <bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
+  template <bool kStochastic, bool kMomentum, bool kFirstStep, bool kNesterov, bool kCoupledL2, bool kL1Subgradient,
+            bool kL1Proximal>
   SGDBlock<T> get() const {
-    if constexpr ((!kMomentum && (kFirstStep || kNesterov)) || (kL1Subgradient && kL1Proximal)) {
-      return nullptr;  // never selected: without momentum both flags are cleared; the L1 modes exclude each other
+    if constexpr ((!kMomentum && (kFirstStep || kNesterov)) || (kL1Subgradient && kL1Proximal) ||
+                  (kStochastic && std::is_same_v<T, double>)) {
+      // never selected: without momentum both flags are cleared; the L1 modes
+      // exclude each other; float64 is never rounded
+      return nullptr;
     } else {
-      return &sgd_block<T, kMomentum, kFirstStep, kNesterov, kCoupledL2, kL1Subgradient, kL1Proximal>;
+      return &sgd_block<T, kStochastic, kMomentum, kFirstStep, kNesterov, kCoupledL2, kL1Subgradient, kL1Proximal>;
     }
   }
 };
 
 template <typename T>
-SGDBlock<T> select_sgd_block(const SGDCoefficientsT<Math<T>>& c) {
+SGDBlock<T> select_sgd_block(const SGDCoefficientsT<Math<T>>& c, bool stochastic) {
   const bool momentum = c.has_momentum;
-  return select_variant(SGDVariants<T>{}, momentum, momentum && c.first_step, momentum && c.nesterov,
+  return select_variant(SGDVariants<T>{}, stochastic, momentum, momentum && c.first_step, momentum && c.nesterov,
                         c.gradient.coupled_l2 != 0.0f, c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
 }
 
 template <typename T>
 struct AdamWVariants {
-  template <bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient, bool kL1Proximal>
+  template <bool kStochastic, bool kAmsgrad, bool kLerpFromStart, bool kCoupledL2, bool kL1Subgradient,
+            bool kL1Proximal>
   AdamWBlock<T> get() const {
-    if constexpr (kL1Subgradient && kL1Proximal) {
-      return nullptr;  // never selected
+    if constexpr ((kL1Subgradient && kL1Proximal) || (kStochastic && std::is_same_v<T, double>)) {
+      return nullptr;  // never selected: the L1 modes exclude each other; float64 is never rounded
     } else {
-      return &adamw_block<T, kAmsgrad, kLerpFromStart, kCoupledL2, kL1Subgradient, kL1Proximal>;
+      return &adamw_block<T, kStochastic, kAmsgrad, kLerpFromStart, kCoupledL2, kL1Subgradient, kL1Proximal>;
     }
   }
 };
@@ -172,16 +353,16 @@ struct AdamWVariants {
 // The flags are the same for every tensor of a call (only the step-dependent
 // factors differ), so one variant serves them all.
 template <typename T>
-AdamWBlock<T> select_adamw_block(const AdamWCoefficientsT<Math<T>>& c) {
-  return select_variant(AdamWVariants<T>{}, c.amsgrad, c.exp_avg_weight.from_start, c.gradient.coupled_l2 != 0.0f,
-                        c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
+AdamWBlock<T> select_adamw_block(const AdamWCoefficientsT<Math<T>>& c, bool stochastic) {
+  return select_variant(AdamWVariants<T>{}, stochastic, c.amsgrad, c.exp_avg_weight.from_start,
+                        c.gradient.coupled_l2 != 0.0f, c.gradient.l1_subgradient != 0.0f, c.l1_threshold != 0.0f);
 }
 
 // Sum of squares with 16 independent accumulators (a plain float sum does
 // not vectorize without reassociation), on float32 or bfloat16 bits in
 // float32, on float64 in float64.
 template <typename T>
-REGOPS_CLONES double sum_of_squares(const T* __restrict__ x, int64_t n) {
+REGOPS_CPU_CLONES double sum_of_squares(const T* __restrict__ x, int64_t n) {
   constexpr int kLanes = 16;
   Math<T> acc[kLanes] = {};
   int64_t i = 0;
@@ -201,12 +382,12 @@ REGOPS_CLONES double sum_of_squares(const T* __restrict__ x, int64_t n) {
 }
 
 // float16 <-> float32 for the staged path.
-REGOPS_CLONES
+REGOPS_CPU_CLONES
 void half_to_float(const at::Half* __restrict__ src, float* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(src[i]);
 }
 
-REGOPS_CLONES
+REGOPS_CPU_CLONES
 void float_to_half(const float* __restrict__ src, at::Half* __restrict__ dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<at::Half>(src[i]);
 }
@@ -269,7 +450,7 @@ template <typename scalar_t>
 using LoopType = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, Bits16,
                                     std::conditional_t<std::is_same_v<scalar_t, double>, double, float>>;
 
-// Runs block_fn(LoopType* views[kLists], n, tensor) over every element of
+// Runs block_fn(LoopType* views[kLists], n, tensor, first) over every element of
 // the tensors of `lists` (lists[l][t] is tensor t of list l; list 1 holds the
 // gradients, which are read only). float16 tensors are converted to float32
 // blocks of kBlock elements and the written lists converted back.
@@ -287,7 +468,7 @@ void apply_blocks(const std::array<at::TensorList, kLists>& lists, BlockFn block
         for (int l = 0; l < kLists; ++l) {
           views[l] = reinterpret_cast<LoopType<scalar_t>*>(pointers[l][tensor] + begin);
         }
-        block_fn(views, end - begin, tensor);
+        block_fn(views, end - begin, tensor, begin);
       } else {
         float buffers[kLists][kBlock];
         for (int64_t start = begin; start < end; start += kBlock) {
@@ -297,7 +478,7 @@ void apply_blocks(const std::array<at::TensorList, kLists>& lists, BlockFn block
             half_to_float(pointers[l][tensor] + start, buffers[l], n);
             views[l] = buffers[l];
           }
-          block_fn(views, n, tensor);
+          block_fn(views, n, tensor, start);
           for (int l = 0; l < kLists; ++l) {
             if (l != 1) float_to_half(buffers[l], pointers[l][tensor] + start, n);
           }
@@ -317,6 +498,28 @@ bool gradient_factor(const c10::optional<at::Tensor>& grad_scale, const c10::opt
   return true;
 }
 
+// The key and the tensors' indices of a call's stochastic rounding; whether
+// it rounds at all (16-bit parameters and a rounding argument).
+struct CallRounding {
+  bool stochastic = false;
+  RoundingKey key{};
+  std::vector<uint32_t> tensor_index;
+
+  CallRounding(const c10::optional<at::Tensor>& rounding, at::TensorList params) {
+    if (!rounding.has_value() || params.empty()) return;
+    const at::ScalarType dtype = params[0].scalar_type();
+    if (dtype != at::kBFloat16 && dtype != at::kHalf) return;
+    const int64_t* r = rounding->const_data_ptr<int64_t>();
+    stochastic = true;
+    key = rounding_key(static_cast<uint64_t>(r[0]), static_cast<uint64_t>(r[1]), static_cast<uint64_t>(r[2]));
+    for (size_t i = 0; i < params.size(); ++i) tensor_index.push_back(static_cast<uint32_t>(r[3 + i]));
+  }
+
+  PieceRounding piece(int64_t tensor, int64_t first) const {
+    return PieceRounding{key, stochastic ? tensor_index[tensor] : 0u, first};
+  }
+};
+
 void check_cpu(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].device().is_cpu(), "regops ", op, ": the CPU kernel got params[", i, "] on ",
@@ -327,12 +530,18 @@ void check_cpu(const char* op, at::TensorList params) {
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, double l1,
                   bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
-                  const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+                  const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                  const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                  const c10::optional<at::Tensor>& average_weights) {
   constexpr const char* op = "sgd_step_";
   check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1);
+  check_rounding(op, rounding, params);
+  check_averages(op, averages, average_weights, params);
   if (params.empty()) return;
   check_cpu(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
+  const CallRounding call_rounding(rounding, params);
+  const CallAverages call_averages(averages, average_weights, rounding.has_value());
   float grad_factor = 1.0f;
   if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
   dispatch_optimizer_dtype<true>(op, params[0].scalar_type(), [&](auto tag) {
@@ -341,14 +550,17 @@ void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList mo
     SGDCoefficientsT<Math<T>> c = make_sgd_coefficients<Math<T>>(lr, momentum, dampening, weight_decay, nesterov,
                                                                  maximize, l1, proximal, first_step);
     c.gradient.grad_factor *= grad_factor;  // keeps maximize's sign
-    const SGDBlock<T> block = select_sgd_block<T>(c);
+    const SGDBlock<T> block = select_sgd_block<T>(c, call_rounding.stochastic);
     if (momentum != 0.0) {
-      apply_blocks<scalar_t, 3>({params, grads, momentum_buffers}, [&](const auto& v, int64_t n, int64_t) {
-        block(v[0], v[1], v[2], n, c);
+      apply_blocks<scalar_t, 3>({params, grads, momentum_buffers},
+                                [&](const auto& v, int64_t n, int64_t t, int64_t first) {
+        block(v[0], v[1], v[2], n, c, call_rounding.piece(t, first));
+        if (call_averages.present) call_averages.update<scalar_t>(v[0], n, t, first, call_rounding.piece(t, first));
       });
     } else {
-      apply_blocks<scalar_t, 2>({params, grads}, [&](const auto& v, int64_t n, int64_t) {
-        block(v[0], v[1], nullptr, n, c);
+      apply_blocks<scalar_t, 2>({params, grads}, [&](const auto& v, int64_t n, int64_t t, int64_t first) {
+        block(v[0], v[1], nullptr, n, c, call_rounding.piece(t, first));
+        if (call_averages.present) call_averages.update<scalar_t>(v[0], n, t, first, call_rounding.piece(t, first));
       });
     }
   });
@@ -358,23 +570,31 @@ void sgd_step_tensor_lr_cpu(at::TensorList params, at::TensorList grads, at::Ten
                             const at::Tensor& lr, double momentum, double dampening, double weight_decay,
                             bool nesterov, bool maximize, double l1, bool proximal, bool first_step,
                             const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                            const c10::optional<at::Tensor>& clip_coef) {
+                            const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& rounding,
+                            const c10::optional<at::TensorList>& averages, const c10::optional<at::Tensor>& average_weights) {
   TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "regops sgd_step_: lr must be a one-element CPU tensor here");
   sgd_step_cpu(params, grads, momentum_buffers, lr.item<double>(), momentum, dampening, weight_decay, nesterov,
-               maximize, l1, proximal, first_step, grad_scale, found_inf, clip_coef);
+               maximize, l1, proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages,
+               average_weights);
 }
 
 void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                     at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
                     double beta2, double eps, double weight_decay, double l2, double l1, bool proximal,
                     bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                    const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+                    const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                    const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                    const c10::optional<at::Tensor>& average_weights) {
   constexpr const char* op = "adamw_step_";
   check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                         weight_decay, l2, l1, amsgrad);
+  check_rounding(op, rounding, params);
+  check_averages(op, averages, average_weights, params);
   if (params.empty()) return;
   check_cpu(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
+  const CallRounding call_rounding(rounding, params);
+  const CallAverages call_averages(averages, average_weights, rounding.has_value());
   float grad_factor = 1.0f;
   if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
   // The step counts are incremented first, as torch does, and the bias
@@ -395,16 +615,18 @@ void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList 
       coefficients.push_back(adamw_coefficients<Math<T>>(lr, beta1, beta2, eps, weight_decay, l2, l1, proximal,
                                                          amsgrad, maximize, count, grad_factor));
     }
-    const AdamWBlock<T> block = select_adamw_block<T>(coefficients[0]);
+    const AdamWBlock<T> block = select_adamw_block<T>(coefficients[0], call_rounding.stochastic);
     if (amsgrad) {
       apply_blocks<scalar_t, 5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-                                [&](const auto& v, int64_t n, int64_t t) {
-        block(v[0], v[1], v[2], v[3], v[4], n, coefficients[t]);
+                                [&](const auto& v, int64_t n, int64_t t, int64_t first) {
+        block(v[0], v[1], v[2], v[3], v[4], n, coefficients[t], call_rounding.piece(t, first));
+        if (call_averages.present) call_averages.update<scalar_t>(v[0], n, t, first, call_rounding.piece(t, first));
       });
     } else {
       apply_blocks<scalar_t, 4>({params, grads, exp_avgs, exp_avg_sqs},
-                                [&](const auto& v, int64_t n, int64_t t) {
-        block(v[0], v[1], v[2], v[3], nullptr, n, coefficients[t]);
+                                [&](const auto& v, int64_t n, int64_t t, int64_t first) {
+        block(v[0], v[1], v[2], v[3], nullptr, n, coefficients[t], call_rounding.piece(t, first));
+        if (call_averages.present) call_averages.update<scalar_t>(v[0], n, t, first, call_rounding.piece(t, first));
       });
     }
   });
@@ -415,10 +637,12 @@ void adamw_step_tensor_lr_cpu(at::TensorList params, at::TensorList grads, at::T
                               const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
                               double l2, double l1, bool proximal, bool amsgrad, bool maximize,
                               const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                              const c10::optional<at::Tensor>& clip_coef) {
+                              const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& rounding,
+                              const c10::optional<at::TensorList>& averages, const c10::optional<at::Tensor>& average_weights) {
   TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "regops adamw_step_: lr must be a one-element CPU tensor here");
   adamw_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr.item<double>(), beta1, beta2,
-                 eps, weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef);
+                 eps, weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding,
+                 averages, average_weights);
 }
 
 at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, bool squared) {

@@ -13,15 +13,20 @@
 // Bytes per parameter (element size e): SGD 3e (5e with momentum), AdamW 7e
 // (9e with amsgrad); AdamW adds one launch that counts the step. lr (tensor
 // overload), GradScaler's grad_scale and found_inf and the clip coefficient
-// are read on the device.
+// are read on the device. A weight average (EMA / SWA, element size a) is
+// updated by the same threads right after the parameter, from the value just
+// stored: 2a more per parameter, its weights read on the device, no second
+// pass.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 
+#include <type_traits>
 #include <vector>
 
 #include "regops/cuda_utils.cuh"
 #include "regops/optim.h"
 #include "regops/optim_host.h"
+#include "regops/stochastic_rounding.h"
 
 namespace regops {
 namespace {
@@ -41,11 +46,12 @@ constexpr int kMaxBlocks = 320;  // 320 * 64K elements = 21M elements per launch
 template <int kLists>
 struct TensorTable {
   static constexpr int kMaxTensors =
-      static_cast<int>((kTableBytes - kMaxBlocks * (sizeof(int32_t) + sizeof(uint8_t))) / (8 * (kLists + 2)));
+      static_cast<int>((kTableBytes - kMaxBlocks * (sizeof(int32_t) + sizeof(uint8_t))) / (8 * (kLists + 2) + 4));
   static_assert(kMaxTensors <= 256, "block_tensor is a uint8_t");
   void* addresses[kLists][kMaxTensors];
   int64_t numels[kMaxTensors];
   float* steps[kMaxTensors];  // AdamW's step counts; null for SGD and the norm
+  int32_t positions[kMaxTensors];  // the tensor's position in the call's lists (for stochastic rounding)
   int32_t block_chunk[kMaxBlocks];
   uint8_t block_tensor[kMaxBlocks];
 };
@@ -72,6 +78,7 @@ void for_each_table(const std::vector<at::TensorList>& lists, at::TensorList ste
     for (int l = 0; l < kLists; ++l) table.addresses[l][slot] = lists[l][t].data_ptr();
     table.numels[slot] = numel;
     table.steps[slot] = steps.empty() ? nullptr : steps[t].mutable_data_ptr<float>();
+    table.positions[slot] = static_cast<int32_t>(t);
     const int64_t chunks = (numel + kChunk - 1) / kChunk;
     for (int64_t chunk = 0; chunk < chunks; ++chunk) {
       table.block_tensor[blocks] = static_cast<uint8_t>(slot);
@@ -88,6 +95,7 @@ void for_each_table(const std::vector<at::TensorList>& lists, at::TensorList ste
         for (int l = 0; l < kLists; ++l) table.addresses[l][0] = table.addresses[l][slot];
         table.numels[0] = table.numels[slot];
         table.steps[0] = table.steps[slot];
+        table.positions[0] = table.positions[slot];
         slot = 0;
       }
     }
@@ -96,17 +104,71 @@ void for_each_table(const std::vector<at::TensorList>& lists, at::TensorList ste
   if (blocks > 0) launch(table, blocks, first_block);
 }
 
+// The value that random slot of list l rounds (stochastic_rounding.h): the
+// parameter is list 0, the states follow the gradients (list 1).
+__device__ __forceinline__ uint32_t rounding_slot(int l) { return l == 0 ? 0u : static_cast<uint32_t>(l - 1); }
+
+template <typename scalar_t>
+__device__ __forceinline__ float round_stochastic(float value, uint32_t bits) {
+  if constexpr (std::is_same_v<scalar_t, at::BFloat16>) {
+    return stochastic_round_bfloat16(value, bits);
+  } else {
+    return stochastic_round_half(value, bits);
+  }
+}
+
+// rounding_bits for a run-time element e (the scalar tail): the word
+// chosen with selects, not by indexing, which put the words on the stack.
+__device__ __forceinline__ uint32_t rounding_bits_at(const Philox4& words, int e) {
+  const int w = e >> 1;
+  const uint32_t word = w == 0 ? words.x[0] : w == 1 ? words.x[1] : w == 2 ? words.x[2] : words.x[3];
+  return (word >> ((e & 1) * 16)) & 0xFFFFu;
+}
+
+// The weight average of one element: average = lerp(average, p, weight)
+// from the stored parameter p, rounded as the CPU kernel rounds it
+// (stochastically, random slot kRoundAverage, for a 16-bit average of a
+// stochastic call).
+// The weight is passed as a float and turned into the lerp form here: a
+// LerpWeight kept across the loop went to the stack.
+template <typename average_t, bool kStochastic>
+__device__ __forceinline__ average_t averaged(average_t average, float stored, float weight, uint32_t bits) {
+  float value = lerp_like_torch(static_cast<float>(average), stored, lerp_weight(weight));
+  if constexpr (kStochastic && sizeof(average_t) == 2) value = round_stochastic<average_t>(value, bits);
+  return static_cast<average_t>(value);
+}
+
+// No weight average: average_t is this type.
+struct NoAverage {};
+
 // kLists lists; list 1 (the gradients) is read only. Functor:
 //   using Coefficients = ...;
 //   __device__ bool prepare(const float* step, Coefficients&) const  (false: skip)
 //   __device__ void apply(float (&x)[kLists], const Coefficients&) const
-template <typename scalar_t, int kLists, typename Functor>
-__global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTable<kLists> table, Functor functor) {
+// kStochastic (16-bit types): the written lists are rounded stochastically,
+// with `rounding` the op's [seed, group, step, tensor indices] on the device;
+// a vector is eight elements, which one Philox call per list serves.
+// average_t (float or scalar_t; NoAverage without): the table has one more
+// list, the averages, and average_weights holds the lerp weight of each
+// tensor of the call (by position), on the device.
+template <typename scalar_t, int kLists, bool kStochastic, typename average_t, typename Functor>
+__global__ void __launch_bounds__(kThreads)
+    multi_tensor_apply_kernel(TensorTable<kLists + (std::is_same_v<average_t, NoAverage> ? 0 : 1)> table,
+                              Functor functor, const int64_t* rounding, const float* average_weights) {
+  constexpr bool kAverage = !std::is_same_v<average_t, NoAverage>;
+  using stored_average_t = std::conditional_t<kAverage, average_t, float>;  // a type for the unused paths
   const int tensor = table.block_tensor[blockIdx.x];
   const int64_t start = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunk;
   const int64_t n = min(kChunk, table.numels[tensor] - start);
   typename Functor::Coefficients coefficients;
   if (!functor.prepare(table.steps[tensor], coefficients)) return;
+  RoundingKey key{};
+  uint32_t tensor_index = 0;
+  if (kStochastic) {
+    key = rounding_key(static_cast<uint64_t>(rounding[0]), static_cast<uint64_t>(rounding[1]),
+                       static_cast<uint64_t>(rounding[2]));
+    tensor_index = static_cast<uint32_t>(rounding[3 + table.positions[tensor]]);
+  }
   scalar_t* lists[kLists];
   bool aligned = true;
 #pragma unroll
@@ -114,14 +176,42 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
     lists[l] = static_cast<scalar_t*>(table.addresses[l][tensor]) + start;
     aligned = aligned && aligned16(lists[l]);
   }
+  stored_average_t* average = nullptr;
+  float weight = 0.0f;
+  if constexpr (kAverage) {
+    average = static_cast<stored_average_t*>(table.addresses[kLists][tensor]) + start;
+    aligned = aligned && aligned16(average);
+    weight = average_weights[table.positions[tensor]];
+  }
   constexpr int kVector = 16 / sizeof(scalar_t);
+  static_assert(!kStochastic || kVector == 8, "stochastic rounding draws 8 elements' bits per Philox call");
   using Vector = AlignedVector<scalar_t, kVector>;
+  // The average's kVector elements as 16-byte vectors: two for a float32
+  // average of 16-bit parameters, else one.
+  constexpr int kAveragePerVector = 16 / sizeof(stored_average_t);
+  constexpr int kAverageVectors = kVector / kAveragePerVector > 0 ? kVector / kAveragePerVector : 1;
+  using AverageVector = AlignedVector<stored_average_t, kAveragePerVector>;
   const int64_t vector_end = aligned ? n / kVector * kVector : 0;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVector; i < vector_end;
        i += static_cast<int64_t>(blockDim.x) * kVector) {
     Vector loaded[kLists];
 #pragma unroll
     for (int l = 0; l < kLists; ++l) loaded[l] = load_vector<Vector>(lists[l] + i);
+    AverageVector averages[kAverageVectors];
+    if constexpr (kAverage) {
+#pragma unroll
+      for (int a = 0; a < kAverageVectors; ++a) averages[a] = load_vector<AverageVector>(average + i + a * kAveragePerVector);
+    }
+    Philox4 words[kLists];
+    Philox4 average_words{};
+    if (kStochastic) {
+      const uint64_t block = static_cast<uint64_t>(start + i) / 8;
+#pragma unroll
+      for (int l = 0; l < kLists; ++l) {
+        if (l != 1) words[l] = rounding_words(key, block, tensor_index, rounding_slot(l));
+      }
+      if (kAverage && sizeof(stored_average_t) == 2) average_words = rounding_words(key, block, tensor_index, kRoundAverage);
+    }
 #pragma unroll
     for (int e = 0; e < kVector; ++e) {
       float x[kLists];
@@ -129,11 +219,23 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
       for (int l = 0; l < kLists; ++l) x[l] = static_cast<float>(loaded[l].value[e]);
       functor.apply(x, coefficients);
 #pragma unroll
-      for (int l = 0; l < kLists; ++l) loaded[l].value[e] = static_cast<scalar_t>(x[l]);
+      for (int l = 0; l < kLists; ++l) {
+        if (kStochastic && l != 1) x[l] = round_stochastic<scalar_t>(x[l], rounding_bits(words[l], e));
+        loaded[l].value[e] = static_cast<scalar_t>(x[l]);
+      }
+      if constexpr (kAverage) {
+        stored_average_t& a = averages[e / kAveragePerVector].value[e % kAveragePerVector];
+        a = averaged<stored_average_t, kStochastic>(a, static_cast<float>(loaded[0].value[e]), weight,
+                                                    kStochastic ? rounding_bits(average_words, e) : 0u);
+      }
     }
 #pragma unroll
     for (int l = 0; l < kLists; ++l) {
       if (l != 1) store_vector(lists[l] + i, loaded[l]);
+    }
+    if constexpr (kAverage) {
+#pragma unroll
+      for (int a = 0; a < kAverageVectors; ++a) store_vector(average + i + a * kAveragePerVector, averages[a]);
     }
   }
   for (int64_t i = vector_end + threadIdx.x; i < n; i += blockDim.x) {
@@ -141,9 +243,23 @@ __global__ void __launch_bounds__(kThreads) multi_tensor_apply_kernel(TensorTabl
 #pragma unroll
     for (int l = 0; l < kLists; ++l) x[l] = static_cast<float>(lists[l][i]);
     functor.apply(x, coefficients);
+    const uint64_t element = static_cast<uint64_t>(start + i);
 #pragma unroll
     for (int l = 0; l < kLists; ++l) {
-      if (l != 1) lists[l][i] = static_cast<scalar_t>(x[l]);
+      if (l == 1) continue;
+      if (kStochastic) {
+        const Philox4 words = rounding_words(key, element / 8, tensor_index, rounding_slot(l));
+        x[l] = round_stochastic<scalar_t>(x[l], rounding_bits_at(words, static_cast<int>(element % 8)));
+      }
+      lists[l][i] = static_cast<scalar_t>(x[l]);
+    }
+    if constexpr (kAverage) {
+      uint32_t bits = 0;
+      if (kStochastic && sizeof(stored_average_t) == 2) {
+        bits = rounding_bits_at(rounding_words(key, element / 8, tensor_index, kRoundAverage),
+                                static_cast<int>(element % 8));
+      }
+      average[i] = averaged<stored_average_t, kStochastic>(average[i], static_cast<float>(lists[0][i]), weight, bits);
     }
   }
 }
@@ -222,6 +338,19 @@ __global__ void increment_steps_kernel(StepTable table, int count, const float* 
   *table.steps[i] += 1.0f;
 }
 
+// The weight averages of a call (check_averages has checked them): the
+// tensors, empty without averaging, and the weights on the device.
+struct CallAverages {
+  std::vector<at::Tensor> tensors;
+  const float* weights = nullptr;
+
+  CallAverages(const c10::optional<at::TensorList>& averages, const c10::optional<at::Tensor>& average_weights) {
+    if (!averages.has_value() || averages->empty()) return;
+    tensors = averages->vec();
+    weights = average_weights->const_data_ptr<float>();
+  }
+};
+
 void check_cuda(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(cuda::on_device(params[i]), "regops ", op, ": the CUDA kernel got params[", i, "] on ", params[i].device());
@@ -237,22 +366,57 @@ DeviceScalars device_scalars(const at::Tensor* lr, const c10::optional<at::Tenso
           pointer(clip_coef)};
 }
 
-template <typename scalar_t, int kLists, typename Functor>
-void launch(const std::vector<at::TensorList>& lists, at::TensorList steps, const Functor& functor) {
-  static_assert(sizeof(TensorTable<kLists>) + sizeof(Functor) <= kArgumentBytes, "kernel arguments over 4 KB");
+// One kernel per table, for an average of type average_t (NoAverage: none).
+template <typename scalar_t, int kLists, typename average_t, typename Functor>
+void launch_tables(const std::vector<at::TensorList>& lists, at::TensorList steps, const Functor& functor,
+                   const int64_t* rounding, const float* average_weights) {
+  constexpr int kTableLists = kLists + (std::is_same_v<average_t, NoAverage> ? 0 : 1);
+  static_assert(sizeof(TensorTable<kTableLists>) + sizeof(Functor) + 2 * sizeof(void*) <= kArgumentBytes,
+                "kernel arguments over 4 KB");
+  constexpr bool k16Bit = sizeof(scalar_t) == 2;
   const auto stream = cuda::current_stream();
-  for_each_table<kLists>(lists, steps, [&](const TensorTable<kLists>& table, int blocks, int64_t) {
-    cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, Functor>, blocks, kThreads, 0, stream, table, functor);
+  for_each_table<kTableLists>(lists, steps, [&](const TensorTable<kTableLists>& table, int blocks, int64_t) {
+    if (rounding != nullptr) {
+      cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, k16Bit, average_t, Functor>, blocks, kThreads, 0,
+                   stream, table, functor, rounding, average_weights);
+    } else {
+      cuda::launch(multi_tensor_apply_kernel<scalar_t, kLists, false, average_t, Functor>, blocks, kThreads, 0,
+                   stream, table, functor, rounding, average_weights);
+    }
     REGOPS_KERNEL_LAUNCH_CHECK();
   });
+}
+
+// rounding: the op's rounding tensor, or null (round to nearest even; also
+// for float32, which the update already holds exactly). averages: appended
+// to the lists as the table's last, float32 or scalar_t.
+template <typename scalar_t, int kLists, typename Functor>
+void launch(std::vector<at::TensorList> lists, at::TensorList steps, const Functor& functor,
+            const c10::optional<at::Tensor>& rounding, const CallAverages& averages) {
+  constexpr bool k16Bit = sizeof(scalar_t) == 2;
+  const int64_t* rounding_data = k16Bit && rounding.has_value() ? rounding->const_data_ptr<int64_t>() : nullptr;
+  if (averages.tensors.empty()) {
+    launch_tables<scalar_t, kLists, NoAverage>(lists, steps, functor, rounding_data, nullptr);
+    return;
+  }
+  lists.push_back(averages.tensors);
+  if (k16Bit && averages.tensors[0].scalar_type() != at::kFloat) {
+    launch_tables<scalar_t, kLists, scalar_t>(lists, steps, functor, rounding_data, averages.weights);
+  } else {
+    launch_tables<scalar_t, kLists, float>(lists, steps, functor, rounding_data, averages.weights);
+  }
 }
 
 void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
               const at::Tensor* lr_tensor, double momentum, double dampening, double weight_decay, bool nesterov,
               bool maximize, double l1, bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
-              const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+              const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+              const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+              const c10::optional<at::Tensor>& average_weights) {
   constexpr const char* op = "sgd_step_";
   check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1);
+  check_rounding(op, rounding, params);
+  check_averages(op, averages, average_weights, params);
   if (params.empty()) return;
   check_cuda(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
@@ -262,12 +426,14 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
                                                      proximal, first_step);
   const DeviceScalars scalars = device_scalars(lr_tensor, grad_scale, found_inf, clip_coef);
   const float proximal_l1 = proximal ? static_cast<float>(l1) : 0.0f;
+  const CallAverages call_averages(averages, average_weights);
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (momentum != 0.0) {
-      launch<scalar_t, 3>({params, grads, momentum_buffers}, {}, SGDFunctor<3>{base, proximal_l1, scalars});
+      launch<scalar_t, 3>({params, grads, momentum_buffers}, {}, SGDFunctor<3>{base, proximal_l1, scalars}, rounding,
+                          call_averages);
     } else {
-      launch<scalar_t, 2>({params, grads}, {}, SGDFunctor<2>{base, proximal_l1, scalars});
+      launch<scalar_t, 2>({params, grads}, {}, SGDFunctor<2>{base, proximal_l1, scalars}, rounding, call_averages);
     }
   });
 }
@@ -275,44 +441,53 @@ void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList moment
 void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
                    double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, double l1,
                    bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
-                   const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+                   const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                   const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                   const c10::optional<at::Tensor>& average_weights) {
   sgd_step(params, grads, momentum_buffers, lr, nullptr, momentum, dampening, weight_decay, nesterov, maximize, l1,
-           proximal, first_step, grad_scale, found_inf, clip_coef);
+           proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights);
 }
 
 void sgd_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
                              const at::Tensor& lr, double momentum, double dampening, double weight_decay,
                              bool nesterov, bool maximize, double l1, bool proximal, bool first_step,
                              const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                             const c10::optional<at::Tensor>& clip_coef) {
+                             const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& rounding,
+                             const c10::optional<at::TensorList>& averages,
+                             const c10::optional<at::Tensor>& average_weights) {
   sgd_step(params, grads, momentum_buffers, 0.0, &lr, momentum, dampening, weight_decay, nesterov, maximize, l1,
-           proximal, first_step, grad_scale, found_inf, clip_coef);
+           proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights);
 }
 
 void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                 at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, const at::Tensor* lr_tensor,
                 double beta1, double beta2, double eps, double weight_decay, double l2, double l1, bool proximal,
                 bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+                const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                const c10::optional<at::Tensor>& average_weights) {
   constexpr const char* op = "adamw_step_";
   check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
                         weight_decay, l2, l1, amsgrad);
+  check_rounding(op, rounding, params);
+  check_averages(op, averages, average_weights, params);
   if (params.empty()) return;
   check_cuda(op, params);
   check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
   if (lr_tensor != nullptr) check_scalar_tensor(op, "lr", *lr_tensor, params[0].device());
   const cuda::DeviceGuard guard(params[0].device());
   const DeviceScalars scalars = device_scalars(lr_tensor, grad_scale, found_inf, clip_coef);
+  const CallAverages call_averages(averages, average_weights);
   dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     if (amsgrad) {
       launch<scalar_t, 5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, state_steps,
                           AdamWFunctor<5>{lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize,
-                                          scalars});
+                                          scalars}, rounding, call_averages);
     } else {
       launch<scalar_t, 4>({params, grads, exp_avgs, exp_avg_sqs}, state_steps,
                           AdamWFunctor<4>{lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize,
-                                          scalars});
+                                          scalars}, rounding, call_averages);
     }
   });
   // Count the step after the update has read the old count (same stream).
@@ -330,9 +505,12 @@ void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList
                      at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
                      double lr, double beta1, double beta2, double eps, double weight_decay, double l2, double l1,
                      bool proximal, bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                     const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+                     const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                     const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                     const c10::optional<at::Tensor>& average_weights) {
   adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, nullptr, beta1, beta2, eps,
-             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef);
+             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages,
+             average_weights);
 }
 
 void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
@@ -341,9 +519,12 @@ void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::
                                double eps, double weight_decay, double l2, double l1, bool proximal, bool amsgrad,
                                bool maximize, const c10::optional<at::Tensor>& grad_scale,
                                const c10::optional<at::Tensor>& found_inf,
-                               const c10::optional<at::Tensor>& clip_coef) {
+                               const c10::optional<at::Tensor>& clip_coef,
+                               const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                               const c10::optional<at::Tensor>& average_weights) {
   adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, 0.0, &lr, beta1, beta2, eps,
-             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef);
+             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages,
+             average_weights);
 }
 
 // --- multi_tensor_norm: per-block float32 partial sums, then one block sums

@@ -37,6 +37,16 @@ def _grad_factor(grad_scale, clip_coef):
     return factor
 
 
+def _average_arguments(backend, averages, average_weights) -> tuple:
+    """The ops' trailing averaging arguments: the Triton op takes a list
+    (empty without averaging), the native ops None."""
+    if backend == "triton":
+        return list(averages), average_weights
+    if not averages:
+        return None, None
+    return list(averages), average_weights
+
+
 def _for_dtype(backend: str, dtype: torch.dtype) -> str:
     """The CUDA and Triton kernels compute in float32: float64 tensors take
     the reference implementation there (torch ops in float64 on the tensors'
@@ -61,9 +71,14 @@ def _step_backend(params, found_inf) -> str | None:
 
 
 def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weight_decay, nesterov, maximize,
-              l1, proximal, first_step, grad_scale=None, found_inf=None, clip_coef=None) -> None:
+              l1, proximal, first_step, grad_scale=None, found_inf=None, clip_coef=None, rounding=None, averages=(),
+              average_weights=None) -> None:
     """Penalized SGD on tensors of one device and dtype, in place (see
-    regops.optim.SGD for the rule). ``lr`` is a float or a one-element tensor."""
+    regops.optim.SGD for the rule). ``lr`` is a float or a one-element tensor;
+    ``rounding`` (int64 [seed, group, step, tensor indices] on the device)
+    rounds 16-bit values stochastically; ``averages`` (float32 or the
+    parameters' dtype) become lerp(average, new parameter, weight) with the
+    float32 ``average_weights`` (one per tensor, on the device)."""
     backend = _step_backend(params, found_inf)
     if backend is None:
         return
@@ -72,21 +87,23 @@ def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weigh
                                      momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                                      nesterov=nesterov, maximize=maximize, l1=l1,
                                      l1_mode="proximal" if proximal else "subgradient",
-                                     grad_factor=_grad_factor(grad_scale, clip_coef))
+                                     grad_factor=_grad_factor(grad_scale, clip_coef), rounding=rounding,
+                                     averages=averages, average_weights=average_weights)
         if momentum != 0:
             for target, value in zip(momentum_buffers, buffers):
                 target.copy_(value)
         return
     op = _op(backend, "sgd", isinstance(lr, torch.Tensor), params[0].device.type)
     op(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
-       first_step, grad_scale, found_inf, clip_coef)
+       first_step, grad_scale, found_inf, clip_coef, rounding, *_average_arguments(backend, averages, average_weights))
 
 
 def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, *, lr, beta1, beta2, eps,
                 weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale=None, found_inf=None,
-                clip_coef=None) -> None:
+                clip_coef=None, rounding=None, averages=(), average_weights=None) -> None:
     """Penalized AdamW on tensors of one device and dtype, in place (see
-    regops.optim.AdamW for the rule); increments ``state_steps``."""
+    regops.optim.AdamW for the rule); increments ``state_steps``. ``rounding``,
+    ``averages`` and ``average_weights`` as for sgd_step_."""
     backend = _step_backend(params, found_inf)
     if backend is None:
         return
@@ -94,11 +111,13 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
         reference.adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr=lr,
                              betas=(beta1, beta2), eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                              maximize=maximize, l2=l2, l1=l1, l1_mode="proximal" if proximal else "subgradient",
-                             grad_factor=_grad_factor(grad_scale, clip_coef))
+                             grad_factor=_grad_factor(grad_scale, clip_coef), rounding=rounding,
+                             averages=averages, average_weights=average_weights)
         return
     op = _op(backend, "adamw", isinstance(lr, torch.Tensor), params[0].device.type)
     op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, l2,
-       l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef)
+       l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding,
+       *_average_arguments(backend, averages, average_weights))
 
 
 def multi_tensor_norm(tensors: Sequence[torch.Tensor], squared: bool = False) -> torch.Tensor:

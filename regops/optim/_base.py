@@ -10,6 +10,7 @@ across ranks would complete.
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
 
@@ -19,6 +20,7 @@ from torch.optim.optimizer import ParamsT
 
 from regops.distributed import grad_norm_squared, is_dtensor, local_tensor
 from regops.ops.optim import multi_tensor_norm
+from regops.optim.averaging import averages_this_step, averaging_arguments, count_averaged
 
 # Complex parameters are updated as pairs of real numbers (torch.view_as_real),
 # as torch.optim does.
@@ -67,6 +69,11 @@ def check_implementation_flags(group: dict, optimizer: str) -> None:
 def check_l1_mode(value) -> None:
     if value not in L1_MODES:
         raise ValueError(f"l1_mode must be one of {L1_MODES}, got {value!r}")
+
+
+def check_bool(value, name: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
 
 
 def check_max_grad_norm(value) -> None:
@@ -195,6 +202,7 @@ class PenalizedOptimizer(Optimizer):
             self.param_groups.pop()
             raise
         self._has_dtensors = self._has_dtensors or any(is_dtensor(p) for p in group["params"])
+        self._share_rounding_seed()
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -222,10 +230,54 @@ class PenalizedOptimizer(Optimizer):
                     if isinstance(value, torch.Tensor) and value.shape == p.shape and value.stride() != layout:
                         self.state[p][key] = torch.empty_like(p).copy_(value)
 
+        self._share_rounding_seed()
+
     def _torch_flag_defaults(self) -> dict:
         """The torch.optim options of this optimizer besides
         TORCH_FLAG_DEFAULTS, with torch's values for a state_dict that lacks them."""
         return {}
+
+    # --- stochastic rounding ---------------------------------------------------------
+
+    def _share_rounding_seed(self) -> None:
+        """Once a group rounds stochastically, every group carries the
+        optimizer's seed ("rounding_seed", drawn once from torch's default
+        generator) and a count of its steps ("rounding_step"), so both go into
+        the state_dict with the param groups."""
+        if not any(group.get("stochastic_rounding") for group in self.param_groups):
+            return
+        seeds = [group["rounding_seed"] for group in self.param_groups if group.get("rounding_seed") is not None]
+        seed = seeds[0] if seeds else int(torch.randint(0, 2**63 - 1, (), dtype=torch.int64))
+        for group in self.param_groups:
+            group["rounding_seed"] = seed
+            group.setdefault("rounding_step", 0)
+
+    def _rounding_tensor(self, group_index: int, params: list[torch.Tensor]):
+        """The ops' rounding argument for ``params`` of param group
+        ``group_index``: int64 [seed, group, step, each tensor's index in the
+        group] on their device (README "Stochastic rounding")."""
+        group = self.param_groups[group_index]
+        positions = {id(p): i for i, p in enumerate(group["params"])}
+        values = [group["rounding_seed"], group_index, group["rounding_step"]] + [positions[id(p)] for p in params]
+        rounding = torch.tensor(values, dtype=torch.int64)
+        device = params[0].device
+        if device.type == "cpu":
+            return rounding
+        return rounding.pin_memory().to(device, non_blocking=True)
+
+    def _op_extras(self, group_index: int, averaging: bool, counts: list, params: list[torch.Tensor]) -> dict:
+        """The ops' stochastic rounding and averaging arguments for ``params``
+        (a bucket of the group, or part of one); the averages' counts are
+        collected in ``counts`` for after the update."""
+        group = self.param_groups[group_index]
+        extras = {}
+        if group.get("stochastic_rounding"):
+            extras["rounding"] = self._rounding_tensor(group_index, params)
+        if averaging:
+            averages, bucket_counts, weights = averaging_arguments(self.state, group, params)
+            counts.extend(bucket_counts)
+            extras.update(averages=self._locals(averages), average_weights=weights)
+        return extras
 
     # --- the step ------------------------------------------------------------------
 
@@ -281,9 +333,16 @@ class PenalizedOptimizer(Optimizer):
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device, non_blocking=True)
             self.last_grad_norm = norm
-        for group, (params, grads) in zip(self.param_groups, per_group):
+        for group_index, (group, (params, grads)) in enumerate(zip(self.param_groups, per_group)):
             if not params:
                 continue
+            if group.get("stochastic_rounding"):
+                if "rounding_seed" not in group:  # switched on after construction
+                    self._share_rounding_seed()
+                # Counted on the host for every step, skipped ones too: the
+                # count only has to differ between steps.
+                group["rounding_step"] += 1
+            averaging = averages_this_step(group)
             clip_coef = None
             if group["max_grad_norm"] is not None:
                 # torch.nn.utils.clip_grad_norm_'s coefficient, on the device.
@@ -295,13 +354,17 @@ class PenalizedOptimizer(Optimizer):
                 bucket[1].append(g)
             for (device, _), (bucket_params, bucket_grads) in buckets.items():
                 dense_grads = [self._kernel_grad(g, p) for p, g in zip(self._locals(bucket_params), bucket_grads)]
+                counts = []
+                extras = functools.partial(self._op_extras, group_index, averaging, counts)
+                bucket_found_inf = _on(found_inf, device)
                 try:
-                    self._group_step(group, bucket_params, dense_grads, _on(grad_scale, device),
-                                     _on(found_inf, device), _on(clip_coef, device))
+                    self._group_step(group, bucket_params, dense_grads, _on(grad_scale, device), bucket_found_inf,
+                                     _on(clip_coef, device), extras)
                 finally:
                     for view, copy in self._write_back.values():
                         view.copy_(copy)
                     self._write_back.clear()
+                count_averaged(counts, bucket_found_inf)
         return loss
 
     @staticmethod
@@ -329,7 +392,9 @@ class PenalizedOptimizer(Optimizer):
     def _extra_defaults(self) -> dict:
         raise NotImplementedError
 
-    def _group_step(self, group, params, grads, grad_scale, found_inf, clip_coef) -> None:
+    def _group_step(self, group, params, grads, grad_scale, found_inf, clip_coef, extras) -> None:
+        """``extras(params)``: the ops' keyword arguments for stochastic
+        rounding and averaging of ``params`` (the bucket or part of it)."""
         raise NotImplementedError
 
 

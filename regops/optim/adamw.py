@@ -8,7 +8,9 @@ import numbers
 import torch
 
 from regops.ops.optim import adamw_step_
-from regops.optim._base import ParamsT, PenalizedOptimizer, check_l1_mode, check_max_grad_norm, check_nonnegative
+from regops.optim._base import (ParamsT, PenalizedOptimizer, check_bool, check_l1_mode, check_max_grad_norm,
+                                check_nonnegative)
+from regops.optim.averaging import check_averaging
 
 
 class AdamW(PenalizedOptimizer):
@@ -36,6 +38,12 @@ class AdamW(PenalizedOptimizer):
     ``max_grad_norm``: as ``torch.nn.utils.clip_grad_norm_(all parameters,
     max_grad_norm)`` before the step, fused (see ``regops.optim.SGD``); the
     norm is kept on the device in ``last_grad_norm``.
+
+    ``stochastic_rounding``: bfloat16 / float16 parameters and states are
+    rounded stochastically from the float32 update (README "Stochastic
+    rounding"). ``ema_decay`` / ``swa_start``: a weight average in the state
+    ("ema" / "swa", of ``average_dtype``), updated in the same pass (see
+    regops.optim.averaging and regops.optim.swap_averaged).
     """
 
     def __init__(self, params: ParamsT, lr: float | torch.Tensor = 1e-3,
@@ -43,18 +51,23 @@ class AdamW(PenalizedOptimizer):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, l2: float = 0.0, l1: float = 0.0, l1_mode: str = "subgradient",
-                 max_grad_norm: float | None = None) -> None:
+                 max_grad_norm: float | None = None, stochastic_rounding: bool = False,
+                 ema_decay: float | None = None, swa_start: int | None = None,
+                 average_dtype: torch.dtype | None = None) -> None:
         if isinstance(betas, (tuple, list)) and len(betas) == 2:
             # torch's form: a one-element tensor beta becomes a 0-dim one.
             betas = tuple(b.reshape(()) if isinstance(b, torch.Tensor) and b.numel() == 1 else b for b in betas)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad, maximize=maximize,
                         foreach=foreach, capturable=capturable, differentiable=differentiable, fused=fused,
-                        decoupled_weight_decay=True, l2=l2, l1=l1, l1_mode=l1_mode, max_grad_norm=max_grad_norm)
+                        decoupled_weight_decay=True, l2=l2, l1=l1, l1_mode=l1_mode, max_grad_norm=max_grad_norm,
+                        stochastic_rounding=stochastic_rounding, ema_decay=ema_decay, swa_start=swa_start,
+                        average_dtype=average_dtype)
         super().__init__(params, defaults)
 
     def _extra_defaults(self) -> dict:
         return {"amsgrad": False, "maximize": False, "l2": 0.0, "l1": 0.0, "l1_mode": "subgradient",
-                "max_grad_norm": None}
+                "max_grad_norm": None, "stochastic_rounding": False, "ema_decay": None, "swa_start": None,
+                "average_dtype": None}
 
     def _torch_flag_defaults(self) -> dict:
         return {"amsgrad": False, "capturable": False, "decoupled_weight_decay": True}
@@ -92,6 +105,8 @@ class AdamW(PenalizedOptimizer):
                              "is its l2 option)")
         check_l1_mode(group["l1_mode"])
         check_max_grad_norm(group["max_grad_norm"])
+        check_bool(group["stochastic_rounding"], "stochastic_rounding")
+        check_averaging(group)
 
     def _state_of(self, p: torch.Tensor, amsgrad: bool) -> dict:
         state = self.state[p]
@@ -108,7 +123,7 @@ class AdamW(PenalizedOptimizer):
             state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return state
 
-    def _group_step(self, group, params, grads, grad_scale, found_inf, clip_coef) -> None:
+    def _group_step(self, group, params, grads, grad_scale, found_inf, clip_coef, extras) -> None:
         amsgrad = bool(group["amsgrad"])
         states = [self._state_of(p, amsgrad) for p in params]
         beta1, beta2 = group["betas"]
@@ -120,4 +135,4 @@ class AdamW(PenalizedOptimizer):
             lr=self._lr(group, params[0].device), beta1=float(beta1), beta2=float(beta2), eps=float(group["eps"]),
             weight_decay=float(group["weight_decay"]), l2=float(group["l2"]), l1=float(group["l1"]),
             proximal=group["l1_mode"] == "proximal", amsgrad=amsgrad, maximize=bool(group["maximize"]),
-            grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef)
+            grad_scale=grad_scale, found_inf=found_inf, clip_coef=clip_coef, **extras(params))

@@ -289,6 +289,45 @@ def _check_lr_and_the_rest(op, params, lr, weight_decay, l2, l1, grad_scale, fou
         check_optimizer_dtype(op, params[0].dtype)
 
 
+def check_rounding(op, rounding, params) -> None:
+    """check_rounding of optim_host.h."""
+    if rounding is None:
+        return
+    check(rounding.dtype == torch.int64 and rounding.dim() == 1 and rounding.is_contiguous(), "regops ", op,
+          ": rounding must be a contiguous 1-D int64 tensor, got ", scalar_type(rounding.dtype), " of shape ",
+          sizes(rounding))
+    check(rounding.numel() == len(params) + 3, "regops ", op,
+          ": rounding must hold [seed, group, step] and one tensor index per parameter (", len(params) + 3,
+          " elements), got ", rounding.numel())
+    if not params:
+        return
+    check(rounding.device == params[0].device, "regops ", op, ": rounding is on ", rounding.device,
+          " but the parameters are on ", params[0].device)
+    for i, p in enumerate(params):
+        check(p.numel() < 1 << 35, "regops ", op, ": stochastic rounding supports tensors of fewer than 2^35 "
+              "elements, params[", i, "] has ", p.numel())
+
+
+def check_averages(op, averages, average_weights, params) -> None:
+    """check_averages of optim_host.h."""
+    if not averages:
+        return
+    check(len(averages) == len(params), "regops ", op, ": averages must have one tensor per parameter (",
+          len(params), "), got ", len(averages))
+    check(average_weights is not None and average_weights.dtype == torch.float32 and average_weights.dim() == 1
+          and average_weights.numel() == len(params) and average_weights.is_contiguous(), "regops ", op,
+          ": average_weights must be a contiguous float32 tensor of one weight per parameter")
+    for i, (a, p) in enumerate(zip(averages, params)):
+        check(a.dtype in (p.dtype, torch.float32) and a.dtype == averages[0].dtype, "regops ", op, ": averages[", i,
+              "] has dtype ", scalar_type(a.dtype), " but must be float32 or the parameters' dtype, one for all")
+        check(a.device == p.device and average_weights.device == p.device, "regops ", op, ": averages[", i,
+              "] and average_weights must be on the parameters' device ", p.device)
+        check(a.shape == p.shape, "regops ", op, ": averages[", i, "] has shape ", sizes(a), " but params[", i,
+              "] has ", sizes(p))
+        check(a.numel() <= 1 or a.stride() == p.stride(), "regops ", op, ": averages[", i,
+              "] must be dense with the strides of params[", i, "]")
+
+
 def check_norm_inputs(tensors) -> None:
     check(len(tensors) > 0, "regops multi_tensor_norm: tensors must not be empty")
     for i, t in enumerate(tensors):

@@ -29,6 +29,7 @@ import triton.language as tl
 
 from regops.triton import _checks
 from regops.triton._launch import launch
+from regops.triton.dropout import _philox4x32_10
 
 CHUNK = 4096  # elements a program updates
 BLOCK = 1024  # elements a program holds at once: four 4 KiB float32 tiles for AdamW
@@ -56,6 +57,69 @@ def _transformed_gradient(g, p, grad_factor, coupled_l2, l1_subgradient, MAXIMIZ
     # inf parameter does not turn into NaN through 0 * inf.
     g = tl.where(coupled_l2 != 0, g + coupled_l2 * p, g)
     return tl.where(l1_subgradient != 0, g + l1_subgradient * _sign(p), g)
+
+
+@triton.jit
+def _rounding_bits(rounding, t, block_start, slot, BLOCK: tl.constexpr):
+    """The 16 random bits (uint32) of elements block_start + [0, BLOCK) of
+    tensor t for value ``slot`` (csrc/include/regops/stochastic_rounding.h):
+    one Philox call per eight elements, at counter (lo32(i // 8), lo32(step),
+    tensor index, slot + 8 * group) under key (lo32(seed), hi32(seed)), where
+    ``rounding`` holds [seed, group, step, tensor indices]; element 8 * b + k
+    takes 16-bit half k % 2 of word k // 2. block_start is a multiple of 8."""
+    seed = tl.load(rounding)
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    group = tl.load(rounding + 1)
+    step = (tl.load(rounding + 2) & 0xFFFFFFFF).to(tl.uint32)
+    tensor = (tl.load(rounding + 3 + t) & 0xFFFFFFFF).to(tl.uint32)
+    counter = block_start // 8 + tl.arange(0, BLOCK // 8).to(tl.int64)
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    zero = tl.zeros_like(c0)
+    c1 = zero + step
+    c2 = zero + tensor
+    c3 = zero + ((slot + 8 * group) & 0xFFFFFFFF).to(tl.uint32)
+    r0, r1, r2, r3 = _philox4x32_10(c0, c1, c2, c3, k0, k1)
+    # join(join(lo0, lo2), join(lo1, lo3))[b, i, j] is the low half of word
+    # 2 * i + j; joined with the high halves as the minor dimension, the flat
+    # index of half h of word w is 2 * w + h.
+    low = tl.join(tl.join(r0 & 0xFFFF, r2 & 0xFFFF), tl.join(r1 & 0xFFFF, r3 & 0xFFFF))
+    high = tl.join(tl.join(r0 >> 16, r2 >> 16), tl.join(r1 >> 16, r3 >> 16))
+    return tl.reshape(tl.join(low, high), (BLOCK,))
+
+
+@triton.jit
+def _stochastic_round(x, bits, DTYPE: tl.constexpr):
+    """float32 x rounded to DTYPE (bfloat16 or float16) with 16 random bits
+    per element, as a float32 value DTYPE holds exactly (see
+    stochastic_rounding.h); NaN stays NaN."""
+    raw = x.to(tl.uint32, bitcast=True)
+    magnitude = raw & 0x7FFFFFFF
+    if DTYPE == tl.bfloat16:
+        rounded = ((raw + bits) & 0xFFFF0000).to(tl.float32, bitcast=True)
+    else:
+        normal = ((raw + (bits >> 3)) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        scaled = magnitude.to(tl.float32, bitcast=True) * 16777216.0
+        whole = tl.floor(scaled)
+        fraction = ((scaled - whole) * 65536.0).to(tl.uint32)
+        up = ((bits + fraction) >= 65536).to(tl.float32)
+        subnormal = ((whole + up) * 5.9604644775390625e-08).to(tl.uint32, bitcast=True) | (raw & 0x80000000)
+        rounded = tl.where(magnitude >= 0x38800000, normal, subnormal.to(tl.float32, bitcast=True))
+    return tl.where(magnitude > 0x7F800000, x, rounded)
+
+
+@triton.jit
+def _store_value(ptr, index, mask, value, rounding, t, block_start, slot, DTYPE: tl.constexpr,
+                 STOCHASTIC: tl.constexpr, BLOCK: tl.constexpr):
+    """Stores float32 ``value`` as DTYPE: rounded stochastically (random
+    ``slot``) under STOCHASTIC when DTYPE is 16-bit, else to nearest even.
+    Returns the stored value in float32."""
+    if STOCHASTIC:
+        if DTYPE != tl.float32:
+            value = _stochastic_round(value, _rounding_bits(rounding, t, block_start, slot, BLOCK), DTYPE)
+    stored = value.to(DTYPE)
+    tl.store(ptr + index, stored, mask=mask)
+    return stored.to(tl.float32)
 
 
 @triton.jit
@@ -110,11 +174,22 @@ def _load_parameter_and_gradient(p_ptr, g_ptr, index, mask, grad_factor, coupled
 
 
 @triton.jit
-def _store_parameter(p_ptr, index, mask, p, l1_threshold, DTYPE: tl.constexpr, PROXIMAL: tl.constexpr):
-    """Applies the proximal L1 step, if any, after the update and stores."""
+def _store_parameter(p_ptr, a_ptr, weights, index, mask, p, l1_threshold, rounding, t, block_start,
+                     DTYPE: tl.constexpr, PROXIMAL: tl.constexpr, STOCHASTIC: tl.constexpr, AVERAGE: tl.constexpr,
+                     AVG_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
+    """Applies the proximal L1 step, if any, after the update and stores;
+    then, under AVERAGE, the weight average of tensor t moves towards the
+    stored parameter: lerp(average, p, weights[t]) as torch.lerp computes it."""
     if PROXIMAL:
         p = _soft_threshold(p, l1_threshold)
-    tl.store(p_ptr + index, p.to(DTYPE), mask=mask)
+    stored = _store_value(p_ptr, index, mask, p, rounding, t, block_start, 0, DTYPE, STOCHASTIC, BLOCK)
+    if AVERAGE:
+        weight = tl.load(weights + t)
+        small = tl.abs(weight) < 0.5
+        average = tl.load(a_ptr + index, mask=mask, other=0.0).to(tl.float32)
+        base = tl.where(small, average, stored)
+        average = base + tl.where(small, weight, weight - 1.0) * (stored - average)
+        _store_value(a_ptr, index, mask, average, rounding, t, block_start, 4, AVG_DTYPE, STOCHASTIC, BLOCK)
 
 
 @triton.jit
@@ -125,51 +200,57 @@ def _all(index):
 
 
 @triton.jit
-def _sgd_block(p_ptr, g_ptr, b_ptr, index, mask, lr, grad_factor, l1_threshold, momentum, one_minus_dampening,
-               coupled_l2, l1_subgradient, DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr,
-               NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr):
+def _sgd_block(p_ptr, g_ptr, b_ptr, a_ptr, weights, index, mask, lr, grad_factor, l1_threshold, momentum,
+               one_minus_dampening, coupled_l2, l1_subgradient, rounding, t, block_start, DTYPE: tl.constexpr,
+               MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr, MAXIMIZE: tl.constexpr,
+               PROXIMAL: tl.constexpr, STOCHASTIC: tl.constexpr, AVERAGE: tl.constexpr, AVG_DTYPE: tl.constexpr,
+               BLOCK: tl.constexpr):
     p, g = _load_parameter_and_gradient(p_ptr, g_ptr, index, mask, grad_factor, coupled_l2, l1_subgradient, MAXIMIZE)
     if MOMENTUM:
         if FIRST_STEP:
             buf = g
         else:
             buf = tl.load(b_ptr + index, mask=mask, other=0.0).to(tl.float32) * momentum + one_minus_dampening * g
-        tl.store(b_ptr + index, buf.to(DTYPE), mask=mask)
+        _store_value(b_ptr, index, mask, buf, rounding, t, block_start, 1, DTYPE, STOCHASTIC, BLOCK)
         if NESTEROV:
             g = g + momentum * buf
         else:
             g = buf
-    _store_parameter(p_ptr, index, mask, p - lr * g, l1_threshold, DTYPE, PROXIMAL)
+    _store_parameter(p_ptr, a_ptr, weights, index, mask, p - lr * g, l1_threshold, rounding, t, block_start, DTYPE,
+                     PROXIMAL, STOCHASTIC, AVERAGE, AVG_DTYPE, BLOCK)
 
 
 # num_tensors is a count, not a size the code can use: a group of one tensor
 # (or of 16) would otherwise compile a variant of its own.
 @triton.jit(do_not_specialize=["num_tensors"])
 def _sgd_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, scalars,
-                momentum, one_minus_dampening, coupled_l2, l1_subgradient,
+                momentum, one_minus_dampening, coupled_l2, l1_subgradient, rounding, weights,
                 DTYPE: tl.constexpr, MOMENTUM: tl.constexpr, FIRST_STEP: tl.constexpr, NESTEROV: tl.constexpr,
-                MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
-                BLOCK: tl.constexpr):
+                MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr, STOCHASTIC: tl.constexpr, AVERAGE: tl.constexpr,
+                AVG_DTYPE: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     lr = tl.load(scalars)
     t, start, end, whole, p_ptr, g_ptr, grad_factor, l1_threshold = _step_chunk(
         table, numels, chunk_tensor, chunk_start, num_tensors, scalars, DTYPE, CHUNK, ALIGNED)
     b_ptr = _pointer(table, num_tensors, t, 2, DTYPE, ALIGNED)
+    a_ptr = _pointer(table, num_tensors, t, 3, AVG_DTYPE, ALIGNED)
     for offset in tl.static_range(0, CHUNK, BLOCK):
         index = start + offset + tl.arange(0, BLOCK).to(tl.int64)
         if whole:
-            _sgd_block(p_ptr, g_ptr, b_ptr, index, _all(index), lr, grad_factor, l1_threshold, momentum,
-                       one_minus_dampening, coupled_l2, l1_subgradient, DTYPE, MOMENTUM, FIRST_STEP, NESTEROV,
-                       MAXIMIZE, PROXIMAL)
+            _sgd_block(p_ptr, g_ptr, b_ptr, a_ptr, weights, index, _all(index), lr, grad_factor, l1_threshold,
+                       momentum, one_minus_dampening, coupled_l2, l1_subgradient, rounding, t, start + offset, DTYPE,
+                       MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, PROXIMAL, STOCHASTIC, AVERAGE, AVG_DTYPE, BLOCK)
         else:
-            _sgd_block(p_ptr, g_ptr, b_ptr, index, index < end, lr, grad_factor, l1_threshold, momentum,
-                       one_minus_dampening, coupled_l2, l1_subgradient, DTYPE, MOMENTUM, FIRST_STEP, NESTEROV,
-                       MAXIMIZE, PROXIMAL)
+            _sgd_block(p_ptr, g_ptr, b_ptr, a_ptr, weights, index, index < end, lr, grad_factor, l1_threshold,
+                       momentum, one_minus_dampening, coupled_l2, l1_subgradient, rounding, t, start + offset, DTYPE,
+                       MOMENTUM, FIRST_STEP, NESTEROV, MAXIMIZE, PROXIMAL, STOCHASTIC, AVERAGE, AVG_DTYPE, BLOCK)
 
 
 @triton.jit
-def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, index, mask, decay_factor, step_size, bias_correction2_sqrt,
-                 grad_factor, l1_threshold, one_minus_beta1, beta2, one_minus_beta2, eps, coupled_l2, l1_subgradient,
-                 DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr):
+def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, weights, index, mask, decay_factor, step_size,
+                 bias_correction2_sqrt, grad_factor, l1_threshold, one_minus_beta1, beta2, one_minus_beta2, eps,
+                 coupled_l2, l1_subgradient, rounding, t, block_start, DTYPE: tl.constexpr, AMSGRAD: tl.constexpr,
+                 MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr, STOCHASTIC: tl.constexpr, AVERAGE: tl.constexpr,
+                 AVG_DTYPE: tl.constexpr, BLOCK: tl.constexpr):
     p, g = _load_parameter_and_gradient(p_ptr, g_ptr, index, mask, grad_factor, coupled_l2, l1_subgradient, MAXIMIZE)
     m = tl.load(m_ptr + index, mask=mask, other=0.0).to(tl.float32)
     v = tl.load(v_ptr + index, mask=mask, other=0.0).to(tl.float32)
@@ -179,20 +260,22 @@ def _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, index, mask, decay_factor
     else:
         m = g - (g - m) * (1.0 - one_minus_beta1)
     v = v * beta2 + one_minus_beta2 * g * g
-    tl.store(m_ptr + index, m.to(DTYPE), mask=mask)
-    tl.store(v_ptr + index, v.to(DTYPE), mask=mask)
+    _store_value(m_ptr, index, mask, m, rounding, t, block_start, 1, DTYPE, STOCHASTIC, BLOCK)
+    _store_value(v_ptr, index, mask, v, rounding, t, block_start, 2, DTYPE, STOCHASTIC, BLOCK)
     if AMSGRAD:
         v = tl.maximum(tl.load(vmax_ptr + index, mask=mask, other=0.0).to(tl.float32), v)
-        tl.store(vmax_ptr + index, v.to(DTYPE), mask=mask)
+        _store_value(vmax_ptr, index, mask, v, rounding, t, block_start, 3, DTYPE, STOCHASTIC, BLOCK)
     denom = tl.sqrt(v) / bias_correction2_sqrt + eps
-    _store_parameter(p_ptr, index, mask, p - step_size * (m / denom), l1_threshold, DTYPE, PROXIMAL)
+    _store_parameter(p_ptr, a_ptr, weights, index, mask, p - step_size * (m / denom), l1_threshold, rounding, t,
+                     block_start, DTYPE, PROXIMAL, STOCHASTIC, AVERAGE, AVG_DTYPE, BLOCK)
 
 
 @triton.jit(do_not_specialize=["num_tensors"])
 def _adamw_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, scalars, per_tensor,
-                  one_minus_beta1, beta2, one_minus_beta2, eps, coupled_l2, l1_subgradient,
+                  one_minus_beta1, beta2, one_minus_beta2, eps, coupled_l2, l1_subgradient, rounding, weights,
                   DTYPE: tl.constexpr, AMSGRAD: tl.constexpr, MAXIMIZE: tl.constexpr, PROXIMAL: tl.constexpr,
-                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                  STOCHASTIC: tl.constexpr, AVERAGE: tl.constexpr, AVG_DTYPE: tl.constexpr, ALIGNED: tl.constexpr,
+                  CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     # per_tensor: step_size[T], bias_correction2_sqrt[T]
     decay_factor = tl.load(scalars)
     t, start, end, whole, p_ptr, g_ptr, grad_factor, l1_threshold = _step_chunk(
@@ -200,18 +283,21 @@ def _adamw_kernel(table, numels, chunk_tensor, chunk_start, num_tensors, scalars
     m_ptr = _pointer(table, num_tensors, t, 2, DTYPE, ALIGNED)
     v_ptr = _pointer(table, num_tensors, t, 3, DTYPE, ALIGNED)
     vmax_ptr = _pointer(table, num_tensors, t, 4, DTYPE, ALIGNED)
+    a_ptr = _pointer(table, num_tensors, t, 5, AVG_DTYPE, ALIGNED)
     step_size = tl.load(per_tensor + t)
     bias_correction2_sqrt = tl.load(per_tensor + num_tensors + t)
     for offset in tl.static_range(0, CHUNK, BLOCK):
         index = start + offset + tl.arange(0, BLOCK).to(tl.int64)
         if whole:
-            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, index, _all(index), decay_factor, step_size,
-                         bias_correction2_sqrt, grad_factor, l1_threshold, one_minus_beta1, beta2, one_minus_beta2,
-                         eps, coupled_l2, l1_subgradient, DTYPE, AMSGRAD, MAXIMIZE, PROXIMAL)
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, weights, index, _all(index), decay_factor,
+                         step_size, bias_correction2_sqrt, grad_factor, l1_threshold, one_minus_beta1, beta2,
+                         one_minus_beta2, eps, coupled_l2, l1_subgradient, rounding, t, start + offset, DTYPE, AMSGRAD,
+                         MAXIMIZE, PROXIMAL, STOCHASTIC, AVERAGE, AVG_DTYPE, BLOCK)
         else:
-            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, index, index < end, decay_factor, step_size,
-                         bias_correction2_sqrt, grad_factor, l1_threshold, one_minus_beta1, beta2, one_minus_beta2,
-                         eps, coupled_l2, l1_subgradient, DTYPE, AMSGRAD, MAXIMIZE, PROXIMAL)
+            _adamw_block(p_ptr, g_ptr, m_ptr, v_ptr, vmax_ptr, a_ptr, weights, index, index < end, decay_factor,
+                         step_size, bias_correction2_sqrt, grad_factor, l1_threshold, one_minus_beta1, beta2,
+                         one_minus_beta2, eps, coupled_l2, l1_subgradient, rounding, t, start + offset, DTYPE, AMSGRAD,
+                         MAXIMIZE, PROXIMAL, STOCHASTIC, AVERAGE, AVG_DTYPE, BLOCK)
 
 
 @triton.jit
@@ -289,52 +375,86 @@ def _launch_step(kernel, lists, *arguments, **constexprs) -> None:
     table, numels, chunk_tensor, chunk_start, aligned = _tables(lists, device)
     if chunk_tensor.numel() == 0:
         return
+    # enable_fp_fusion=False: no multiply-add contraction (Triton's default
+    # fuses a * b + c into an FMA), so every product and sum is rounded on
+    # its own, as in regops/reference.py and the C++ and CUDA kernels, and
+    # stochastic rounding sees the same float32 bits on every backend.
     launch(kernel, (chunk_tensor.numel(),), device, table, numels, chunk_tensor, chunk_start, len(lists[0]),
            *arguments, DTYPE=_TRITON_DTYPES[lists[0][0].dtype], ALIGNED=aligned, CHUNK=CHUNK, BLOCK=BLOCK,
-           **constexprs)
+           enable_fp_fusion=False, **constexprs)
+
+
+def _average_arguments(params, averages, average_weights):
+    """The averages list of the pointer table, the weights pointer and the
+    AVERAGE and AVG_DTYPE constexprs (the parameters stand in when there is
+    no average)."""
+    if not averages:
+        return params, params[0], False, _TRITON_DTYPES[params[0].dtype]
+    return averages, average_weights, True, _TRITON_DTYPES[averages[0].dtype]
+
+
+def _rounding_arguments(params, rounding):
+    """The rounding pointer and the STOCHASTIC flag: 16-bit parameters with a
+    rounding tensor round stochastically; otherwise the pointer is unused (the
+    parameters stand in for it)."""
+    stochastic = rounding is not None and params[0].dtype != torch.float32
+    return (rounding if stochastic else params[0]), stochastic
 
 
 def _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
-         first_step, grad_scale, found_inf, clip_coef):
+         first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights):
     _checks.check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1, grad_scale, found_inf,
                                 clip_coef)
+    _checks.check_rounding("sgd_step_", rounding, params)
+    _checks.check_averages("sgd_step_", averages, average_weights, params)
     if not params:
         return
+    rounding, stochastic = _rounding_arguments(params, rounding)
+    averages, weights, average, average_dtype = _average_arguments(params, averages, average_weights)
     device = params[0].device
     factor, skip = _gradient_factor_and_skip(device, grad_scale, found_inf, clip_coef)
     lr64 = _scalar(lr, device)
     _launch_step(
-        _sgd_kernel, [params, grads, momentum_buffers if momentum != 0 else params],
+        _sgd_kernel, [params, grads, momentum_buffers if momentum != 0 else params, averages],
         _step_scalars(lr64, lr64, l1, factor, skip),
-        float(momentum), float(1.0 - dampening), float(weight_decay), 0.0 if proximal else float(l1),
-        MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov, MAXIMIZE=maximize, PROXIMAL=proximal)
+        float(momentum), float(1.0 - dampening), float(weight_decay), 0.0 if proximal else float(l1), rounding, weights,
+        MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov, MAXIMIZE=maximize, PROXIMAL=proximal,
+        STOCHASTIC=stochastic, AVERAGE=average, AVG_DTYPE=average_dtype)
 
 
-@torch.library.custom_op("regops::triton_sgd_step_", mutates_args={"params", "momentum_buffers"})
+@torch.library.custom_op("regops::triton_sgd_step_", mutates_args={"params", "momentum_buffers", "averages"})
 def sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
               lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-              l1: float, proximal: bool, first_step: bool, grad_scale: torch.Tensor | None = None,
-              found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None) -> None:
+              l1: float, proximal: bool, first_step: bool, grad_scale: torch.Tensor | None,
+              found_inf: torch.Tensor | None, clip_coef: torch.Tensor | None,
+              rounding: torch.Tensor | None, averages: list[torch.Tensor],
+              average_weights: torch.Tensor | None) -> None:
     _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
-         first_step, grad_scale, found_inf, clip_coef)
+         first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
 
 
-@torch.library.custom_op("regops::triton_sgd_step_tensor_lr_", mutates_args={"params", "momentum_buffers"})
+@torch.library.custom_op("regops::triton_sgd_step_tensor_lr_", mutates_args={"params", "momentum_buffers", "averages"})
 def sgd_step_tensor_lr_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
                         lr: torch.Tensor, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                         maximize: bool, l1: float, proximal: bool, first_step: bool,
-                        grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-                        clip_coef: torch.Tensor | None = None) -> None:
+                        grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+                        clip_coef: torch.Tensor | None, rounding: torch.Tensor | None,
+                        averages: list[torch.Tensor], average_weights: torch.Tensor | None) -> None:
     _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
-         first_step, grad_scale, found_inf, clip_coef)
+         first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
 
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
-           l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef):
+           l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages,
+           average_weights):
     _checks.check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                                   eps, weight_decay, l2, l1, amsgrad, grad_scale, found_inf, clip_coef)
+    _checks.check_rounding("adamw_step_", rounding, params)
+    _checks.check_averages("adamw_step_", averages, average_weights, params)
     if not params:
         return
+    rounding, stochastic = _rounding_arguments(params, rounding)
+    averages, weights, average, average_dtype = _average_arguments(params, averages, average_weights)
     device = params[0].device
     factor, skip = _gradient_factor_and_skip(device, grad_scale, found_inf, clip_coef)
     # The steps are counted first (unless skipped), as torch does; the bias
@@ -344,13 +464,14 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, l
     lr64 = _scalar(lr, device)
     per_tensor = torch.cat([lr64 / (1 - beta1 ** steps), torch.sqrt(1 - beta2 ** steps)]).float()
     _launch_step(
-        _adamw_kernel, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else params],
+        _adamw_kernel, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else params, averages],
         _step_scalars(1 - lr64 * weight_decay, lr64, l1, factor, skip), per_tensor,
         float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), float(l2), 0.0 if proximal else float(l1),
-        AMSGRAD=amsgrad, MAXIMIZE=maximize, PROXIMAL=proximal)
+        rounding, weights, AMSGRAD=amsgrad, MAXIMIZE=maximize, PROXIMAL=proximal, STOCHASTIC=stochastic,
+        AVERAGE=average, AVG_DTYPE=average_dtype)
 
 
-_ADAMW_MUTATES = {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps"}
+_ADAMW_MUTATES = {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "averages"}
 
 
 @torch.library.custom_op("regops::triton_adamw_step_", mutates_args=_ADAMW_MUTATES)
@@ -358,10 +479,11 @@ def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs:
                 exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
                 state_steps: list[torch.Tensor], lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float, l2: float, l1: float, proximal: bool, amsgrad: bool, maximize: bool,
-                grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-                clip_coef: torch.Tensor | None = None) -> None:
+                grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+                clip_coef: torch.Tensor | None, rounding: torch.Tensor | None,
+                averages: list[torch.Tensor], average_weights: torch.Tensor | None) -> None:
     _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
-           l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef)
+           l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
 
 
 @torch.library.custom_op("regops::triton_adamw_step_tensor_lr_", mutates_args=_ADAMW_MUTATES)
@@ -369,10 +491,11 @@ def adamw_step_tensor_lr_(params: list[torch.Tensor], grads: list[torch.Tensor],
                           exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
                           state_steps: list[torch.Tensor], lr: torch.Tensor, beta1: float, beta2: float, eps: float,
                           weight_decay: float, l2: float, l1: float, proximal: bool, amsgrad: bool, maximize: bool,
-                          grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-                          clip_coef: torch.Tensor | None = None) -> None:
+                          grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
+                          clip_coef: torch.Tensor | None, rounding: torch.Tensor | None,
+                averages: list[torch.Tensor], average_weights: torch.Tensor | None) -> None:
     _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
-           l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef)
+           l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
 
 
 @torch.library.custom_op("regops::triton_multi_tensor_norm", mutates_args=())
@@ -405,17 +528,27 @@ def compile_cases() -> None:
         storage = torch.empty(count * 5000 + offset, dtype=dtype)
         return [storage[offset + i * 5000:offset + (i + 1) * 5000 - 1000 * (i % 2)] for i in range(count)]
 
-    def sgd(dtype, offset=0, count=2, momentum=0.9, first_step=False, nesterov=False, flag=False):
+    def rounding(count, stochastic):
+        return torch.arange(count + 3, dtype=torch.int64) if stochastic else None
+
+    def averages(count, average_dtype, offset):
+        if average_dtype is None:
+            return [], None
+        return tensors(average_dtype, count, offset), torch.full((count,), 0.1)
+
+    def sgd(dtype, offset=0, count=2, momentum=0.9, first_step=False, nesterov=False, flag=False, stochastic=False,
+            average_dtype=None):
         params = tensors(dtype, count, offset)
         sgd_step_(params, tensors(dtype, count, offset), tensors(dtype, count, offset), 0.1, momentum, 0.0, 0.0,
-                  nesterov, flag, 0.1, flag, first_step)
+                  nesterov, flag, 0.1, flag, first_step, None, None, None, rounding(count, stochastic),
+                  *averages(count, average_dtype, offset))
 
-    def adamw(dtype, offset=0, amsgrad=False, flag=False, lr=0.1):
+    def adamw(dtype, offset=0, amsgrad=False, flag=False, lr=0.1, stochastic=False, average_dtype=None):
         params = tensors(dtype, 2, offset)
         steps = [torch.zeros(()) for _ in params]
         adamw_step_(params, tensors(dtype, 2, offset), tensors(dtype, 2, offset), tensors(dtype, 2, offset),
                     tensors(dtype, 2, offset) if amsgrad else [], steps, lr, 0.9, 0.999, 1e-8, 0.01, 0.0, 0.1, flag,
-                    amsgrad, flag)
+                    amsgrad, flag, None, None, None, rounding(2, stochastic), *averages(2, average_dtype, offset))
 
     for dtype in _TRITON_DTYPES:
         sgd(dtype)
@@ -426,6 +559,11 @@ def compile_cases() -> None:
     sgd(torch.float32, offset=1)
     adamw(torch.float32, amsgrad=True, flag=True)
     adamw(torch.float32, offset=1, lr=torch.tensor(0.1))
+    for dtype in (torch.bfloat16, torch.float16):
+        sgd(dtype, stochastic=True, average_dtype=dtype)
+        adamw(dtype, amsgrad=True, stochastic=True, average_dtype=torch.float32)
+    sgd(torch.float32, momentum=0.0, average_dtype=torch.float32)
+    adamw(torch.bfloat16, average_dtype=torch.bfloat16)
     multi_tensor_norm(tensors(torch.float32, offset=1))
 
 

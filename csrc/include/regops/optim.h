@@ -34,6 +34,27 @@ REGOPS_INLINE double copysign_of(double x, double sign) { return copysign(x, sig
 REGOPS_INLINE float sqrt_of(float x) { return sqrtf(x); }
 REGOPS_INLINE double sqrt_of(double x) { return sqrt(x); }
 
+// a * b rounded on its own, never fused with a following addition into a
+// multiply-add: nvcc contracts a * b + c into an FMA by default, which
+// rounds once where the reference (and the CPU kernel, compiled without
+// contraction) rounds twice, so that stochastic rounding of the result would
+// draw different bits on a GPU. __fmul_rn is never contracted.
+REGOPS_INLINE float mul_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+REGOPS_INLINE double mul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 // The proximal operator of lr * l1 * |p|: soft-thresholding. Exact zeros for
 // |p| <= threshold; copysign keeps it branch-free; a NaN stays NaN.
 template <typename Real>
@@ -64,7 +85,7 @@ REGOPS_INLINE LerpWeightT<Real> lerp_weight(Real weight) {
 
 template <typename Real>
 REGOPS_INLINE Real lerp_like_torch(Real start, Real end, LerpWeightT<Real> w) {
-  return (w.from_start ? start : end) + w.factor * (end - start);
+  return (w.from_start ? start : end) + mul_rn(w.factor, end - start);
 }
 
 // Options are folded into arithmetic (maximize into the sign of
@@ -129,7 +150,7 @@ REGOPS_INLINE Real transformed_gradient(Real g, Real p, const GradientTransformT
   // 0 * p an inf parameter would turn the gradient (and the momentum buffer)
   // into NaN where torch keeps the parameter at inf. The term is masked with
   // bits rather than skipped with a branch, which keeps the loops vectorized.
-  if (kCoupledL2) g += keep_if(t.coupled_l2 * p, t.coupled_l2 != Real(0));
+  if (kCoupledL2) g += keep_if(mul_rn(t.coupled_l2, p), t.coupled_l2 != Real(0));
   // l1 * sign(p) as copysign(l1, p) where p is nonzero, else +0: the same
   // bits as the product with torch.sign (0 for +-0; a NaN p gives 0 here, it
   // poisons p anyway) in three vector instructions instead of eight, which
@@ -158,10 +179,10 @@ template <bool kCoupledL2 = true, bool kL1Subgradient = true, bool kL1Proximal =
 REGOPS_INLINE void sgd_update(Real& p, Real grad, Real& buffer, const SGDCoefficientsT<Real>& c) {
   Real g = transformed_gradient<kCoupledL2, kL1Subgradient>(grad, p, c.gradient);
   if (c.has_momentum) {
-    buffer = c.first_step ? g : buffer * c.momentum + c.one_minus_dampening * g;
-    g = c.nesterov ? g + c.momentum * buffer : buffer;
+    buffer = c.first_step ? g : mul_rn(buffer, c.momentum) + mul_rn(c.one_minus_dampening, g);
+    g = c.nesterov ? g + mul_rn(c.momentum, buffer) : buffer;
   }
-  p = p - c.lr * g;
+  p = p - mul_rn(c.lr, g);
   if (kL1Proximal) p = soft_threshold(p, c.l1_threshold);
 }
 
@@ -213,14 +234,14 @@ REGOPS_INLINE void adamw_update(Real& p, Real grad, Real& exp_avg, Real& exp_avg
   const Real g = transformed_gradient<kCoupledL2, kL1Subgradient>(grad, p, c.gradient);
   p = p * c.decay_factor;
   exp_avg = lerp_like_torch(exp_avg, g, c.exp_avg_weight);
-  exp_avg_sq = exp_avg_sq * c.beta2 + c.one_minus_beta2 * g * g;  // torch's mul_(beta2).addcmul_(g, g, 1 - beta2)
+  exp_avg_sq = mul_rn(exp_avg_sq, c.beta2) + mul_rn(mul_rn(c.one_minus_beta2, g), g);  // torch's mul_(beta2).addcmul_(g, g, 1 - beta2)
   Real second = exp_avg_sq;
   if (c.amsgrad) {  // constant in the CPU loops, which are compiled with and without amsgrad
     max_exp_avg_sq = max_exp_avg_sq > exp_avg_sq ? max_exp_avg_sq : exp_avg_sq;
     second = max_exp_avg_sq;
   }
   const Real denom = sqrt_of(second) / c.bias_correction2_sqrt + c.eps;
-  p = p - c.step_size * (exp_avg / denom);
+  p = p - mul_rn(c.step_size, exp_avg / denom);
   if (kL1Proximal) p = soft_threshold(p, c.l1_threshold);
 }
 

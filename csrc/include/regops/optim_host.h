@@ -80,6 +80,55 @@ inline void check_state_steps(const char* op, at::TensorList steps, at::TensorLi
   }
 }
 
+// The stochastic rounding argument: int64 [seed, group, step, then each
+// tensor's index in its param group], contiguous, on the parameters' device.
+// The random rule numbers blocks of 8 elements with 32 bits, so a tensor
+// holds fewer than 2^35 elements.
+inline void check_rounding(const char* op, const c10::optional<at::Tensor>& rounding, at::TensorList params) {
+  if (!rounding.has_value()) return;
+  const at::Tensor& r = *rounding;
+  TORCH_CHECK(r.scalar_type() == at::kLong && r.dim() == 1 && r.is_contiguous(), "regops ", op,
+              ": rounding must be a contiguous 1-D int64 tensor, got ", r.scalar_type(), " of shape ", r.sizes());
+  TORCH_CHECK(r.numel() == static_cast<int64_t>(params.size()) + 3, "regops ", op,
+              ": rounding must hold [seed, group, step] and one tensor index per parameter (",
+              params.size() + 3, " elements), got ", r.numel());
+  if (params.empty()) return;
+  TORCH_CHECK(r.device() == params[0].device(), "regops ", op, ": rounding is on ", r.device(),
+              " but the parameters are on ", params[0].device());
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(params[i].numel() < (int64_t{1} << 35), "regops ", op, ": stochastic rounding supports tensors of "
+                "fewer than 2^35 elements, params[", i, "] has ", params[i].numel());
+  }
+}
+
+// The weight averages: empty, or one per parameter, of its shape and
+// strides, float32 or the parameters' dtype (one for all), with a float32
+// weight per parameter; all on the parameters' device.
+inline void check_averages(const char* op, const c10::optional<at::TensorList>& optional_averages,
+                           const c10::optional<at::Tensor>& weights, at::TensorList params) {
+  if (!optional_averages.has_value() || optional_averages->empty()) return;
+  const at::TensorList averages = *optional_averages;
+  TORCH_CHECK(averages.size() == params.size(), "regops ", op, ": averages must have one tensor per parameter (",
+              params.size(), "), got ", averages.size());
+  TORCH_CHECK(weights.has_value() && weights->scalar_type() == at::kFloat && weights->dim() == 1 &&
+                  weights->numel() == static_cast<int64_t>(params.size()) && weights->is_contiguous(),
+              "regops ", op, ": average_weights must be a contiguous float32 tensor of one weight per parameter");
+  for (size_t i = 0; i < averages.size(); ++i) {
+    const at::Tensor& a = averages[i];
+    const at::Tensor& p = params[i];
+    TORCH_CHECK((a.scalar_type() == p.scalar_type() || a.scalar_type() == at::kFloat) &&
+                    a.scalar_type() == averages[0].scalar_type(),
+                "regops ", op, ": averages[", i, "] has dtype ", a.scalar_type(),
+                " but must be float32 or the parameters' dtype, one for all");
+    TORCH_CHECK(a.device() == p.device() && weights->device() == p.device(), "regops ", op, ": averages[", i,
+                "] and average_weights must be on the parameters' device ", p.device());
+    TORCH_CHECK(a.sizes() == p.sizes(), "regops ", op, ": averages[", i, "] has shape ", a.sizes(), " but params[",
+                i, "] has ", p.sizes());
+    TORCH_CHECK(a.numel() <= 1 || a.strides() == p.strides(), "regops ", op, ": averages[", i,
+                "] must be dense with the strides of params[", i, "]");
+  }
+}
+
 inline void check_hyperparameters(const char* op, double lr, double weight_decay, double l2, double l1) {
   TORCH_CHECK(lr >= 0.0, "regops ", op, ": lr must be >= 0, got ", lr);
   TORCH_CHECK(weight_decay >= 0.0, "regops ", op, ": weight_decay must be >= 0, got ", weight_decay);

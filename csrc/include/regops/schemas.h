@@ -29,20 +29,31 @@ inline void define_schemas(torch::Library& m) {
   // recompilation under torch.compile). first_step: the momentum buffers are
   // new and take the gradient as is (torch's first step). adamw_step_
   // increments state_steps (float32, one element each) unless found_inf.
+  // rounding (stochastic rounding of 16-bit values, csrc/include/regops/
+  // stochastic_rounding.h) is an int64 tensor on the parameters' device:
+  // [seed, group, step, then each tensor's index in its param group]; absent,
+  // values are rounded to nearest even. averages (float32 or the parameters'
+  // dtype, one per parameter) become lerp(average, new parameter, weight)
+  // with the float32 average_weights (one per parameter, on the device),
+  // right after the parameter's update (regops/optim/averaging.py).
   m.def("sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, float lr, float momentum, "
         "float dampening, float weight_decay, bool nesterov, bool maximize, float l1, bool proximal, bool first_step, "
-        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, Tensor? rounding=None, Tensor(f!)[]? averages=None, "
+        "Tensor? average_weights=None) -> ()");
   m.def("sgd_step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor lr, "
         "float momentum, float dampening, float weight_decay, bool nesterov, bool maximize, float l1, bool proximal, "
-        "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+        "bool first_step, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, Tensor? rounding=None, Tensor(f!)[]? averages=None, "
+        "Tensor? average_weights=None) -> ()");
   m.def("adamw_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, float lr, float beta1, float beta2, float eps, "
         "float weight_decay, float l2, float l1, bool proximal, bool amsgrad, bool maximize, "
-        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, Tensor? rounding=None, Tensor(f!)[]? averages=None, "
+        "Tensor? average_weights=None) -> ()");
   m.def("adamw_step_.tensor_lr(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
         "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] state_steps, Tensor lr, float beta1, float beta2, float eps, "
         "float weight_decay, float l2, float l1, bool proximal, bool amsgrad, bool maximize, "
-        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None) -> ()");
+        "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? clip_coef=None, Tensor? rounding=None, Tensor(f!)[]? averages=None, "
+        "Tensor? average_weights=None) -> ()");
   // The L2 norm (or, squared=True, its square) of all tensors together as a
   // float32 scalar on their device, accumulated in float32 in one pass.
   m.def("multi_tensor_norm(Tensor[] tensors, bool squared=False) -> Tensor");
