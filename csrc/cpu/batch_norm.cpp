@@ -35,6 +35,7 @@
 #include <vector>
 
 #include "regops/batch_norm_host.h"
+#include "regops/bfloat16.h"
 #include "regops/cpu_memory.h"
 #include "regops/welford.h"
 
@@ -66,16 +67,12 @@ REGOPS_ALWAYS_INLINE acc_t load(scalar_t value) {
   return static_cast<acc_t>(value);
 }
 
-// float -> storage type. bfloat16 rounds to nearest even like c10, written
-// without branches so that the loops storing it vectorize.
+// float -> storage type; bfloat16 through bfloat16_bits_nearest, whose
+// branch-free rounding keeps the loops storing it vectorized.
 template <typename scalar_t, typename acc_t>
 REGOPS_ALWAYS_INLINE scalar_t store(acc_t value) {
   if constexpr (std::is_same_v<scalar_t, c10::BFloat16>) {
-    uint32_t bits;
-    std::memcpy(&bits, &value, sizeof(bits));
-    uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-    rounded = value != value ? 0x7FC0u : rounded;
-    return c10::BFloat16(static_cast<uint16_t>(rounded), c10::BFloat16::from_bits());
+    return c10::BFloat16(bfloat16_bits_nearest(value), c10::BFloat16::from_bits());
   } else {
     return static_cast<scalar_t>(value);
   }

@@ -33,6 +33,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "regops/bfloat16.h"
 #include "regops/optim.h"
 #include "regops/optim_host.h"
 #include "regops/stochastic_rounding.h"
@@ -66,7 +67,7 @@ template <typename T>
 using Math = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 // bfloat16 <-> float32 as bit operations: widening is a shift; narrowing
-// rounds to nearest even and keeps NaN a quiet NaN, as c10::BFloat16 does.
+// rounds to nearest even (regops/bfloat16.h), as c10::BFloat16 does.
 REGOPS_ALWAYS_INLINE float load_element(const Bits16* data, int64_t i) {
   const uint32_t bits = static_cast<uint32_t>(data[i]) << 16;
   float value;
@@ -78,11 +79,7 @@ REGOPS_ALWAYS_INLINE float load_element(const at::Half* data, int64_t i) { retur
 REGOPS_ALWAYS_INLINE void store_element(at::Half* data, int64_t i, float value) { data[i] = value; }
 
 REGOPS_ALWAYS_INLINE void store_element(Bits16* data, int64_t i, float value) {
-  uint32_t bits;
-  std::memcpy(&bits, &value, sizeof(bits));
-  const uint32_t rounded = (bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16;
-  const bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
-  data[i] = static_cast<Bits16>(is_nan ? 0x7FC0u : rounded);
+  data[i] = bfloat16_bits_nearest(value);
 }
 
 // Stochastic rounding (regops/stochastic_rounding.h) of one piece of a
@@ -521,10 +518,7 @@ struct CallRounding {
 };
 
 void check_cpu(const char* op, at::TensorList params) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(params[i].device().is_cpu(), "regops ", op, ": the CPU kernel got params[", i, "] on ",
-                params[i].device());
-  }
+  check_kernel_device(op, "CPU", params, [](const at::Tensor& t) { return t.device().is_cpu(); });
 }
 
 void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,

@@ -1006,16 +1006,17 @@ at::Tensor batch_norm_elementwise_cuda(const at::Tensor& input, const at::Tensor
   const BatchNormInput p = prepare_batch_norm_input(input);
   at::Tensor output = at::empty_like(p.input);
   if (input.numel() == 0) return output;
-  const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
-  const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
+  const at::Tensor mean_values = mean.contiguous(), invstd_values = invstd.contiguous();
+  const auto weight_values = contiguous_or_none(weight), bias_values = contiguous_or_none(bias);
   at::Tensor coefficients = coefficient_rows(input, kForwardRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_elementwise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cuda::launch(affine_coefficients_kernel<acc_t>, finalize_blocks(p.geometry.channels), kFinalizeThreads, 0,
                  cuda::current_stream(),
-        m.const_data_ptr<acc_t>(), s.const_data_ptr<acc_t>(), false, acc_t(0), optional_pointer<acc_t>(w),
-        optional_pointer<acc_t>(b), p.geometry.channels, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
-        coefficients.mutable_data_ptr<acc_t>(), static_cast<int>(kScale));
+        mean_values.const_data_ptr<acc_t>(), invstd_values.const_data_ptr<acc_t>(), false, acc_t(0),
+        optional_pointer<acc_t>(weight_values), optional_pointer<acc_t>(bias_values), p.geometry.channels,
+        static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), coefficients.mutable_data_ptr<acc_t>(),
+        static_cast<int>(kScale));
     REGOPS_KERNEL_LAUNCH_CHECK();
     launch_normalize<scalar_t>(p, at::Tensor(), output, coefficients, relu);
   });
@@ -1035,20 +1036,21 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
   at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
   if (input.size(1) == 0) return {sum_dy, sum_dy_xmu};
   if (input.numel() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
-  const at::Tensor m = mean.contiguous(), s = invstd.contiguous();
-  const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
+  const at::Tensor mean_values = mean.contiguous(), invstd_values = invstd.contiguous();
+  const auto weight_values = contiguous_or_none(weight), bias_values = contiguous_or_none(bias);
   at::Tensor coefficients = coefficient_rows(input, kBackwardRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_mask_coefficients<acc_t>(m, s, w, b, coefficients);
+    launch_mask_coefficients<acc_t>(mean_values, invstd_values, weight_values, bias_values, coefficients);
     at::Tensor none;
-    auto [partial, splits] = reduce_gradients<scalar_t>(p, dy, m, coefficients, relu, at::Tensor(), none);
+    auto [partial, splits] = reduce_gradients<scalar_t>(p, dy, mean_values, coefficients, relu, at::Tensor(), none);
     cuda::launch(finalize_gradients_kernel<acc_t>, finalize_blocks(p.geometry.channels), kFinalizeThreads, 0,
                  cuda::current_stream(),
         reinterpret_cast<const SumPair<acc_t>*>(partial.const_data_ptr()), splits, static_cast<const acc_t*>(nullptr),
-        static_cast<const acc_t*>(nullptr), s.const_data_ptr<acc_t>(), optional_pointer<acc_t>(w), acc_t(1), true,
-        p.geometry.channels, sum_dy.mutable_data_ptr<acc_t>(), sum_dy_xmu.mutable_data_ptr<acc_t>(),
-        static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr));
+        static_cast<const acc_t*>(nullptr), invstd_values.const_data_ptr<acc_t>(),
+        optional_pointer<acc_t>(weight_values), acc_t(1), true, p.geometry.channels, sum_dy.mutable_data_ptr<acc_t>(),
+        sum_dy_xmu.mutable_data_ptr<acc_t>(), static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
+        static_cast<acc_t*>(nullptr));
     REGOPS_KERNEL_LAUNCH_CHECK();
   });
   return {sum_dy, sum_dy_xmu};
@@ -1066,20 +1068,22 @@ at::Tensor batch_norm_backward_elementwise_cuda(const at::Tensor& grad_out, cons
   const at::Tensor dy = grad_out.contiguous(p.format);
   at::Tensor dx = at::empty_like(p.input);
   if (input.numel() == 0) return dx;
-  const at::Tensor m = mean.contiguous(), s = invstd.contiguous(), a = sum_dy.contiguous(), c = sum_dy_xmu.contiguous();
-  const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
+  const at::Tensor mean_values = mean.contiguous(), invstd_values = invstd.contiguous();
+  const at::Tensor sum_dy_values = sum_dy.contiguous(), sum_dy_xmu_values = sum_dy_xmu.contiguous();
+  const auto weight_values = contiguous_or_none(weight), bias_values = contiguous_or_none(bias);
   at::Tensor coefficients = coefficient_rows(input, kBackwardRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_elementwise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_mask_coefficients<acc_t>(m, s, w, b, coefficients);
+    launch_mask_coefficients<acc_t>(mean_values, invstd_values, weight_values, bias_values, coefficients);
     cuda::launch(finalize_gradients_kernel<acc_t>, finalize_blocks(p.geometry.channels), kFinalizeThreads, 0,
                  cuda::current_stream(),
-        static_cast<const SumPair<acc_t>*>(nullptr), int64_t(0), a.const_data_ptr<acc_t>(), c.const_data_ptr<acc_t>(),
-        s.const_data_ptr<acc_t>(), optional_pointer<acc_t>(w), static_cast<acc_t>(count), true, p.geometry.channels,
+        static_cast<const SumPair<acc_t>*>(nullptr), int64_t(0), sum_dy_values.const_data_ptr<acc_t>(),
+        sum_dy_xmu_values.const_data_ptr<acc_t>(), invstd_values.const_data_ptr<acc_t>(),
+        optional_pointer<acc_t>(weight_values), static_cast<acc_t>(count), true, p.geometry.channels,
         static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
         static_cast<acc_t*>(nullptr), coefficients.mutable_data_ptr<acc_t>());
     REGOPS_KERNEL_LAUNCH_CHECK();
-    launch_grad_input<scalar_t>(p, dy, dx, m, coefficients, relu);
+    launch_grad_input<scalar_t>(p, dy, dx, mean_values, coefficients, relu);
   });
   return dx;
 }
@@ -1099,20 +1103,24 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cu
   at::Tensor mean = at::empty({channels}, options);
   at::Tensor invstd = at::empty_like(mean);
   at::Tensor batch_var = training ? at::empty_like(mean) : at::empty({0}, options);
-  const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
+  const auto weight_values = contiguous_or_none(weight), bias_values = contiguous_or_none(bias);
   at::Tensor coefficients = coefficient_rows(input, kForwardRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (training) {
-      if (forward_one_pass<scalar_t>(p, z, output, mean, batch_var, invstd, eps, w, b, relu)) return;
-      compute_statistics<scalar_t>(p, mean, batch_var, &invstd, eps, w, b, coefficients);
+      if (forward_one_pass<scalar_t>(p, z, output, mean, batch_var, invstd, eps, weight_values, bias_values, relu)) {
+        return;
+      }
+      compute_statistics<scalar_t>(p, mean, batch_var, &invstd, eps, weight_values, bias_values, coefficients);
     } else if (channels > 0) {
-      const at::Tensor rm = running_mean->contiguous(), rv = running_var->contiguous();
+      const at::Tensor running_mean_values = running_mean->contiguous();
+      const at::Tensor running_var_values = running_var->contiguous();
       cuda::launch(affine_coefficients_kernel<acc_t>, finalize_blocks(channels), kFinalizeThreads, 0,
                    cuda::current_stream(),
-          rm.const_data_ptr<acc_t>(), rv.const_data_ptr<acc_t>(), true, static_cast<acc_t>(eps),
-          optional_pointer<acc_t>(w), optional_pointer<acc_t>(b), channels, mean.mutable_data_ptr<acc_t>(),
-          invstd.mutable_data_ptr<acc_t>(), coefficients.mutable_data_ptr<acc_t>(), static_cast<int>(kScale));
+          running_mean_values.const_data_ptr<acc_t>(), running_var_values.const_data_ptr<acc_t>(), true,
+          static_cast<acc_t>(eps), optional_pointer<acc_t>(weight_values), optional_pointer<acc_t>(bias_values),
+          channels, mean.mutable_data_ptr<acc_t>(), invstd.mutable_data_ptr<acc_t>(),
+          coefficients.mutable_data_ptr<acc_t>(), static_cast<int>(kScale));
       REGOPS_KERNEL_LAUNCH_CHECK();
     }
     launch_normalize<scalar_t>(p, z, output, coefficients, relu);
@@ -1138,24 +1146,25 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
   at::Tensor grad_bias = at::empty_like(grad_weight);
   if (channels == 0) return {dx, grad_weight, grad_bias, grad_residual};
   if (input.numel() == 0) return {dx, grad_weight.zero_(), grad_bias.zero_(), grad_residual};
-  const at::Tensor m = save_mean.contiguous(), s = save_invstd.contiguous();
-  const auto w = contiguous_or_none(weight), b = contiguous_or_none(bias);
+  const at::Tensor mean_values = save_mean.contiguous(), invstd_values = save_invstd.contiguous();
+  const auto weight_values = contiguous_or_none(weight), bias_values = contiguous_or_none(bias);
   const int64_t count = std::max<int64_t>(1, p.geometry.count_per_channel());
   at::Tensor coefficients = coefficient_rows(input, kBackwardRows);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    launch_mask_coefficients<acc_t>(m, s, w, b, coefficients);
-    auto [partial, splits] = reduce_gradients<scalar_t>(p, dy, m, coefficients, relu, z, grad_residual);
+    launch_mask_coefficients<acc_t>(mean_values, invstd_values, weight_values, bias_values, coefficients);
+    auto [partial, splits] = reduce_gradients<scalar_t>(p, dy, mean_values, coefficients, relu, z, grad_residual);
     cuda::launch(finalize_gradients_kernel<acc_t>, finalize_blocks(channels), kFinalizeThreads, 0,
                  cuda::current_stream(),
         reinterpret_cast<const SumPair<acc_t>*>(partial.const_data_ptr()), splits, static_cast<const acc_t*>(nullptr),
-        static_cast<const acc_t*>(nullptr), s.const_data_ptr<acc_t>(), optional_pointer<acc_t>(w),
-        static_cast<acc_t>(count), training, channels, static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr),
-        grad_weight.mutable_data_ptr<acc_t>(), grad_bias.mutable_data_ptr<acc_t>(),
-        coefficients.mutable_data_ptr<acc_t>());
+        static_cast<const acc_t*>(nullptr), invstd_values.const_data_ptr<acc_t>(),
+        optional_pointer<acc_t>(weight_values), static_cast<acc_t>(count), training, channels,
+        static_cast<acc_t*>(nullptr), static_cast<acc_t*>(nullptr), grad_weight.mutable_data_ptr<acc_t>(),
+        grad_bias.mutable_data_ptr<acc_t>(), coefficients.mutable_data_ptr<acc_t>());
     REGOPS_KERNEL_LAUNCH_CHECK();
     // With a residual the reduction wrote the masked dy: grad_input needs no mask.
-    launch_grad_input<scalar_t>(p, z.defined() ? grad_residual : dy, dx, m, coefficients, relu && !z.defined());
+    launch_grad_input<scalar_t>(p, z.defined() ? grad_residual : dy, dx, mean_values, coefficients,
+                                relu && !z.defined());
   });
   return {dx, grad_weight, grad_bias, grad_residual};
 }

@@ -56,10 +56,6 @@ struct TensorTable {
   uint8_t block_tensor[kMaxBlocks];
 };
 
-__device__ __forceinline__ bool aligned16(const void* pointer) {
-  return reinterpret_cast<uintptr_t>(pointer) % 16 == 0;
-}
-
 // Calls launch(table, blocks, first_block) for consecutive tables that
 // together cover every chunk of every non-empty tensor of lists[0], in order
 // (first_block: the number of blocks of the earlier launches). A tensor whose
@@ -174,13 +170,13 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
   for (int l = 0; l < kLists; ++l) {
     lists[l] = static_cast<scalar_t*>(table.addresses[l][tensor]) + start;
-    aligned = aligned && aligned16(lists[l]);
+    aligned = aligned && is_aligned<16>(lists[l]);
   }
   stored_average_t* average = nullptr;
   float weight = 0.0f;
   if constexpr (kAverage) {
     average = static_cast<stored_average_t*>(table.addresses[kLists][tensor]) + start;
-    aligned = aligned && aligned16(average);
+    aligned = aligned && is_aligned<16>(average);
     weight = average_weights[table.positions[tensor]];
   }
   constexpr int kVector = 16 / sizeof(scalar_t);
@@ -352,9 +348,7 @@ struct CallAverages {
 };
 
 void check_cuda(const char* op, at::TensorList params) {
-  for (size_t i = 0; i < params.size(); ++i) {
-    TORCH_CHECK(cuda::on_device(params[i]), "regops ", op, ": the CUDA kernel got params[", i, "] on ", params[i].device());
-  }
+  check_kernel_device(op, "CUDA", params, [](const at::Tensor& t) { return cuda::on_device(t); });
 }
 
 DeviceScalars device_scalars(const at::Tensor* lr, const c10::optional<at::Tensor>& grad_scale,
@@ -553,7 +547,7 @@ __global__ void __launch_bounds__(kThreads) sum_of_squares_kernel(TensorTable<1>
   const scalar_t* x = static_cast<const scalar_t*>(table.addresses[0][tensor]) + start;
   constexpr int kVector = 16 / sizeof(scalar_t);
   using Vector = AlignedVector<scalar_t, kVector>;
-  const int64_t vector_end = aligned16(x) ? n / kVector * kVector : 0;
+  const int64_t vector_end = is_aligned<16>(x) ? n / kVector * kVector : 0;
   float sum = 0.0f;
   for (int64_t i = static_cast<int64_t>(threadIdx.x) * kVector; i < vector_end;
        i += static_cast<int64_t>(blockDim.x) * kVector) {

@@ -9,6 +9,7 @@
 #include <initializer_list>
 
 #include "regops/cuda_runtime.cuh"
+#include "regops/macros.h"
 
 namespace regops {
 
@@ -18,7 +19,7 @@ struct alignas(sizeof(T) * N) AlignedVector {
 };
 
 template <int Alignment>
-inline bool is_aligned(const void* pointer) {
+REGOPS_INLINE bool is_aligned(const void* pointer) {
   return reinterpret_cast<uintptr_t>(pointer) % Alignment == 0;
 }
 

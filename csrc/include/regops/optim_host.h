@@ -40,6 +40,17 @@ inline void check_tensor_list(const char* op, const char* name, at::TensorList l
   }
 }
 
+// The kernels of a backend run on tensors of one device type; on_device
+// says whether a tensor is there (the CPU kernels: is_cpu; the CUDA ones:
+// cuda::on_device, which is the CPU under the simulation).
+template <typename OnDevice>
+inline void check_kernel_device(const char* op, const char* kernel, at::TensorList params, OnDevice on_device) {
+  for (size_t i = 0; i < params.size(); ++i) {
+    TORCH_CHECK(on_device(params[i]), "regops ", op, ": the ", kernel, " kernel got params[", i, "] on ",
+                params[i].device());
+  }
+}
+
 inline void check_params(const char* op, at::TensorList params) {
   for (size_t i = 0; i < params.size(); ++i) {
     TORCH_CHECK(params[i].defined() && params[i].layout() == at::kStrided, "regops ", op, ": params[", i,
