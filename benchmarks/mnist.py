@@ -167,7 +167,23 @@ def param_groups(model: nn.Module, variant: Variant) -> list[dict]:
     return [{"params": weights, "l1": variant.l1}, {"params": others, "l1": 0.0}]
 
 
-class TorchOptimizer:
+class OptimizerRun:
+    """What the training loop calls on an optimizer: zero_grad, step, and the
+    state tensors (counted in the step's memory)."""
+
+    optimizer: torch.optim.Optimizer
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self) -> None:
+        self.optimizer.step()
+
+    def state_tensors(self) -> list[torch.Tensor]:
+        return [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
+
+
+class TorchOptimizer(OptimizerRun):
     """torch.optim.SGD / AdamW, with the L1 penalty written with torch ops:
     l1 * sign(p) added to the gradient before the step (subgradient), or the
     soft-threshold p = sign(p) * max(|p| - lr * l1, 0) after it (proximal)."""
@@ -179,9 +195,6 @@ class TorchOptimizer:
         else:
             self.optimizer = torch.optim.AdamW(groups, lr=variant.lr, weight_decay=variant.weight_decay)
         self.l1_mode = variant.l1_mode
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
 
     @torch.no_grad()
     def step(self) -> None:
@@ -197,11 +210,8 @@ class TorchOptimizer:
                 for p in group["params"]:
                     p.copy_(torch.sign(p) * (p.abs() - group["lr"] * group["l1"]).clamp_min(0))
 
-    def state_tensors(self) -> list[torch.Tensor]:
-        return [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
 
-
-class RegopsOptimizer:
+class RegopsOptimizer(OptimizerRun):
     """regops.optim.SGD / AdamW: the penalties are part of the fused update."""
 
     def __init__(self, model: nn.Module, variant: Variant, ema_decay: float | None = None) -> None:
@@ -211,15 +221,6 @@ class RegopsOptimizer:
         cls = regops.optim.SGD if variant.optimizer == "sgd" else regops.optim.AdamW
         self.optimizer = cls(groups, lr=variant.lr, weight_decay=variant.weight_decay, l1_mode=variant.l1_mode,
                              ema_decay=ema_decay)
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        self.optimizer.step()
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        return [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
 
 
 def build(variant: Variant, implementation: str, initial: nn.Module, *, parity: bool = False,

@@ -57,7 +57,8 @@ import regops.optim  # noqa: E402
 from regops import reference  # noqa: E402
 from benchmarks.common import RESULTS_DIR, ROOT, device_name, run_metadata  # noqa: E402
 from benchmarks.data import load_dataset  # noqa: E402
-from benchmarks.mnist import BATCH_SIZE, batch_order, copy_training_state, evaluate, prepare, train  # noqa: E402
+from benchmarks.mnist import (BATCH_SIZE, OptimizerRun, batch_order, copy_training_state,  # noqa: E402
+                              prepare, train)
 
 
 IMPLEMENTATIONS = ("torch", "converted", "fused")
@@ -305,7 +306,7 @@ def build(implementation: str, initial: ViT, config: Config, *, parity: bool = F
     return model, Optimizer(model, config, regops_optimizer=implementation != "torch")
 
 
-class Optimizer:
+class Optimizer(OptimizerRun):
     """AdamW with decoupled weight decay on the linear and convolution
     weights (not on norms, biases or the position embedding): torch.optim's, or regops.optim's."""
 
@@ -318,15 +319,6 @@ class Optimizer:
         cls = regops.optim.AdamW if regops_optimizer else torch.optim.AdamW
         self.optimizer = cls(groups, lr=config.lr)
         self.names = [name for name, _ in named]
-
-    def zero_grad(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
-
-    def step(self) -> None:
-        self.optimizer.step()
-
-    def state_tensors(self) -> list[torch.Tensor]:
-        return [t for state in self.optimizer.state.values() for t in state.values() if torch.is_tensor(t)]
 
 
 def initial_model(config: Config, num_classes: int, device: torch.device, seed: int) -> ViT:

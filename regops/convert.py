@@ -12,7 +12,6 @@ and values are unchanged), and the train/eval flag.
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 import regops.nn as regops_nn

@@ -17,6 +17,8 @@ from typing import Callable
 import torch
 import torch.distributed as dist
 
+from regops.ops.optim import multi_tensor_norm
+
 if dist.is_available():
     from torch.distributed.tensor import DTensor
 else:  # a torch build without distributed support has no DTensors either
@@ -64,12 +66,31 @@ def _sharded_mesh_dims(tensor: torch.Tensor) -> tuple:
     return (tensor.device_mesh, tuple(dims)) if dims else ()
 
 
+def local_norm_squared(grads_by_group: list[list[torch.Tensor]]) -> torch.Tensor:
+    """Squared L2 norm of local tensors (as stored: still multiplied by
+    GradScaler's scale when it passes one; complex ones as real pairs), a
+    float32 scalar on the device of the first; one fused multi_tensor_norm
+    pass per (device, dtype), no host synchronization."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
+    for grads in grads_by_group:
+        for grad in grads:
+            grad = torch.view_as_real(grad) if grad.is_complex() else grad
+            buckets.setdefault((grad.device, grad.dtype), []).append(grad)
+    first_device = next(iter(buckets))[0]
+    total = None
+    for tensors in buckets.values():
+        squared = multi_tensor_norm(tensors, squared=True).to(first_device, non_blocking=True)
+        total = squared if total is None else total + squared
+    return total
+
+
 def grad_norm_squared(grads_by_group: list[list[torch.Tensor]],
-                      local_norm_squared: Callable[[list[list[torch.Tensor]]], torch.Tensor]) -> torch.Tensor:
+                      local_norm_squared: Callable[[list[list[torch.Tensor]]], torch.Tensor] = local_norm_squared,
+                      ) -> torch.Tensor:
     """Squared L2 norm of all gradients of an optimizer, across ranks.
 
     ``local_norm_squared`` computes the squared norm of local tensors on this
-    rank (the optimizer's fused multi-tensor pass). Gradients are grouped by
+    rank (by default the fused multi-tensor pass). Gradients are grouped by
     how they are sharded; a group's local result is summed over the process
     group of each mesh dim it is sharded over (replicated dims hold the same
     values everywhere and are not summed), so the result equals the norm

@@ -11,21 +11,14 @@ from collections.abc import Sequence
 import torch
 
 from regops import reference
-from regops._backend import _TRITON_IMPORTABLE, backend_for, native_namespaces, native_ops
+from regops._backend import _TRITON_IMPORTABLE, backend_for, native_namespaces, resolve_op
 
 if _TRITON_IMPORTABLE:
     from regops.triton import optim as _triton_optim  # noqa: F401  (registers the triton ops)
 
-_native = torch.ops.regops
-
-
-def _op(backend: str, name: str, tensor_lr: bool, device_type: str):
-    """The compiled operator of ``backend`` for ``name`` ("sgd" or "adamw")
-    on tensors of ``device_type``."""
-    if backend == "triton":  # custom_op has no overloads: the tensor-lr variant is its own op
-        return getattr(_native, f"triton_{name}_step_tensor_lr_" if tensor_lr else f"triton_{name}_step_").default
-    packet = getattr(native_ops(backend, device_type), f"{name}_step_")
-    return packet.tensor_lr if tensor_lr else packet.default
+def _lr_overload(lr) -> str:
+    """The overload of the step ops for this lr: a tensor lr has its own."""
+    return "tensor_lr" if isinstance(lr, torch.Tensor) else "default"
 
 
 def _grad_factor(grad_scale, clip_coef):
@@ -93,7 +86,7 @@ def sgd_step_(params, grads, momentum_buffers, *, lr, momentum, dampening, weigh
             for target, value in zip(momentum_buffers, buffers):
                 target.copy_(value)
         return
-    op = _op(backend, "sgd", isinstance(lr, torch.Tensor), params[0].device.type)
+    op = resolve_op(backend, "sgd_step_", params[0].device.type, _lr_overload(lr))
     op(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
        first_step, grad_scale, found_inf, clip_coef, rounding, *_average_arguments(backend, averages, average_weights))
 
@@ -114,7 +107,7 @@ def adamw_step_(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_ste
                              grad_factor=_grad_factor(grad_scale, clip_coef), rounding=rounding,
                              averages=averages, average_weights=average_weights)
         return
-    op = _op(backend, "adamw", isinstance(lr, torch.Tensor), params[0].device.type)
+    op = resolve_op(backend, "adamw_step_", params[0].device.type, _lr_overload(lr))
     op(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay, l2,
        l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding,
        *_average_arguments(backend, averages, average_weights))
@@ -129,9 +122,7 @@ def multi_tensor_norm(tensors: Sequence[torch.Tensor], squared: bool = False) ->
     backend = _for_dtype(backend_for(tensors[0]), tensors[0].dtype)
     if backend == "reference":
         return reference.multi_tensor_norm(tensors, squared)
-    if backend == "triton":
-        return _native.triton_multi_tensor_norm(tensors, squared)
-    return native_ops(backend, tensors[0].device.type).multi_tensor_norm(tensors, squared)
+    return resolve_op(backend, "multi_tensor_norm", tensors[0].device.type)(tensors, squared)
 
 
 # --- fake kernels ------------------------------------------------------------------

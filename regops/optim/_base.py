@@ -1,11 +1,10 @@
 """What SGD and AdamW share: validation, grouping by (device, dtype), global
 gradient-norm clipping and GradScaler support.
 
-Distributed training (FSDP2 DTensor parameters) needs two hooks, kept in
-one place each: ``_local`` maps a parameter, gradient or state to the tensor
-the kernel updates (a DTensor's local shard), and
-``_global_grad_norm_squared`` computes the squared norm that an all-reduce
-across ranks would complete.
+Distributed training (FSDP2 DTensor parameters) needs one hook here:
+``_local`` maps a parameter, gradient or state to the tensor the kernel
+updates (a DTensor's local shard); the clipping norm across ranks is
+regops.distributed.grad_norm_squared's.
 """
 
 from __future__ import annotations
@@ -19,7 +18,6 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from regops.distributed import grad_norm_squared, is_dtensor, local_tensor
-from regops.ops.optim import multi_tensor_norm
 from regops.optim.averaging import averages_this_step, averaging_arguments, count_averaged
 
 # Complex parameters are updated as pairs of real numbers (torch.view_as_real),
@@ -162,25 +160,6 @@ class PenalizedOptimizer(Optimizer):
         if self._maps_tensors:
             grad = _real_view(self._local(grad) if self._has_dtensors else grad)
         return self._dense_like(grad, kernel_param)
-
-    def _global_grad_norm_squared(self, grads_by_group: list[list[torch.Tensor]]) -> torch.Tensor:
-        """Squared L2 norm of all gradients (local tensors, as stored: still
-        multiplied by GradScaler's scale when it passes one), a float32 scalar
-        on the device of the first gradient; one multi_tensor_norm pass per
-        (device, dtype), no host synchronization. For FSDP2's sharded
-        DTensor gradients regops.distributed.grad_norm_squared calls this on
-        the local shards and all-reduces (sums) the result across ranks."""
-        buckets: dict[tuple[torch.device, torch.dtype], list[torch.Tensor]] = {}
-        for grads in grads_by_group:
-            for grad in grads:
-                grad = _real_view(grad)
-                buckets.setdefault((grad.device, grad.dtype), []).append(grad)
-        first_device = next(iter(buckets))[0]
-        total = None
-        for tensors in buckets.values():
-            squared = multi_tensor_norm(tensors, squared=True).to(first_device, non_blocking=True)
-            total = squared if total is None else total + squared
-        return total
 
     # --- param groups --------------------------------------------------------------
 
@@ -328,7 +307,7 @@ class PenalizedOptimizer(Optimizer):
         norm = None
         if any(group["max_grad_norm"] is not None for group in self.param_groups):
             # Summed across ranks for DTensor gradients sharded by FSDP2.
-            squared = grad_norm_squared([grads for _, grads in per_group], self._global_grad_norm_squared)
+            squared = grad_norm_squared([grads for _, grads in per_group])
             norm = squared.sqrt()
             if grad_scale is not None:
                 norm = norm / grad_scale.to(norm.device, non_blocking=True)

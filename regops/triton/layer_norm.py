@@ -99,6 +99,18 @@ def _ln_forward_kernel(x_ptr, res_ptr, w_ptr, b_ptr, mask_ptr, out_ptr, h_ptr, m
 
 
 @triton.jit
+def _backward_tile(dy_ptr, h_ptr, w_ptr, base, cols, valid, mean, rstd, scale, HAS_W: tl.constexpr):
+    """dy, xhat = (h - mean) * rstd and g = dy * weight of one tile of a row,
+    in the accumulate dtype (scale's)."""
+    dy = tl.load(dy_ptr + base + cols, mask=valid, other=0.0).to(scale.dtype)
+    xhat = (tl.load(h_ptr + base + cols, mask=valid, other=0.0).to(scale.dtype) - mean) * rstd
+    g = dy
+    if HAS_W:
+        g = dy * tl.load(w_ptr + cols, mask=valid, other=0.0)
+    return dy, xhat, g
+
+
+@triton.jit
 def _ln_backward_kernel(dy_ptr, dh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, mask_ptr, dx_ptr, dres_ptr, dw_ptr, db_ptr,
                         params_ptr, rows, hidden, rows_per_program, HAS_DH: tl.constexpr, HAS_W: tl.constexpr,
                         RMS: tl.constexpr, DROPOUT: tl.constexpr, HAS_RES: tl.constexpr, HAS_B: tl.constexpr,
@@ -125,11 +137,8 @@ def _ln_backward_kernel(dy_ptr, dh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, mask_p
         for start in range(0, hidden, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             valid = cols < hidden
-            dy = tl.load(dy_ptr + base + cols, mask=valid, other=0.0).to(scale.dtype)
-            xhat = (tl.load(h_ptr + base + cols, mask=valid, other=0.0).to(scale.dtype) - mean) * rstd
-            g = dy
+            dy, xhat, g = _backward_tile(dy_ptr, h_ptr, w_ptr, base, cols, valid, mean, rstd, scale, HAS_W)
             if HAS_W:
-                g = dy * tl.load(w_ptr + cols, mask=valid, other=0.0)
                 dw = tl.load(dw_ptr + program * hidden + cols, mask=valid, other=0.0)
                 tl.store(dw_ptr + program * hidden + cols, dw + dy * xhat, mask=valid)
             if HAS_B:
@@ -144,11 +153,7 @@ def _ln_backward_kernel(dy_ptr, dh_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, mask_p
         for start in range(0, hidden, BLOCK):
             cols = start + tl.arange(0, BLOCK)
             valid = cols < hidden
-            dy = tl.load(dy_ptr + base + cols, mask=valid, other=0.0).to(scale.dtype)
-            xhat = (tl.load(h_ptr + base + cols, mask=valid, other=0.0).to(scale.dtype) - mean) * rstd
-            g = dy
-            if HAS_W:
-                g = dy * tl.load(w_ptr + cols, mask=valid, other=0.0)
+            dy, xhat, g = _backward_tile(dy_ptr, h_ptr, w_ptr, base, cols, valid, mean, rstd, scale, HAS_W)
             dh = rstd * (g - mean_g - xhat * mean_g_xhat)
             if HAS_DH:
                 dh += tl.load(dh_ptr + base + cols, mask=valid, other=0.0).to(scale.dtype)

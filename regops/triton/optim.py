@@ -23,6 +23,8 @@ computes them on the host, so nothing waits for the host.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -401,18 +403,44 @@ def _rounding_arguments(params, rounding):
     return (rounding if stochastic else params[0]), stochastic
 
 
+
+class _StepArguments(NamedTuple):
+    """What both step ops pass their kernel besides the per-optimizer lists
+    and scalars: the stochastic-rounding key, the averaging lists and flags,
+    and the gradient factor and skip flag on the device."""
+    rounding: torch.Tensor
+    stochastic: bool
+    averages: list
+    weights: torch.Tensor
+    average: bool
+    average_dtype: object
+    factor: torch.Tensor
+    skip: torch.Tensor
+
+    @classmethod
+    def of(cls, op, params, rounding, averages, average_weights, grad_scale, found_inf, clip_coef):
+        """The rounding and averaging checks of ``op`` (after its own), then the
+        arguments; None for a call without parameters."""
+        _checks.check_rounding(op, rounding, params)
+        _checks.check_averages(op, averages, average_weights, params)
+        if not params:
+            return None
+        rounding, stochastic = _rounding_arguments(params, rounding)
+        averages, weights, average, average_dtype = _average_arguments(params, averages, average_weights)
+        factor, skip = _gradient_factor_and_skip(params[0].device, grad_scale, found_inf, clip_coef)
+        return cls(rounding, stochastic, averages, weights, average, average_dtype, factor, skip)
+
+
 def _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
          first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights):
     _checks.check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1, grad_scale, found_inf,
                                 clip_coef)
-    _checks.check_rounding("sgd_step_", rounding, params)
-    _checks.check_averages("sgd_step_", averages, average_weights, params)
-    if not params:
+    step = _StepArguments.of("sgd_step_", params, rounding, averages, average_weights, grad_scale, found_inf,
+                             clip_coef)
+    if step is None:
         return
-    rounding, stochastic = _rounding_arguments(params, rounding)
-    averages, weights, average, average_dtype = _average_arguments(params, averages, average_weights)
+    rounding, stochastic, averages, weights, average, average_dtype, factor, skip = step
     device = params[0].device
-    factor, skip = _gradient_factor_and_skip(device, grad_scale, found_inf, clip_coef)
     lr64 = _scalar(lr, device)
     _launch_step(
         _sgd_kernel, [params, grads, momentum_buffers if momentum != 0 else params, averages],
@@ -422,24 +450,35 @@ def _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay,
         STOCHASTIC=stochastic, AVERAGE=average, AVG_DTYPE=average_dtype)
 
 
-@torch.library.custom_op("regops::triton_sgd_step_", mutates_args={"params", "momentum_buffers", "averages"})
+def _native_schema(name: str, overload: str = "default") -> str:
+    """The argument list of the native op regops::<name> (csrc/include/regops/
+    schemas.h), so that a Triton twin takes the same calls: the same
+    defaults and an optional averages list."""
+    schema = str(getattr(getattr(torch.ops.regops, name), overload)._schema)
+    return schema[schema.index("("):]
+
+
+@torch.library.custom_op("regops::triton_sgd_step_", mutates_args={"params", "momentum_buffers", "averages"},
+                         schema=_native_schema("sgd_step_"))
 def sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
               lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-              l1: float, proximal: bool, first_step: bool, grad_scale: torch.Tensor | None,
-              found_inf: torch.Tensor | None, clip_coef: torch.Tensor | None,
-              rounding: torch.Tensor | None, averages: list[torch.Tensor],
-              average_weights: torch.Tensor | None) -> None:
+              l1: float, proximal: bool, first_step: bool, grad_scale: torch.Tensor | None = None,
+              found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
+              rounding: torch.Tensor | None = None, averages: list[torch.Tensor] | None = None,
+              average_weights: torch.Tensor | None = None) -> None:
     _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
          first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
 
 
-@torch.library.custom_op("regops::triton_sgd_step_tensor_lr_", mutates_args={"params", "momentum_buffers", "averages"})
+@torch.library.custom_op("regops::triton_sgd_step_tensor_lr_", mutates_args={"params", "momentum_buffers", "averages"},
+                         schema=_native_schema("sgd_step_", "tensor_lr"))
 def sgd_step_tensor_lr_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
                         lr: torch.Tensor, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
                         maximize: bool, l1: float, proximal: bool, first_step: bool,
-                        grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-                        clip_coef: torch.Tensor | None, rounding: torch.Tensor | None,
-                        averages: list[torch.Tensor], average_weights: torch.Tensor | None) -> None:
+                        grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                        clip_coef: torch.Tensor | None = None, rounding: torch.Tensor | None = None,
+                        averages: list[torch.Tensor] | None = None,
+                        average_weights: torch.Tensor | None = None) -> None:
     _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
          first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
 
@@ -449,14 +488,12 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, l
            average_weights):
     _checks.check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                                   eps, weight_decay, l2, l1, amsgrad, grad_scale, found_inf, clip_coef)
-    _checks.check_rounding("adamw_step_", rounding, params)
-    _checks.check_averages("adamw_step_", averages, average_weights, params)
-    if not params:
+    step = _StepArguments.of("adamw_step_", params, rounding, averages, average_weights, grad_scale, found_inf,
+                             clip_coef)
+    if step is None:
         return
-    rounding, stochastic = _rounding_arguments(params, rounding)
-    averages, weights, average, average_dtype = _average_arguments(params, averages, average_weights)
+    rounding, stochastic, averages, weights, average, average_dtype, factor, skip = step
     device = params[0].device
-    factor, skip = _gradient_factor_and_skip(device, grad_scale, found_inf, clip_coef)
     # The steps are counted first (unless skipped), as torch does; the bias
     # corrections use the new count, in float64 as torch does on the host.
     torch._foreach_add_(state_steps, 1.0 - skip)
@@ -474,26 +511,28 @@ def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, l
 _ADAMW_MUTATES = {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "averages"}
 
 
-@torch.library.custom_op("regops::triton_adamw_step_", mutates_args=_ADAMW_MUTATES)
+@torch.library.custom_op("regops::triton_adamw_step_", mutates_args=_ADAMW_MUTATES,
+                         schema=_native_schema("adamw_step_"))
 def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                 exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
                 state_steps: list[torch.Tensor], lr: float, beta1: float, beta2: float, eps: float,
                 weight_decay: float, l2: float, l1: float, proximal: bool, amsgrad: bool, maximize: bool,
-                grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-                clip_coef: torch.Tensor | None, rounding: torch.Tensor | None,
-                averages: list[torch.Tensor], average_weights: torch.Tensor | None) -> None:
+                grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                clip_coef: torch.Tensor | None = None, rounding: torch.Tensor | None = None,
+                averages: list[torch.Tensor] | None = None, average_weights: torch.Tensor | None = None) -> None:
     _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
            l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
 
 
-@torch.library.custom_op("regops::triton_adamw_step_tensor_lr_", mutates_args=_ADAMW_MUTATES)
+@torch.library.custom_op("regops::triton_adamw_step_tensor_lr_", mutates_args=_ADAMW_MUTATES,
+                         schema=_native_schema("adamw_step_", "tensor_lr"))
 def adamw_step_tensor_lr_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                           exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
                           state_steps: list[torch.Tensor], lr: torch.Tensor, beta1: float, beta2: float, eps: float,
                           weight_decay: float, l2: float, l1: float, proximal: bool, amsgrad: bool, maximize: bool,
-                          grad_scale: torch.Tensor | None, found_inf: torch.Tensor | None,
-                          clip_coef: torch.Tensor | None, rounding: torch.Tensor | None,
-                averages: list[torch.Tensor], average_weights: torch.Tensor | None) -> None:
+                          grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
+                          clip_coef: torch.Tensor | None = None, rounding: torch.Tensor | None = None,
+                averages: list[torch.Tensor] | None = None, average_weights: torch.Tensor | None = None) -> None:
     _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
            l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
 
