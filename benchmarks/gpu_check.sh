@@ -39,7 +39,7 @@ planned=0
 # triton parametrizations): Triton specialization of ints equal to 1, strides
 # of size-1 dimensions and of side tensors, entry checks, device guards,
 # launch tables, >65535 channels, vector paths at every alignment.
-TARGETED_TESTS=${TARGETED_TESTS:-"tests/test_gpu_only.py tests/test_hostile.py tests/test_optim.py tests/test_batch_norm.py tests/test_dropout.py tests/test_sync_batch_norm.py"}
+TARGETED_TESTS=${TARGETED_TESTS:-"tests/test_gpu_only.py tests/test_dropout_hostile.py tests/test_batch_norm_hostile.py tests/test_optim_hostile.py tests/test_optim.py tests/test_batch_norm.py tests/test_dropout.py tests/test_sync_batch_norm.py"}
 TARGETED_K=${TARGETED_K:-"(cuda or triton) and (count_one or size_one or stride or strided or offset or guard or reject or check or more_tensors or many_channels or align or sync or graph)"}
 # Ops whose kernels use shared memory: the batch-norm reductions and the
 # gradient norm's block sums.

@@ -7,7 +7,10 @@ before regops is imported) and the CUDA kernels under the SIMT simulation
 CPU tensors.
 """
 
+import contextlib
 import os
+import shutil
+import subprocess
 
 import torch
 
@@ -31,7 +34,7 @@ if os.environ.get("REGOPS_SANITIZED"):
         if _module is not None and _sanitized_lib not in _module.__file__:
             raise RuntimeError(f"REGOPS_SANITIZED is set but {_name} comes from {_module.__file__}")
 
-# Hypothesis profiles (tests/test_properties.py, tests/test_hostile.py), chosen
+# Hypothesis profiles (tests/test_*_properties.py, tests/test_*_hostile.py), chosen
 # with HYPOTHESIS_PROFILE. "ci", the default, is bounded and derandomized: the
 # same examples every run, so a CI failure replays anywhere. "dev" draws fresh
 # random examples each run and prints a reproduction blob on failure
@@ -151,3 +154,87 @@ def assert_same_bits(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert actual.dtype == expected.dtype and actual.shape == expected.shape, (
         actual.dtype, expected.dtype, actual.shape, expected.shape)
     assert torch.equal(bits(actual), bits(expected))
+
+
+# --- hostile-input helpers (the *_hostile.py tests) ------------------------------
+
+NAN, INF = float("nan"), float("inf")
+FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
+
+
+def specials(n: int, dtype, device, seed: int = 0) -> torch.Tensor:
+    """Random normals with NaN, +inf, -inf, -0.0 and the largest finite
+    value of ``dtype`` mixed in at random places."""
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, generator=gen, dtype=torch.float64)
+    pick = torch.randint(0, 6, (n,), generator=gen)
+    big = torch.finfo(dtype).max
+    for code, value in enumerate([NAN, INF, -INF, -0.0, big]):
+        x[pick == code] = value
+    return x.to(dtype=dtype, device=device)
+
+
+def assert_same_floats(actual: torch.Tensor, expected: torch.Tensor, bf16_truncated: bool = False):
+    """Same NaN positions, and bitwise-equal everything else (so -0.0 and
+    +0.0 are told apart). ``bf16_truncated``: the Triton interpreter rounds
+    float32 -> bfloat16 by truncation (a GPU rounds to nearest), so finite
+    values may be 1 bf16 ulp off there."""
+    assert actual.shape == expected.shape and actual.dtype == expected.dtype
+    actual, expected = actual.detach().cpu(), expected.detach().cpu()
+    nan = torch.isnan(expected)
+    assert torch.equal(torch.isnan(actual), nan)
+    if bf16_truncated and actual.dtype == torch.bfloat16:
+        torch.testing.assert_close(actual[~nan], expected[~nan], atol=0, rtol=2**-7)
+        assert torch.equal(torch.isinf(actual), torch.isinf(expected))
+    else:
+        assert torch.equal(actual[~nan], expected[~nan])
+
+
+@contextlib.contextmanager
+def num_threads(n: int):
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def same_bits_for_thread_counts(fn):
+    """fn() under 1 and 2 threads (and the machine's default): every returned
+    tensor bit-identical."""
+    results = []
+    for threads in (1, 2, max(2, torch.get_num_threads())):
+        with num_threads(threads):
+            out = fn()
+        results.append([t.detach().clone() for t in (out if isinstance(out, (tuple, list)) else (out,))])
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            assert_same_bits(a, b)
+
+
+# (atol, rtol) of batch norm's outputs and gradients against torch in float64
+# (tests/test_batch_norm*.py): float32 and float64 agree to rounding; 16-bit
+# outputs are one rounding of a float32 result.
+BATCH_NORM_TOLERANCES = {
+    torch.float32: (2e-5, 2e-5),
+    torch.float64: (1e-10, 1e-10),
+    torch.float16: (4e-3, 4e-3),
+    torch.bfloat16: (3e-2, 2e-2),
+}
+
+
+def run_host_program(tmp_path_factory, name: str, program: str, args) -> str:
+    """Compiles ``program`` (C++ against csrc/include/, the launch arithmetic
+    of the CUDA kernels built for the host) and returns what it prints for
+    ``args``; skips when there is no host compiler."""
+    compiler = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no host C++ compiler")
+    folder = tmp_path_factory.mktemp(name)
+    source, binary = folder / f"{name}.cpp", folder / name
+    source.write_text(program)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    subprocess.run([compiler, "-std=c++17", "-O1", "-I", os.path.join(root, "csrc", "include"), str(source), "-o",
+                    str(binary)], check=True)
+    return subprocess.run([str(binary)] + [str(v) for v in args], check=True, capture_output=True, text=True).stdout

@@ -10,17 +10,10 @@ from torch.library import opcheck
 
 import regops
 from regops import reference
-from conftest import (HAS_CUDA, TRITON_OPCHECK_UTILS, compile_backend_devices, cuda_simulated, native_op_targets,
-                      triton_interpreted)
+from conftest import (BATCH_NORM_TOLERANCES, HAS_CUDA, TRITON_OPCHECK_UTILS, compile_backend_devices, cuda_simulated,
+                      native_op_targets, triton_interpreted)
 
-# (dtype, atol, rtol) of outputs and gradients: float32 and float64 agree to
-# rounding; 16-bit outputs are one rounding of a float32 result.
-TOLERANCES = {
-    torch.float32: (2e-5, 2e-5),
-    torch.float64: (1e-10, 1e-10),
-    torch.float16: (4e-3, 4e-3),
-    torch.bfloat16: (3e-2, 2e-2),
-}
+TOLERANCES = BATCH_NORM_TOLERANCES
 # Odd shapes: C = 1, 3, 7; spatial 1, 7x7, 13x17; N = 2, 3.
 SHAPES = [(2, 3), (3, 7, 1, 1), (2, 1, 7, 7), (3, 3, 13, 17), (2, 7, 7, 7), (3, 7, 13, 17), (2, 3, 11), (2, 3, 3, 5, 7)]
 # The interpreter is slow: a few shapes, still covering both layouts and 1-D.

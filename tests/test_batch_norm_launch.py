@@ -4,14 +4,9 @@ compiler and checked for any shape: every channel gets its blocks on the
 one-dimensional grid, the grid fits grid.x (2^31 - 1), and the slices of a
 channel cover it. The kernels themselves run where there is a GPU."""
 
-import os
-import shutil
-import subprocess
-
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
+from conftest import run_host_program
 
 PROGRAM = r"""
 #include <cstdio>
@@ -36,15 +31,7 @@ CASES = [(1, 1, 4096, 528), (3, 10**7, 4096, 528), (64, 2 * 10**6, 4096, 1056), 
 
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no host C++ compiler")
-    folder = tmp_path_factory.mktemp("launch")
-    source, binary = folder / "launch.cpp", folder / "launch"
-    source.write_text(PROGRAM)
-    subprocess.run([CXX, "-std=c++17", "-O1", "-I", os.path.join(ROOT, "csrc", "include"), str(source), "-o",
-                    str(binary)], check=True)
-    output = subprocess.run([str(binary)] + [str(v) for case in CASES for v in case], check=True,
-                            capture_output=True, text=True).stdout.split("\n")
+    output = run_host_program(tmp_path_factory, "launch", PROGRAM, [v for case in CASES for v in case]).split("\n")
     rows = [tuple(int(v) for v in line.split()) for line in output[:len(CASES)]]
     return rows, int(output[len(CASES)])
 
@@ -103,17 +90,9 @@ SLICE_CASES = [(64, 256, 4, 1056, 1), (70001, 6, 1, 1056, 4), (1, 10**9, 1, 10**
 
 @pytest.fixture(scope="module")
 def grid_launches(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no host C++ compiler")
-    folder = tmp_path_factory.mktemp("grid")
-    source, binary = folder / "grid.cpp", folder / "grid"
-    source.write_text(GRID_PROGRAM)
-    subprocess.run([CXX, "-std=c++17", "-O1", "-I", os.path.join(ROOT, "csrc", "include"), str(source), "-o",
-                    str(binary)], check=True)
     args = [len(ROW_CASES)] + [v for case in ROW_CASES for v in case] + [len(CHANNEL_CASES)] + CHANNEL_CASES
     args += [len(SLICE_CASES)] + [v for case in SLICE_CASES for v in case]
-    lines = subprocess.run([str(binary)] + [str(v) for v in args], check=True, capture_output=True,
-                           text=True).stdout.split("\n")
+    lines = run_host_program(tmp_path_factory, "grid", GRID_PROGRAM, args).split("\n")
     parsed = [tuple(int(v) for v in line.split()) for line in lines if line]
     rows = parsed[:len(ROW_CASES)]
     channels = parsed[len(ROW_CASES):len(ROW_CASES) + len(CHANNEL_CASES)]

@@ -8,19 +8,14 @@ class a shape falls into is read from the launch arithmetic itself
 (csrc/include/regops/batch_norm_launch.h, compiled with the host compiler),
 so a change of the thresholds cannot silently move every case to one path."""
 
-import os
-import shutil
-import subprocess
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import regops
-from conftest import CUDA_DEVICE, needs_cuda_backend
+from conftest import CUDA_DEVICE, needs_cuda_backend, run_host_program
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CXX = shutil.which(os.environ.get("CXX", "c++")) or shutil.which("g++")
 THREADS, UNROLL, SEGMENT_PASSES = 256, 4, 4  # kThreads, kUnroll, kSegmentPasses of csrc/cuda/batch_norm.cu
 
 PROGRAM = r"""
@@ -89,17 +84,9 @@ def _launch_arguments(shape, layout, dtype):
 
 @pytest.fixture(scope="module")
 def one_pass_fits(tmp_path_factory):
-    if CXX is None:
-        pytest.skip("no host C++ compiler")
-    folder = tmp_path_factory.mktemp("passes")
-    source, binary = folder / "passes.cpp", folder / "passes"
-    source.write_text(PROGRAM)
-    subprocess.run([CXX, "-std=c++17", "-O1", "-I", os.path.join(ROOT, "csrc", "include"), str(source), "-o",
-                    str(binary)], check=True)
     args = [THREADS, UNROLL, SEGMENT_PASSES] + [v for shape, layout, dtype, _, _ in CASES
                                                 for v in _launch_arguments(shape, layout, dtype)]
-    output = subprocess.run([str(binary)] + [str(v) for v in args], check=True, capture_output=True,
-                            text=True).stdout.split()
+    output = run_host_program(tmp_path_factory, "passes", PROGRAM, args).split()
     return [line == "1" for line in output]
 
 

@@ -10,15 +10,9 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import regops
-from conftest import HAS_CUDA, TRITON_OPCHECK_UTILS, cuda_simulated, native_op_targets, triton_interpreted
+from conftest import BATCH_NORM_TOLERANCES, HAS_CUDA, TRITON_OPCHECK_UTILS, cuda_simulated, native_op_targets, triton_interpreted
 
-# (atol, rtol) of outputs and gradients, as in tests/test_batch_norm.py.
-TOLERANCES = {
-    torch.float32: (2e-5, 2e-5),
-    torch.float64: (1e-10, 1e-10),
-    torch.float16: (4e-3, 4e-3),
-    torch.bfloat16: (3e-2, 2e-2),
-}
+TOLERANCES = BATCH_NORM_TOLERANCES
 # Odd sizes; both layouts; S == 1; a 3-D input. The simulation and the
 # interpreter are slow: a few small ones.
 SHAPES = [(3, 7, 13, 17), (2, 5, 7, 7), (3, 7, 1, 1), (4, 3), (2, 3, 11)]

@@ -119,8 +119,6 @@ def test_skipped_steps_leave_the_average_and_resume_from_a_state_dict(backend_de
         if step == 6:
             saved = copy.deepcopy(optimizer.state_dict())
             resumed = [p.detach().clone().requires_grad_() for p in params]
-            resumed_tracker = copy.deepcopy(tracker)
-            resumed_counted = counted
         for p, g in zip(params, step_grads):
             p.grad = g.clone()
         optimizer.grad_scale = torch.tensor(1.0, device=device)
