@@ -380,6 +380,13 @@ def _module_tolerance(dtype):
     return dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
 
 
+def _parameter_grad_tolerance(dtype):
+    """weight.grad and bias.grad are sums over every value of a channel, which
+    regops and torch add in different orders (and split over the threads
+    differently): in float32 one of them came out 3.6e-5 apart (relative)."""
+    return dict(atol=1e-4, rtol=1e-4) if dtype == torch.float32 else _module_tolerance(dtype)
+
+
 def _randomize(module, gen):
     """Non-trivial affine parameters and running statistics (their defaults
     are 1, 0, 0 and 1)."""
@@ -395,6 +402,9 @@ def _randomize(module, gen):
 
 @pytest.mark.parametrize("info,torch_cls,regops_cls,dtype,training,index", _module_samples())
 def test_module_sample_matches_torch(info, torch_cls, regops_cls, dtype, training, index):
+    # The samples draw their inputs from torch's default generator: seeded, so
+    # a case has the same input whatever ran before it.
+    torch.manual_seed(index)
     sample = info.module_inputs_func(info, device=DEVICE, dtype=dtype, requires_grad=True, training=training)[index]
     args, kwargs = sample.constructor_input.args, sample.constructor_input.kwargs
     theirs = torch_cls(*args, **kwargs, device=DEVICE, dtype=dtype)
@@ -418,7 +428,8 @@ def test_module_sample_matches_torch(info, torch_cls, regops_cls, dtype, trainin
         torch.testing.assert_close(x_ours.grad, x_theirs.grad, **tolerance)
         for name, parameter in theirs.named_parameters():
             mine = dict(ours.named_parameters())[name]
-            torch.testing.assert_close(mine.grad, parameter.grad, **tolerance, msg=lambda m: f"{name}.grad: {m}")
+            torch.testing.assert_close(mine.grad, parameter.grad, **_parameter_grad_tolerance(dtype),
+                                       msg=lambda m: f"{name}.grad: {m}")
             mine.grad = parameter.grad = None
         for name, buffer in theirs.named_buffers():
             torch.testing.assert_close(dict(ours.named_buffers())[name], buffer, **tolerance,
