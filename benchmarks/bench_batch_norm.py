@@ -29,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
 from benchmarks.common import Row, copy_bandwidth, emit, fill_ratios, format_size, time_fn
 
 import regops
-from regops.ops.batch_norm import _op
+from regops._backend import resolve_op
 
 EPS = 1e-5
 MOMENTUM = 0.1
@@ -128,8 +128,8 @@ def run(device: torch.device, shapes: list[tuple[int, ...]], dtypes: list[str], 
                     provider = f"regops-{backend}"
                     with regops.use_backend(backend):
                         _check(provider, _regops_batch_norm, x, dy, weight, bias)
-                        forward = _op(backend, "batch_norm_forward", x.device.type)
-                        backward = _op(backend, "batch_norm_backward", x.device.type)
+                        forward = resolve_op(backend, "batch_norm_forward", x.device.type)
+                        backward = resolve_op(backend, "batch_norm_backward", x.device.type)
                         if "forward" in cases:
                             add("forward", provider, lambda: _regops_batch_norm(x, running_mean, running_var, weight, bias))
                         if "backward" in cases:
