@@ -14,6 +14,18 @@ import subprocess
 
 import torch
 
+# pytest-xdist (`make test` runs a worker per core): each worker's thread pool
+# gets its share of the cores. Workers that each start a thread per core
+# oversubscribe them, and OpenMP threads spinning at a barrier then take the
+# time of the other worker's (the CPU tests ran 2-4x slower). Subprocesses of
+# the tests inherit the same share. Tests of thread counts set their own
+# (num_threads below).
+_XDIST_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _XDIST_WORKERS > 1:
+    _threads = max(1, len(os.sched_getaffinity(0)) // _XDIST_WORKERS)
+    torch.set_num_threads(_threads)
+    os.environ["OMP_NUM_THREADS"] = str(_threads)
+
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
     os.environ.setdefault("REGOPS_CUDA_SIM", "1")
@@ -201,10 +213,10 @@ def num_threads(n: int):
 
 
 def same_bits_for_thread_counts(fn):
-    """fn() under 1 and 2 threads (and the machine's default): every returned
-    tensor bit-identical."""
+    """fn() under 1 and 2 threads (and one per core): every returned tensor
+    bit-identical."""
     results = []
-    for threads in (1, 2, max(2, torch.get_num_threads())):
+    for threads in (1, 2, max(2, len(os.sched_getaffinity(0)))):
         with num_threads(threads):
             out = fn()
         results.append([t.detach().clone() for t in (out if isinstance(out, (tuple, list)) else (out,))])
