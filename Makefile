@@ -21,11 +21,12 @@ PYTEST_XDIST = -n $(PYTEST_WORKERS) --durations=30
 # CPU kernels and the simulated CUDA kernels (`make sanitize-quick`): the CPU
 # backend's cases and the simulation's own tests (the simulated cuda backend's
 # op tests, and the 4M-element grid-stride dropout test, are slow under ASan;
-# `make sanitize` runs them, with every other CPU test). Empty skips that step.
+# `make sanitize` runs them, with every other CPU test). The reference and
+# Triton backends' cases call no C++. Empty skips that step.
 SANITIZE_SUBSET ?= tests/test_dropout.py tests/test_dropout_hostile.py tests/test_dropout_properties.py \
                    tests/test_batch_norm_hostile.py tests/test_batch_norm_properties.py tests/test_optim_hostile.py \
                    tests/test_optim_properties.py tests/test_cuda_sim.py \
-                   -k "not triton and not cuda-cpu and not large_sizes"
+                   -k "not triton and not reference-cpu and not cuda-cpu and not large_sizes"
 
 .PHONY: all venv build test static-gate demo bench bench-quick gpu-check sanitize sanitize-quick sdist-check clean
 

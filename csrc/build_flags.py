@@ -28,14 +28,17 @@ DEFAULT_CUDA_ARCH_LIST = "8.0;9.0+PTX"
 # headers doubles the compile time of every translation unit (51 s -> 27 s
 # of CPU for csrc/simt/dropout.cpp); the sanitizer build (setup.py) asks for
 # the line tables of -g1 after it, for its stack traces.
-CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-wrapv", "-g0"]
+# TORCH_ASSERT_ONLY_METHOD_OPERATORS: the sources include the slice of ATen
+# they use (regops/aten.h), not <ATen/ATen.h>, a third of the compile time.
+ATEN_DEFINE = "-DTORCH_ASSERT_ONLY_METHOD_OPERATORS"
+CXX_FLAGS = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-wrapv", "-g0", ATEN_DEFINE]
 # The simulation's own flags (setup.py). -O2: the kernels run per simulated
 # thread, between fiber switches that cost far more than what -O3 would add.
 # -fno-fast-math is the default: float results stay the IEEE ones of the
 # source.
-SIM_CXX_FLAGS = ["-O2", "-fopenmp", "-fno-math-errno", "-g0"]
+SIM_CXX_FLAGS = ["-O2", "-fopenmp", "-fno-math-errno", "-g0", ATEN_DEFINE]
 LINK_FLAGS = ["-fopenmp"]
-NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"]
+NVCC_FLAGS = ["-O3", "-lineinfo", "--expt-relaxed-constexpr", ATEN_DEFINE]
 
 
 def cuda_library_includes():

@@ -20,7 +20,7 @@
 // The hot functions are compiled for AVX-512 and AVX2 as well and the loader
 // picks what the processor has; bfloat16 has AVX512-BF16 paths (rounding 16
 // values per instruction) where the processor offers them.
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

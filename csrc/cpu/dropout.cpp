@@ -1,7 +1,7 @@
 // Dropout on the CPU. Every mask bit depends only on (seed, offset, element
 // index), so the result is the same for any number of threads. at::parallel_for runs on
 // ATen's OpenMP thread pool (and honours torch.set_num_threads).
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

@@ -15,7 +15,7 @@
 // on the number of rows) sums into its own partial row, and the partials
 // are added in chunk order, so the result does not depend on the thread
 // count or schedule.
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>

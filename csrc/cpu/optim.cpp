@@ -23,7 +23,7 @@
 // functions inlined into the loops carry the same options.
 #pragma GCC optimize("fp-contract=off")
 
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

@@ -41,7 +41,7 @@
 // the reduction also reads z and writes dz = g, which the second pass reads
 // instead of dy). Everything uses int64 indices and runs on the current
 // stream.
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

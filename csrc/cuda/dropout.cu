@@ -6,7 +6,7 @@
 // unaligned views go element by element, all eight loads issued before the
 // first store so that they are in flight together.
 // Traffic per element: read x, write y, plus 1/8 byte of mask.
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

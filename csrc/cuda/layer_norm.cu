@@ -22,7 +22,7 @@
 // grad_weight and grad_bias: each row slot (a warp or a block of a fixed
 // grid) sums its rows into its own partial row, and a second kernel adds the
 // partials in slot order: deterministic, no atomics.
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <torch/library.h>

@@ -17,7 +17,7 @@
 // updated by the same threads right after the parameter, from the value just
 // stored: 2a more per parameter, its weights read on the device, no second
 // pass.
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <torch/library.h>
 
 #include <type_traits>

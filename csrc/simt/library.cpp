@@ -3,7 +3,7 @@
 // with regops' own schemas (regops/schemas.h), plus the simulation's
 // controls: the schedule seed and the log of launch configurations.
 #include <Python.h>
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <torch/library.h>
 
 #include "regops/schemas.h"

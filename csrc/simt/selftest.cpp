@@ -8,7 +8,7 @@
 //   of n elements with blocks of 256 threads (one element per thread).
 //   regops_cuda_sim::selftest_launch(grid, block, dynamic_shared_bytes):
 //   launches an empty kernel, then checks the launch as the kernel files do.
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <torch/library.h>
 
 #include <functional>

@@ -4,7 +4,7 @@
 // same inputs with the same words. Plain ATen, compiled by g++ and nvcc alike.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 
 #include <optional>
 

@@ -1,7 +1,7 @@
 // Host memory helpers shared by the CPU kernels.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 
 #include <sys/mman.h>
 

@@ -3,7 +3,7 @@
 // in-place shells.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 
 #include <cstdint>
 

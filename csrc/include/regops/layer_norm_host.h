@@ -3,7 +3,7 @@
 // the residual stream h, and the output allocation.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 
 #include <optional>
 

@@ -2,7 +2,7 @@
 // argument checks and the per-call coefficients of optim.h.
 #pragma once
 
-#include <ATen/ATen.h>
+#include "regops/aten.h"
 #include <c10/util/Optional.h>
 
 #include <cmath>
