@@ -24,6 +24,14 @@
 // on the shape) sums into its own partial row, and the partials are added in
 // chunk order, so the result does not depend on the thread count or
 // schedule.
+// No floating-point contraction in this file (GCC contracts a * b + c into
+// an FMA in the AVX2 / AVX-512 clones by default): dropout(x) + residual is
+// rounded twice, as the separate torch ops round it, and every clone computes
+// the same bits. No memcpy / memset calls for the short copy loops of a
+// chunk either: they stay inline vector moves. Before every include, so that
+// all functions inlined into the loops carry the same options.
+#pragma GCC optimize("fp-contract=off", "no-tree-loop-distribute-patterns")
+
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
@@ -55,6 +63,9 @@ constexpr int64_t kElementsPerTask = 1 << 14;
 // depend on the vector width the loader picked).
 constexpr int64_t kChunk = 32;
 using FullChunk = std::integral_constant<int64_t, kChunk>;
+// The chunk lambdas of the row functions are inlined into each clone, so
+// they are compiled for its target too.
+#define REGOPS_LAMBDA_INLINE __attribute__((always_inline))
 // grad_weight / grad_bias partials: at most this many chunks of rows, each
 // of at least kElementsPerChunk elements where there are enough rows (fewer
 // partial rows to write and add up when rows are long).
@@ -112,6 +123,15 @@ REGOPS_ALWAYS_INLINE T to_storage(acc_t value) {
 template <typename T, typename acc_t>
 REGOPS_ALWAYS_INLINE acc_t round_to(acc_t value) {
   return static_cast<acc_t>(to_storage<T>(value));
+}
+
+// f(j, n) for the chunks of a row of hidden elements: whole chunks with n a
+// compile-time kChunk (fixed-length loops), then the rest.
+template <typename F>
+REGOPS_ALWAYS_INLINE void for_each_chunk(int64_t hidden, F&& f) {
+  const int64_t whole = hidden / kChunk * kChunk;
+  for (int64_t j = 0; j < whole; j += kChunk) f(j, FullChunk{});
+  if (whole < hidden) f(whole, hidden - whole);
 }
 
 template <typename acc_t>
@@ -186,26 +206,35 @@ template <typename scalar_t, typename h_t, bool kDropout, bool kResidual>
 REGOPS_CPU_CLONES void forward_rows(const ForwardArgs<scalar_t, h_t>& args, int64_t begin, int64_t end,
                                     at::opmath_type<scalar_t>* buffer) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t hidden = args.hidden;
-  const int64_t whole = hidden / kChunk * kChunk;
-  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(hidden);
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(args.hidden);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t first = row * hidden;
+    const int64_t first = row * args.hidden;
     acc_t lanes[kChunk] = {};
-    for (int64_t j = 0; j < whole; j += kChunk) {
-      forward_load_chunk<kDropout, kResidual>(args, first, j, FullChunk{}, buffer, lanes);
-    }
-    if (whole < hidden) forward_load_chunk<kDropout, kResidual>(args, first, whole, hidden - whole, buffer, lanes);
+    for_each_chunk(args.hidden, [&](int64_t j, auto n) REGOPS_LAMBDA_INLINE {
+      forward_load_chunk<kDropout, kResidual>(args, first, j, n, buffer, lanes);
+    });
     const acc_t mean = args.mean != nullptr ? lanes_total(lanes) * inv_n : acc_t(0);
     std::fill(lanes, lanes + kChunk, acc_t(0));
-    for (int64_t j = 0; j < whole; j += kChunk) centred_squares_chunk(buffer, j, FullChunk{}, mean, lanes);
-    if (whole < hidden) centred_squares_chunk(buffer, whole, hidden - whole, mean, lanes);
+    for_each_chunk(args.hidden, [&](int64_t j, auto n) REGOPS_LAMBDA_INLINE {
+      centred_squares_chunk(buffer, j, n, mean, lanes);
+    });
     const acc_t rstd = layer_norm_rstd(lanes_total(lanes) * inv_n, args.eps);
     if (args.mean != nullptr) args.mean[row] = mean;
     args.rstd[row] = rstd;
-    for (int64_t j = 0; j < whole; j += kChunk) normalize_chunk(args, buffer, first, j, FullChunk{}, mean, rstd);
-    if (whole < hidden) normalize_chunk(args, buffer, first, whole, hidden - whole, mean, rstd);
+    for_each_chunk(args.hidden, [&](int64_t j, auto n) REGOPS_LAMBDA_INLINE {
+      normalize_chunk(args, buffer, first, j, n, mean, rstd);
+    });
   }
+}
+
+// f(TypeTag<scalar_t>, TypeTag<h_t>) for the input's dtype and h's: the
+// input's, or the accumulate dtype (residual_in_fp32, a float32 residual).
+template <typename F>
+void dispatch_input_and_h(at::ScalarType input, at::ScalarType h, F&& f) {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input, "regops_layer_norm_cpu", [&] {
+    if (h == input) f(TypeTag<scalar_t>{}, TypeTag<scalar_t>{});
+    else f(TypeTag<scalar_t>{}, TypeTag<at::opmath_type<scalar_t>>{});
+  });
 }
 
 // A (hidden,) row tensor, or a fresh one filled with value when absent.
@@ -236,27 +265,25 @@ ForwardResult layer_norm_forward_cpu(const at::Tensor& input, const std::optiona
     mask = make_mask(x.numel(), p, read_seed(*seed), static_cast<uint64_t>(offset), x.options());
     if (store_mask) outs.mask = mask;
   }
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "regops_layer_norm_forward_cpu", [&] {
+  dispatch_input_and_h(x.scalar_type(), h_type, [&](auto input_tag, auto h_tag) {
+    using scalar_t = typename decltype(input_tag)::type;
+    using h_t = typename decltype(h_tag)::type;
     using acc_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto h_tag) {
-      using h_t = typename decltype(h_tag)::type;
-      const ForwardArgs<scalar_t, h_t> args{
-          x.const_data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<h_t>() : nullptr,
-          w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
-          mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr, mask.defined() ? mask.numel() : 0,
-          static_cast<acc_t>(dropout_scale(p)), outs.output.mutable_data_ptr<scalar_t>(),
-          store_h ? outs.h.mutable_data_ptr<h_t>() : nullptr, rms ? nullptr : outs.mean.mutable_data_ptr<acc_t>(),
-          outs.rstd.mutable_data_ptr<acc_t>(), x.size(1), static_cast<acc_t>(eps)};
-      auto rows = &forward_rows<scalar_t, h_t, false, false>;
-      if (mask.defined()) rows = res.defined() ? &forward_rows<scalar_t, h_t, true, true> : &forward_rows<scalar_t, h_t, true, false>;
-      else if (res.defined()) rows = &forward_rows<scalar_t, h_t, false, true>;
-      at::parallel_for(0, x.size(0), rows_per_task(x.size(1)), [&](int64_t begin, int64_t end) {
-        std::vector<acc_t> buffer(x.size(1));
-        rows(args, begin, end, buffer.data());
-      });
-    };
-    if (h_type == x.scalar_type()) run(TypeTag<scalar_t>{});
-    else run(TypeTag<acc_t>{});
+    const ForwardArgs<scalar_t, h_t> args{
+        x.const_data_ptr<scalar_t>(), res.defined() ? res.const_data_ptr<h_t>() : nullptr, w.const_data_ptr<acc_t>(),
+        b.const_data_ptr<acc_t>(), mask.defined() ? mask.const_data_ptr<uint8_t>() : nullptr,
+        mask.defined() ? mask.numel() : 0, static_cast<acc_t>(dropout_scale(p)),
+        outs.output.mutable_data_ptr<scalar_t>(), store_h ? outs.h.mutable_data_ptr<h_t>() : nullptr,
+        rms ? nullptr : outs.mean.mutable_data_ptr<acc_t>(), outs.rstd.mutable_data_ptr<acc_t>(), x.size(1),
+        static_cast<acc_t>(eps)};
+    auto rows = &forward_rows<scalar_t, h_t, false, false>;
+    if (mask.defined() && res.defined()) rows = &forward_rows<scalar_t, h_t, true, true>;
+    else if (mask.defined()) rows = &forward_rows<scalar_t, h_t, true, false>;
+    else if (res.defined()) rows = &forward_rows<scalar_t, h_t, false, true>;
+    at::parallel_for(0, x.size(0), rows_per_task(x.size(1)), [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> buffer(x.size(1));
+      rows(args, begin, end, buffer.data());
+    });
   });
   return {outs.output, outs.h, outs.mean, outs.rstd, outs.mask};
 }
@@ -341,27 +368,21 @@ template <typename scalar_t, typename h_t, bool kDropout>
 REGOPS_CPU_CLONES void backward_rows(const BackwardArgs<scalar_t, h_t>& args, int64_t begin, int64_t end,
                                      at::opmath_type<scalar_t>* dweight, at::opmath_type<scalar_t>* dbias) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int64_t hidden = args.hidden;
-  const int64_t whole = hidden / kChunk * kChunk;
-  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(hidden);
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(args.hidden);
   for (int64_t row = begin; row < end; ++row) {
-    const int64_t first = row * hidden;
+    const int64_t first = row * args.hidden;
     const acc_t mean = args.mean != nullptr ? args.mean[row] : acc_t(0);
     const acc_t rstd = args.rstd[row];
     acc_t sum_g[kChunk] = {}, sum_g_xhat[kChunk] = {};
-    for (int64_t j = 0; j < whole; j += kChunk) {
-      gradient_sums_chunk(args, first, j, FullChunk{}, mean, rstd, sum_g, sum_g_xhat, dweight, dbias);
-    }
-    if (whole < hidden) {
-      gradient_sums_chunk(args, first, whole, hidden - whole, mean, rstd, sum_g, sum_g_xhat, dweight, dbias);
-    }
+    for_each_chunk(args.hidden, [&](int64_t j, auto n) REGOPS_LAMBDA_INLINE {
+      gradient_sums_chunk(args, first, j, n, mean, rstd, sum_g, sum_g_xhat, dweight, dbias);
+    });
     // RMSNorm has no mean(g) term: its xhat does not depend on a mean.
     const acc_t mean_g = args.mean != nullptr ? lanes_total(sum_g) * inv_n : acc_t(0);
     const acc_t mean_g_xhat = lanes_total(sum_g_xhat) * inv_n;
-    for (int64_t j = 0; j < whole; j += kChunk) {
-      grad_input_chunk<kDropout>(args, first, j, FullChunk{}, mean, rstd, mean_g, mean_g_xhat);
-    }
-    if (whole < hidden) grad_input_chunk<kDropout>(args, first, whole, hidden - whole, mean, rstd, mean_g, mean_g_xhat);
+    for_each_chunk(args.hidden, [&](int64_t j, auto n) REGOPS_LAMBDA_INLINE {
+      grad_input_chunk<kDropout>(args, first, j, n, mean, rstd, mean_g, mean_g_xhat);
+    });
   }
 }
 
@@ -384,22 +405,19 @@ BackwardResult layer_norm_backward_cpu(const at::Tensor& grad_out, const std::op
                                        const std::optional<at::Tensor>& mask, const std::optional<at::Tensor>& seed,
                                        double p, int64_t offset, bool rms, bool has_residual, bool has_bias) {
   check_layer_norm_backward(grad_out, grad_h, h, weight, mean, rstd, mask, seed, p, offset, rms);
-  const at::Tensor dy = grad_out.contiguous(), h_work = h.contiguous();
-  const at::Tensor dh = grad_h.has_value() ? grad_h->contiguous() : at::Tensor();
+  const at::Tensor dy = grad_out.contiguous();
   const int64_t rows = dy.size(0), hidden = dy.size(1);
   const auto acc = dy.options().dtype(layer_norm_accumulate_type(dy.scalar_type()));
-  at::Tensor grad_input = at::empty_like(dy);
-  at::Tensor grad_residual = at::empty(has_residual ? dy.sizes() : at::IntArrayRef{0}, h.options());
   const bool want_weight = weight.has_value();
-  at::Tensor grad_weight = at::empty({want_weight ? hidden : 0}, acc);
-  at::Tensor grad_bias = at::empty({has_bias ? hidden : 0}, acc);
-  if (dy.numel() == 0) {
-    grad_weight.zero_();
-    grad_bias.zero_();
-    return {grad_input, grad_residual, grad_weight, grad_bias};
-  }
+  // grad_weight and grad_bias are sums: zero for no rows.
+  BackwardResult result{at::empty_like(dy), at::empty(has_residual ? dy.sizes() : at::IntArrayRef{0}, h.options()),
+                        at::zeros({want_weight ? hidden : 0}, acc), at::zeros({has_bias ? hidden : 0}, acc)};
+  auto& [grad_input, grad_residual, grad_weight, grad_bias] = result;
+  if (rows == 0) return result;
   advise_huge_pages(grad_input);
-  if (has_residual) advise_huge_pages(grad_residual);
+  advise_huge_pages(grad_residual);
+  const at::Tensor h_work = h.contiguous();
+  const at::Tensor dh = grad_h.has_value() ? grad_h->contiguous() : at::Tensor();
   at::Tensor keep;
   if (mask.has_value()) {
     keep = mask->contiguous();
@@ -414,37 +432,34 @@ BackwardResult layer_norm_backward_cpu(const at::Tensor& grad_out, const std::op
   at::Tensor bias_partials = has_bias ? at::empty({chunks, hidden}, acc) : at::Tensor();
   const at::Tensor w = row_or_fill(weight, dy, 1.0);
   const at::Tensor m = mean.contiguous(), r = rstd.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dy.scalar_type(), "regops_layer_norm_backward_cpu", [&] {
+  dispatch_input_and_h(dy.scalar_type(), h.scalar_type(), [&](auto input_tag, auto h_tag) {
+    using scalar_t = typename decltype(input_tag)::type;
+    using h_t = typename decltype(h_tag)::type;
     using acc_t = at::opmath_type<scalar_t>;
-    auto run = [&](auto h_tag) {
-      using h_t = typename decltype(h_tag)::type;
-      const BackwardArgs<scalar_t, h_t> args{
-          dy.const_data_ptr<scalar_t>(), dh.defined() ? dh.const_data_ptr<h_t>() : nullptr,
-          h_work.const_data_ptr<h_t>(), w.const_data_ptr<acc_t>(), rms ? nullptr : m.const_data_ptr<acc_t>(),
-          r.const_data_ptr<acc_t>(), keep.defined() ? keep.const_data_ptr<uint8_t>() : nullptr,
-          keep.defined() ? keep.numel() : 0, static_cast<acc_t>(dropout_scale(p)),
-          grad_input.mutable_data_ptr<scalar_t>(), has_residual ? grad_residual.mutable_data_ptr<h_t>() : nullptr,
-          hidden};
-      const auto rows_fn = keep.defined() ? &backward_rows<scalar_t, h_t, true> : &backward_rows<scalar_t, h_t, false>;
-      acc_t* weight_rows = weight_partials.mutable_data_ptr<acc_t>();
-      acc_t* bias_rows = has_bias ? bias_partials.mutable_data_ptr<acc_t>() : nullptr;
-      const int64_t grain = std::max<int64_t>(1, rows_per_task(hidden) / chunk_rows);
-      at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
-        for (int64_t chunk = begin; chunk < end; ++chunk) {
-          acc_t* dweight = weight_rows + chunk * hidden;
-          acc_t* dbias = bias_rows != nullptr ? bias_rows + chunk * hidden : nullptr;
-          std::fill(dweight, dweight + hidden, acc_t(0));
-          if (dbias != nullptr) std::fill(dbias, dbias + hidden, acc_t(0));
-          rows_fn(args, chunk * chunk_rows, std::min(rows, (chunk + 1) * chunk_rows), dweight, dbias);
-        }
-      });
-      if (want_weight) reduce_partials<acc_t>(weight_rows, grad_weight.mutable_data_ptr<acc_t>(), chunks, hidden);
-      if (has_bias) reduce_partials<acc_t>(bias_rows, grad_bias.mutable_data_ptr<acc_t>(), chunks, hidden);
-    };
-    if (h.scalar_type() == dy.scalar_type()) run(TypeTag<scalar_t>{});
-    else run(TypeTag<acc_t>{});
+    const BackwardArgs<scalar_t, h_t> args{
+        dy.const_data_ptr<scalar_t>(), dh.defined() ? dh.const_data_ptr<h_t>() : nullptr,
+        h_work.const_data_ptr<h_t>(), w.const_data_ptr<acc_t>(), rms ? nullptr : m.const_data_ptr<acc_t>(),
+        r.const_data_ptr<acc_t>(), keep.defined() ? keep.const_data_ptr<uint8_t>() : nullptr,
+        keep.defined() ? keep.numel() : 0, static_cast<acc_t>(dropout_scale(p)),
+        grad_input.mutable_data_ptr<scalar_t>(), has_residual ? grad_residual.mutable_data_ptr<h_t>() : nullptr,
+        hidden};
+    const auto rows_fn = keep.defined() ? &backward_rows<scalar_t, h_t, true> : &backward_rows<scalar_t, h_t, false>;
+    acc_t* weight_rows = weight_partials.mutable_data_ptr<acc_t>();
+    acc_t* bias_rows = has_bias ? bias_partials.mutable_data_ptr<acc_t>() : nullptr;
+    const int64_t grain = std::max<int64_t>(1, rows_per_task(hidden) / chunk_rows);
+    at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+      for (int64_t chunk = begin; chunk < end; ++chunk) {
+        acc_t* dweight = weight_rows + chunk * hidden;
+        acc_t* dbias = bias_rows != nullptr ? bias_rows + chunk * hidden : nullptr;
+        std::fill(dweight, dweight + hidden, acc_t(0));
+        if (dbias != nullptr) std::fill(dbias, dbias + hidden, acc_t(0));
+        rows_fn(args, chunk * chunk_rows, std::min(rows, (chunk + 1) * chunk_rows), dweight, dbias);
+      }
+    });
+    if (want_weight) reduce_partials<acc_t>(weight_rows, grad_weight.mutable_data_ptr<acc_t>(), chunks, hidden);
+    if (has_bias) reduce_partials<acc_t>(bias_rows, grad_bias.mutable_data_ptr<acc_t>(), chunks, hidden);
   });
-  return {grad_input, grad_residual, grad_weight, grad_bias};
+  return result;
 }
 
 }  // namespace
