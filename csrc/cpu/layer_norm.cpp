@@ -71,6 +71,14 @@ using FullChunk = std::integral_constant<int64_t, kChunk>;
 // partial rows to write and add up when rows are long).
 constexpr int64_t kMaxChunks = 32;
 constexpr int64_t kElementsPerChunk = 1 << 16;
+// The backward's first pass: groups of about kElementsPerGroup elements
+// (their dy and h stay in L2 for the second pass), walked in column blocks
+// of kColumnBlock (a multiple of kChunk: the block's weight and partials,
+// 12 KiB of float32, stay in L1).
+constexpr int64_t kElementsPerGroup = 1 << 16;
+constexpr int64_t kMaxGroupRows = 256;
+constexpr int64_t kColumnBlock = 1024;
+static_assert(kColumnBlock % kChunk == 0, "column blocks are whole chunks");
 
 // The packed keep mask of numel elements under the dropout random rule,
 // padding bits and bytes zero.
@@ -363,26 +371,43 @@ REGOPS_ALWAYS_INLINE void grad_input_chunk(const BackwardArgs<scalar_t, h_t>& ar
 }
 
 // Rows begin .. end - 1 of the backward, their dy * xhat and dy added to
-// the partial rows dweight and dbias (dbias null: not wanted).
+// the partial rows dweight and dbias (dbias null: not wanted). The first
+// pass walks a group of rows one column block at a time, so that the block's
+// weight and partials stay in L1 while the rows stream past them (rows of
+// 16384 elements would otherwise read and write the partials from L2 once
+// per row); a column's lane and the order of every sum are the row walk's.
+// sums holds kMaxGroupRows rows of (sum_g, sum_g_xhat) lanes.
 template <typename scalar_t, typename h_t, bool kDropout>
 REGOPS_CPU_CLONES void backward_rows(const BackwardArgs<scalar_t, h_t>& args, int64_t begin, int64_t end,
-                                     at::opmath_type<scalar_t>* dweight, at::opmath_type<scalar_t>* dbias) {
+                                     at::opmath_type<scalar_t>* dweight, at::opmath_type<scalar_t>* dbias,
+                                     at::opmath_type<scalar_t>* sums) {
   using acc_t = at::opmath_type<scalar_t>;
-  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(args.hidden);
-  for (int64_t row = begin; row < end; ++row) {
-    const int64_t first = row * args.hidden;
-    const acc_t mean = args.mean != nullptr ? args.mean[row] : acc_t(0);
-    const acc_t rstd = args.rstd[row];
-    acc_t sum_g[kChunk] = {}, sum_g_xhat[kChunk] = {};
-    for_each_chunk(args.hidden, [&](int64_t j, auto n) REGOPS_LAMBDA_INLINE {
-      gradient_sums_chunk(args, first, j, n, mean, rstd, sum_g, sum_g_xhat, dweight, dbias);
-    });
-    // RMSNorm has no mean(g) term: its xhat does not depend on a mean.
-    const acc_t mean_g = args.mean != nullptr ? lanes_total(sum_g) * inv_n : acc_t(0);
-    const acc_t mean_g_xhat = lanes_total(sum_g_xhat) * inv_n;
-    for_each_chunk(args.hidden, [&](int64_t j, auto n) REGOPS_LAMBDA_INLINE {
-      grad_input_chunk<kDropout>(args, first, j, n, mean, rstd, mean_g, mean_g_xhat);
-    });
+  const int64_t hidden = args.hidden;
+  const acc_t inv_n = acc_t(1) / static_cast<acc_t>(hidden);
+  const int64_t group_rows = std::clamp<int64_t>(kElementsPerGroup / hidden, 1, kMaxGroupRows);
+  auto row_mean = [&](int64_t row) REGOPS_LAMBDA_INLINE { return args.mean != nullptr ? args.mean[row] : acc_t(0); };
+  for (int64_t group = begin; group < end; group += group_rows) {
+    const int64_t group_end = std::min(end, group + group_rows);
+    std::fill(sums, sums + (group_end - group) * 2 * kChunk, acc_t(0));
+    for (int64_t column = 0; column < hidden; column += kColumnBlock) {
+      for (int64_t row = group; row < group_end; ++row) {
+        acc_t* sum_g = sums + (row - group) * 2 * kChunk;
+        const acc_t mean = row_mean(row), rstd = args.rstd[row];
+        for_each_chunk(std::min(kColumnBlock, hidden - column), [&](int64_t j, auto n) REGOPS_LAMBDA_INLINE {
+          gradient_sums_chunk(args, row * hidden, column + j, n, mean, rstd, sum_g, sum_g + kChunk, dweight, dbias);
+        });
+      }
+    }
+    for (int64_t row = group; row < group_end; ++row) {
+      const acc_t* sum_g = sums + (row - group) * 2 * kChunk;
+      const acc_t mean = row_mean(row), rstd = args.rstd[row];
+      // RMSNorm has no mean(g) term: its xhat does not depend on a mean.
+      const acc_t mean_g = args.mean != nullptr ? lanes_total(sum_g) * inv_n : acc_t(0);
+      const acc_t mean_g_xhat = lanes_total(sum_g + kChunk) * inv_n;
+      for_each_chunk(hidden, [&](int64_t j, auto n) REGOPS_LAMBDA_INLINE {
+        grad_input_chunk<kDropout>(args, row * hidden, j, n, mean, rstd, mean_g, mean_g_xhat);
+      });
+    }
   }
 }
 
@@ -448,12 +473,13 @@ BackwardResult layer_norm_backward_cpu(const at::Tensor& grad_out, const std::op
     acc_t* bias_rows = has_bias ? bias_partials.mutable_data_ptr<acc_t>() : nullptr;
     const int64_t grain = std::max<int64_t>(1, rows_per_task(hidden) / chunk_rows);
     at::parallel_for(0, chunks, grain, [&](int64_t begin, int64_t end) {
+      std::vector<acc_t> sums(kMaxGroupRows * 2 * kChunk);
       for (int64_t chunk = begin; chunk < end; ++chunk) {
         acc_t* dweight = weight_rows + chunk * hidden;
         acc_t* dbias = bias_rows != nullptr ? bias_rows + chunk * hidden : nullptr;
         std::fill(dweight, dweight + hidden, acc_t(0));
         if (dbias != nullptr) std::fill(dbias, dbias + hidden, acc_t(0));
-        rows_fn(args, chunk * chunk_rows, std::min(rows, (chunk + 1) * chunk_rows), dweight, dbias);
+        rows_fn(args, chunk * chunk_rows, std::min(rows, (chunk + 1) * chunk_rows), dweight, dbias, sums.data());
       }
     });
     if (want_weight) reduce_partials<acc_t>(weight_rows, grad_weight.mutable_data_ptr<acc_t>(), chunks, hidden);
