@@ -273,6 +273,47 @@ def test_weight_grad_is_deterministic(ln_backend):
         assert all(torch.equal(a, c) for a, c in zip(first, again))
 
 
+@pytest.mark.parametrize("rms", [False, True], ids=["layer", "rms"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cpu_row_chunks_and_thread_counts(dtype, rms):
+    """The C++ CPU kernel on a shape with several row chunks of weight and
+    bias partials (rows of 250: a partial 32-element chunk per row, and mask
+    words that start mid-byte): every output and gradient against the
+    float64 composite, and bit-identical at 1 and 2 threads."""
+    rows, hidden, p = 700, 250, 0.2
+    gen = torch.Generator().manual_seed(6)
+    x, res, w, b = _inputs((rows, hidden), dtype, "cpu", gen, bias=not rms)
+    grads = [torch.randn(rows, hidden, generator=gen).to(dtype), torch.randn(rows, hidden, generator=gen).to(dtype)]
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            with regops.use_backend("cpu"):
+                if rms:
+                    out, h, mask = regops.dropout_add_rms_norm(x, res, w, p, 1e-5, prenorm=True, seed=3,
+                                                               return_dropout_mask=True)
+                else:
+                    out, h, mask = regops.dropout_add_layer_norm(x, res, w, b, p, prenorm=True, seed=3,
+                                                                 return_dropout_mask=True)
+                results.append([out, h, mask] + list(_grads([out, h], [x, res, w, b], grads)))
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(*results):
+        assert (one is None and two is None) or torch.equal(one, two)
+    out, h, mask, *got = results[0]
+    keep = regops.unpack_mask(mask, x.shape)
+    xd, rd, wd, bd = [None if t is None else t.detach().double().requires_grad_() for t in (x, res, w, b)]
+    hd = reference.dropout_apply(xd, keep, p) + rd
+    ref = F.rms_norm(hd, (hidden,), wd, 1e-5) if rms else F.layer_norm(hd, (hidden,), wd, bd, 1e-5)
+    assert_close(out, ref, dtype)
+    want = _grads([ref, hd], [xd, rd, wd, bd], [g.double() for g in grads])
+    for name, g, e in zip(("x", "residual", "weight", "bias"), got, want):
+        assert (g is None) == (e is None), name
+        if e is not None:
+            assert_close(g, e, dtype)
+
+
 def test_parameters_of_the_input_dtype(ln_backend):
     """A model moved with .to(bfloat16) has bfloat16 weight and bias; their
     gradients come back in that dtype."""
