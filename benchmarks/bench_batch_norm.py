@@ -16,7 +16,6 @@ Every provider is checked against float64 torch before it is timed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 
@@ -26,15 +25,14 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Row, copy_bandwidth, emit, fill_ratios, format_size, time_fn
+from benchmarks.common import (DTYPES, Row, TORCH_PROVIDERS, argument_parser, copy_bandwidth, emit, fill_ratios,
+                               format_size, time_fn)
 
 import regops
 from regops._backend import resolve_op
 
 EPS = 1e-5
 MOMENTUM = 0.1
-TORCH_PROVIDERS = ("torch", "torch.compile")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 LAYOUTS = {"nchw": torch.contiguous_format, "nhwc": torch.channels_last}
 CASES = ("forward", "backward", "forward+backward")
 PASS_BYTES = {"forward": 3, "backward": 5, "forward+backward": 8}  # times e * n
@@ -177,7 +175,7 @@ def _parse_shape(text: str) -> tuple[int, ...]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", default=None, help="comma-separated NxCxHxW shapes, e.g. 32x64x28x28,32x128x14x14")
     parser.add_argument("--dtypes", default="float32,bfloat16")

@@ -17,7 +17,6 @@ x * keep * scale for the mask it returned, torch's must keep a plausible share.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys
@@ -27,15 +26,13 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (Row, copy_bandwidth, emit, fill_ratios, format_size, parse_size,
-                               saved_bytes_per_element, time_fn)
+from benchmarks.common import (DTYPES, Row, TORCH_PROVIDERS, argument_parser, copy_bandwidth, emit, fill_ratios,
+                               format_size, parse_size, saved_bytes_per_element, time_fn)
 
 import regops
 from regops import reference
 
 P = 0.5
-TORCH_PROVIDERS = ("torch", "torch.compile")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def _regops_providers(device: torch.device) -> list[tuple[str, str, bool]]:
@@ -145,7 +142,7 @@ def suite(device: torch.device, quick: bool) -> list[Row]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", default=None, help="comma-separated element counts, e.g. 1M,16M")
     parser.add_argument("--dtypes", default="float32,bfloat16")

@@ -22,7 +22,6 @@ with the same mask, torch's composite for a plausible share of kept elements.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import os
 import statistics
@@ -34,15 +33,13 @@ import torch.nn.functional as F
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import (Row, copy_bandwidth, emit, fill_ratios, run_metadata, saved_bytes_per_element,
-                               time_fn)
+from benchmarks.common import (DTYPES, Row, TORCH_PROVIDERS, argument_parser, copy_bandwidth, emit, fill_ratios,
+                               row_cells, run_metadata, saved_bytes_per_element, time_fn)
 
 import regops
 from regops import reference
 
 P = 0.1
-TORCH_PROVIDERS = ("torch", "torch.compile")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 NORMS = ("layer_norm", "rms_norm")
 
 
@@ -196,16 +193,14 @@ def spread_table(rows: list[Row], spread: dict, rounds: int) -> str:
         ratios = spread[_key(r)]["vs_torch"]
         vs_eager = f"{eager[_key(r)[:4]] / r.ms:.2f}x" if _key(r)[:4] in eager else "-"
         per_round = f"{min(ratios):.2f}-{max(ratios):.2f}x" if ratios else "-"
-        pct = f"{r.pct_copy:.0f}%" if r.pct_copy is not None else "-"
-        best = f"{r.ratio_to_best_torch:.2f}x" if r.ratio_to_best_torch is not None else "-"
-        saved = f"{r.saved_bytes_per_element:.3g}" if r.saved_bytes_per_element is not None else "-"
+        pct, best, saved = row_cells(r)
         lines.append(f"| {r.case} | {r.size} | {r.dtype} | {r.provider} | {r.ms:.3f} | {low:.3f}-{high:.3f} | "
                      f"{r.gbps:.1f} | {pct} | {vs_eager} | {per_round} | {best} | {saved} |")
     return "\n".join(lines)
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--shapes", default=None, help="comma-separated rows x hidden, e.g. 4096x768,1024x16384")
     parser.add_argument("--dtypes", default="float32,bfloat16")

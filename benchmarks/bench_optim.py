@@ -33,7 +33,6 @@ regularized case, the torch way) before it is timed.
 
 from __future__ import annotations
 
-import argparse
 import os
 import statistics
 import sys
@@ -43,7 +42,7 @@ import torch
 if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import Row, copy_bandwidth, emit, fill_ratios, time_fn
+from benchmarks.common import Row, argument_parser, copy_bandwidth, emit, fill_ratios, time_fn
 
 import regops
 
@@ -291,7 +290,7 @@ def suite(device: torch.device, quick: bool) -> list[Row]:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtypes", default="float32,bfloat16")
     parser.add_argument("--sets", default=None, help="comma-separated: resnet50, transformer")

@@ -23,7 +23,6 @@ the decay plot benchmarks/results/bf16_decay.png.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -35,7 +34,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import regops  # noqa: E402
-from benchmarks.common import ROOT, device_name  # noqa: E402
+from benchmarks.common import ROOT, argument_parser, device_name, pyplot, save_figure  # noqa: E402
 from benchmarks.mnist import BATCH_SIZE, SimpleCNNNoReg, batch_order, evaluate, prepare  # noqa: E402
 from benchmarks.data import load_dataset  # noqa: E402
 
@@ -97,11 +96,7 @@ def train_mnist(dtype: torch.dtype, optimizer_kind: str, data: dict, epochs: int
 
 
 def plot(trajectories: dict[str, list[float]], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))
     for name, norms in trajectories.items():
         ax.plot(norms, label=name, linestyle="--" if "nearest" in name else "-")
@@ -112,13 +107,11 @@ def plot(trajectories: dict[str, list[float]], path: str) -> None:
     ax.set_ylabel("weight norm / initial norm")
     ax.set_title(f"AdamW weight decay only (lr {LR:g}, weight_decay {WEIGHT_DECAY:g}, zero gradients)")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--steps", type=int, default=2000, help="steps of the decay-only run")
     parser.add_argument("--numel", type=int, default=1 << 20, help="weights of the decay-only run")
     parser.add_argument("--epochs", type=int, default=2, help="MNIST epochs (0 skips the training comparison)")

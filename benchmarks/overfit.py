@@ -14,7 +14,6 @@ MSE of every seed, and draws the fitted curves and test-loss curves.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import os
@@ -28,7 +27,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import regops  # noqa: E402
-from benchmarks.common import ROOT  # noqa: E402
+from benchmarks.common import ROOT, argument_parser, pyplot, save_figure  # noqa: E402
 
 POINTS, NOISE, STEPS, LR, HIDDEN, EVAL_EVERY = 20, 0.3, 500, 0.01, 300, 10
 RUNS = ("no dropout", "torch Dropout(0.5)", "regops Dropout(0.5)")
@@ -83,11 +82,7 @@ def train(model: nn.Module, data: dict, seed: int) -> list[float]:
 
 
 def plot(curves: dict, fitted: dict, data: dict, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     left.scatter(data["x"], data["train_y"], color="black", label="train points", zorder=3)
     left.scatter(data["x"], data["test_y"], color="grey", marker="x", label="test points", zorder=3)
@@ -102,13 +97,11 @@ def plot(curves: dict, fitted: dict, data: dict, path: str) -> None:
     right.axhline(NOISE ** 2, color="black", linewidth=0.5, label="noise variance")
     right.set(title="test MSE", xlabel="step", yscale="log")
     left.legend(fontsize=7), right.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--seeds", type=int, default=5, help="repetitions with fresh data and weights")
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "overfit"))
     args = parser.parse_args(argv)

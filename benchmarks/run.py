@@ -11,7 +11,6 @@ op (GB/s against size, a line per provider).
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import os
 import sys
@@ -22,18 +21,14 @@ import torch
 if __package__ in (None, ""):
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.common import RESULTS_DIR, Row, copy_bandwidth, device_name, emit
+from benchmarks.common import RESULTS_DIR, Row, argument_parser, copy_bandwidth, device_name, emit, pyplot, save_figure
 
 # Op benchmarks in the order they run; each module defines suite(device, quick).
 SUITES = ["bench_dropout", "bench_batch_norm", "bench_layer_norm", "bench_optim", "mnist"]
 
 
 def plot(rows: list[Row], op: str, path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     cases = sorted({(r.case, r.dtype) for r in rows})
     fig, axes = plt.subplots(1, len(cases), figsize=(5 * len(cases), 4), squeeze=False)
     for ax, (case, dtype) in zip(axes[0], cases):
@@ -49,13 +44,11 @@ def plot(rows: list[Row], op: str, path: str) -> None:
         ax.set_ylabel("GB/s")
         ax.set_title(f"{op} {case} {dtype}")
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argument_parser(__doc__)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="tiny sizes (CI runs this)")
     parser.add_argument("--no-record", action="store_true", help="do not append rows to benchmarks/results/")

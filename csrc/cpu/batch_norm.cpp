@@ -50,6 +50,17 @@ REGOPS_ALWAYS_INLINE decltype(auto) with_flag(bool flag, F&& f) {
   return flag ? f(std::true_type{}) : f(std::false_type{});
 }
 
+// row_fn(offset, c, length) for the rows [first_row, end_row) of the
+// input's working layout: a row's first element, its channel (0 for a row
+// of channels) and its length.
+template <typename RowFn>
+REGOPS_ALWAYS_INLINE void for_rows(const BatchNormGeometry& g, int64_t first_row, int64_t end_row, RowFn&& row_fn) {
+  const int64_t length = g.channels_inner ? g.channels : g.spatial;
+  for (int64_t row = first_row; row < end_row; ++row) {
+    row_fn(row * length, g.channels_inner ? 0 : row % g.channels, length);
+  }
+}
+
 // Spatial-inner runs longer than this are reduced in pieces, each shifted by
 // the mean of the pieces before it.
 constexpr int64_t kRunElements = 4096;
@@ -278,14 +289,8 @@ REGOPS_CPU_CLONES void normalize_channel(const scalar_t* x, scalar_t* y, BatchNo
   }
 }
 
-template <typename acc_t>
-struct GradientSums {
-  acc_t sum_dy;
-  acc_t sum_dy_xmu;
-};
-
 template <bool kRelu, typename scalar_t, typename acc_t>
-REGOPS_ALWAYS_INLINE GradientSums<acc_t> run_gradient_sums(const scalar_t* __restrict__ dy,
+REGOPS_ALWAYS_INLINE SumPair<acc_t> run_gradient_sums(const scalar_t* __restrict__ dy,
                                                            const scalar_t* __restrict__ x, int64_t n, acc_t mean,
                                                            BatchNormAffine<acc_t> affine) {
   acc_t sum_dy = 0, sum_dy_xmu = 0;
@@ -296,21 +301,20 @@ REGOPS_ALWAYS_INLINE GradientSums<acc_t> run_gradient_sums(const scalar_t* __res
     sum_dy += g;
     sum_dy_xmu += g * (xi - mean);
   }
-  return GradientSums<acc_t>{sum_dy, sum_dy_xmu};
+  return SumPair<acc_t>{sum_dy, sum_dy_xmu};
 }
 
 template <typename scalar_t, typename acc_t>
-REGOPS_CPU_CLONES GradientSums<acc_t> channel_gradient_sums(const scalar_t* dy, const scalar_t* x,
+REGOPS_CPU_CLONES SumPair<acc_t> channel_gradient_sums(const scalar_t* dy, const scalar_t* x,
                                                               BatchNormGeometry g, int64_t channel, acc_t mean,
                                                               BatchNormAffine<acc_t> affine, bool relu) {
-  GradientSums<acc_t> total{0, 0};
+  SumPair<acc_t> total{0, 0};
   for (int64_t n = 0; n < g.batch; ++n) {
     const int64_t offset = (n * g.channels + channel) * g.spatial;
-    const GradientSums<acc_t> run = with_flag(relu, [&](auto kRelu) {
+    const SumPair<acc_t> run = with_flag(relu, [&](auto kRelu) {
       return run_gradient_sums<decltype(kRelu)::value>(dy + offset, x + offset, g.spatial, mean, affine);
     });
-    total.sum_dy += run.sum_dy;
-    total.sum_dy_xmu += run.sum_dy_xmu;
+    total = add_pairs(total, run);
   }
   return total;
 }
@@ -528,14 +532,12 @@ template <typename scalar_t, typename acc_t>
 REGOPS_CPU_CLONES void normalize_residual_rows(const scalar_t* x, const scalar_t* z, scalar_t* y, BatchNormGeometry g,
                                                  int64_t first_row, int64_t end_row, const acc_t* scale,
                                                  const acc_t* shift, bool relu) {
-  const int64_t length = g.channels_inner ? g.channels : g.spatial;
-  for (int64_t row = first_row; row < end_row; ++row) {
-    const int64_t offset = row * length;
-    const int64_t c = g.channels_inner ? 0 : row % g.channels;
+  for_rows(g, first_row, end_row, [&](int64_t offset, int64_t c, int64_t length) {
     with_flag(relu, [&](auto kRelu) {
-      normalize_residual_row<decltype(kRelu)::value>(x + offset, z + offset, y + offset, length, scale + c, shift + c, g.channels_inner);
+      normalize_residual_row<decltype(kRelu)::value>(x + offset, z + offset, y + offset, length, scale + c, shift + c,
+                                                     g.channels_inner);
     });
-  }
+  });
 }
 
 template <bool kRelu, typename scalar_t, typename acc_t>
@@ -561,15 +563,12 @@ template <typename scalar_t, typename acc_t>
 REGOPS_CPU_CLONES void masked_grad_rows(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scalar_t* dz,
                                           BatchNormGeometry g, int64_t first_row, int64_t end_row, const acc_t* scale,
                                           const acc_t* shift, bool relu) {
-  const int64_t length = g.channels_inner ? g.channels : g.spatial;
-  for (int64_t row = first_row; row < end_row; ++row) {
-    const int64_t offset = row * length;
-    const int64_t c = g.channels_inner ? 0 : row % g.channels;
+  for_rows(g, first_row, end_row, [&](int64_t offset, int64_t c, int64_t length) {
     with_flag(relu, [&](auto kRelu) {
       masked_grad_row<decltype(kRelu)::value>(dy + offset, x + offset, z + offset, dz + offset, length, scale + c,
                                               shift + c, g.channels_inner);
     });
-  }
+  });
 }
 
 // ---- whole passes ------------------------------------------------------------------
@@ -667,7 +666,7 @@ void masked_grad(const scalar_t* dy, const scalar_t* x, const scalar_t* z, scala
 
 // Per-channel (sum_dy, sum_dy_xmu), channel-inner layout.
 template <typename scalar_t, typename acc_t>
-std::vector<GradientSums<acc_t>> gradient_sums_rows(const scalar_t* dy, const scalar_t* x, const BatchNormGeometry& g,
+std::vector<SumPair<acc_t>> gradient_sums_rows(const scalar_t* dy, const scalar_t* x, const BatchNormGeometry& g,
                                                     const std::vector<acc_t>& mean,
                                                     const std::vector<BatchNormAffine<acc_t>>& affine, bool relu) {
   const int64_t channels = g.channels, rows = g.rows();
@@ -686,12 +685,12 @@ std::vector<GradientSums<acc_t>> gradient_sums_rows(const scalar_t* dy, const sc
       }
     }
   });
-  std::vector<GradientSums<acc_t>> result(channels, GradientSums<acc_t>{0, 0});
+  std::vector<SumPair<acc_t>> result(channels, SumPair<acc_t>{0, 0});
   for (int64_t group = 0; group < groups.count; ++group) {
     const acc_t* in = partial.data() + group * 2 * channels;
     for (int64_t c = 0; c < channels; ++c) {
-      result[c].sum_dy += in[c];
-      result[c].sum_dy_xmu += in[channels + c];
+      result[c].first += in[c];
+      result[c].second += in[channels + c];
     }
   }
   return result;
@@ -759,11 +758,17 @@ std::vector<BatchNormAffine<acc_t>> affines(const std::vector<acc_t>& mean, cons
   return result;
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input) {
-  check_batch_norm_input(input, "batch_norm_stats");
-  const BatchNormInput p = prepare_batch_norm_input(input);
+// The tag of the CPU kernels of the batch norm ops, which take the arguments
+// BatchNormEntries has checked and prepared.
+struct CpuBatchNorm {
+  struct Guard {
+    explicit Guard(const at::Device&) {}
+  };
+};
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats(CpuBatchNorm, const BatchNormInput& p) {
   at::Tensor mean, var;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_stats_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_stats_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto stats = statistics<scalar_t, acc_t>(p.input.const_data_ptr<scalar_t>(), p.geometry);
     std::vector<acc_t> m(stats.size()), v(stats.size());
@@ -771,52 +776,44 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cpu(const at::Tensor& input)
       m[c] = stats[c].mean;
       v[c] = welford_variance(stats[c]);
     }
-    mean = to_tensor(m, accumulate_options(input));
-    var = to_tensor(v, accumulate_options(input));
+    mean = to_tensor(m, accumulate_options(p.input));
+    var = to_tensor(v, accumulate_options(p.input));
   });
   return {mean, var};
 }
 
-at::Tensor batch_norm_elementwise_cpu(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
-                                      const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                                      bool relu) {
-  const char* op = "batch_norm_elementwise";
-  check_elementwise_arguments(input, mean, invstd, weight, bias, op);
-  const BatchNormInput p = prepare_batch_norm_input(input);
+at::Tensor batch_norm_elementwise(CpuBatchNorm, const BatchNormInput& p, const NormalizationTensors& tensors,
+                                  bool relu) {
   at::Tensor output = empty_output(p.input);
-  if (input.numel() == 0) return output;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_elementwise_cpu", [&] {
+  if (p.input.numel() == 0) return output;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_elementwise_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t channels = p.geometry.channels;
-    const auto affine = affines(channel_values<acc_t>(mean, channels), channel_values<acc_t>(invstd, channels),
-                                channel_values<acc_t>(weight, channels, acc_t(1)),
-                                channel_values<acc_t>(bias, channels, acc_t(0)));
+    const auto affine = affines(channel_values<acc_t>(tensors.mean, channels),
+                                channel_values<acc_t>(tensors.invstd, channels),
+                                channel_values<acc_t>(tensors.weight, channels, acc_t(1)),
+                                channel_values<acc_t>(tensors.bias, channels, acc_t(0)));
     normalize<scalar_t, acc_t>(p.input.const_data_ptr<scalar_t>(), output.mutable_data_ptr<scalar_t>(), p.geometry,
                                affine, relu);
   });
   return output;
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                                                                  const at::Tensor& mean, const at::Tensor& invstd,
-                                                                  const std::optional<at::Tensor>& weight,
-                                                                  const std::optional<at::Tensor>& bias, bool relu) {
-  const char* op = "batch_norm_backward_reduce";
-  check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
-  const BatchNormInput p = prepare_batch_norm_input(input);
-  const at::Tensor dy = grad_out.contiguous(p.format);
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce(CpuBatchNorm, const BatchNormInput& p,
+                                                              const at::Tensor& dy, const NormalizationTensors& tensors,
+                                                              bool relu) {
   at::Tensor sum_dy, sum_dy_xmu;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_reduce_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_backward_reduce_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BatchNormGeometry& g = p.geometry;
-    const auto mean_values = channel_values<acc_t>(mean, g.channels);
-    const auto affine = affines(mean_values, channel_values<acc_t>(invstd, g.channels),
-                                channel_values<acc_t>(weight, g.channels, acc_t(1)),
-                                channel_values<acc_t>(bias, g.channels, acc_t(0)));
+    const auto mean_values = channel_values<acc_t>(tensors.mean, g.channels);
+    const auto affine = affines(mean_values, channel_values<acc_t>(tensors.invstd, g.channels),
+                                channel_values<acc_t>(tensors.weight, g.channels, acc_t(1)),
+                                channel_values<acc_t>(tensors.bias, g.channels, acc_t(0)));
     const scalar_t* x = p.input.const_data_ptr<scalar_t>();
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
-    std::vector<GradientSums<acc_t>> sums(g.channels, GradientSums<acc_t>{0, 0});
-    if (input.numel() > 0) {
+    std::vector<SumPair<acc_t>> sums(g.channels, SumPair<acc_t>{0, 0});  // (sum_dy, sum_dy_xmu) per channel
+    if (p.input.numel() > 0) {
       if (g.channels_inner) {
         sums = gradient_sums_rows<scalar_t, acc_t>(dy_data, x, g, mean_values, affine, relu);
       } else {
@@ -829,33 +826,28 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cpu(const at::Tens
     }
     std::vector<acc_t> sum_dy_values(g.channels), sum_dy_xmu_values(g.channels);
     for (int64_t c = 0; c < g.channels; ++c) {
-      sum_dy_values[c] = sums[c].sum_dy;
-      sum_dy_xmu_values[c] = sums[c].sum_dy_xmu;
+      sum_dy_values[c] = sums[c].first;
+      sum_dy_xmu_values[c] = sums[c].second;
     }
-    sum_dy = to_tensor(sum_dy_values, accumulate_options(input));
-    sum_dy_xmu = to_tensor(sum_dy_xmu_values, accumulate_options(input));
+    sum_dy = to_tensor(sum_dy_values, accumulate_options(p.input));
+    sum_dy_xmu = to_tensor(sum_dy_xmu_values, accumulate_options(p.input));
   });
   return {sum_dy, sum_dy_xmu};
 }
 
-at::Tensor batch_norm_backward_elementwise_cpu(const at::Tensor& grad_out, const at::Tensor& input,
-                                               const at::Tensor& mean, const at::Tensor& invstd,
-                                               const std::optional<at::Tensor>& weight,
-                                               const std::optional<at::Tensor>& bias, const at::Tensor& sum_dy,
-                                               const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
-  const char* op = "batch_norm_backward_elementwise";
-  check_backward_elementwise_arguments(grad_out, input, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count, op);
-  const BatchNormInput p = prepare_batch_norm_input(input);
-  const at::Tensor dy = grad_out.contiguous(p.format);
+at::Tensor batch_norm_backward_elementwise(CpuBatchNorm, const BatchNormInput& p, const at::Tensor& dy,
+                                           const NormalizationTensors& tensors, const at::Tensor& sum_dy,
+                                           const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
   at::Tensor grad_input_tensor = empty_output(p.input);
-  if (input.numel() == 0) return grad_input_tensor;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_elementwise_cpu", [&] {
+  if (p.input.numel() == 0) return grad_input_tensor;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_backward_elementwise_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const BatchNormGeometry& g = p.geometry;
-    const auto mean_values = channel_values<acc_t>(mean, g.channels);
-    const auto invstd_values = channel_values<acc_t>(invstd, g.channels);
-    const auto weight_values = channel_values<acc_t>(weight, g.channels, acc_t(1));
-    const auto affine = affines(mean_values, invstd_values, weight_values, channel_values<acc_t>(bias, g.channels, acc_t(0)));
+    const auto mean_values = channel_values<acc_t>(tensors.mean, g.channels);
+    const auto invstd_values = channel_values<acc_t>(tensors.invstd, g.channels);
+    const auto weight_values = channel_values<acc_t>(tensors.weight, g.channels, acc_t(1));
+    const auto affine = affines(mean_values, invstd_values, weight_values,
+                                channel_values<acc_t>(tensors.bias, g.channels, acc_t(0)));
     const auto a = channel_values<acc_t>(sum_dy, g.channels);
     const auto b = channel_values<acc_t>(sum_dy_xmu, g.channels);
     std::vector<BackwardChannel<acc_t>> channels(g.channels);
@@ -870,19 +862,15 @@ at::Tensor batch_norm_backward_elementwise_cpu(const at::Tensor& grad_out, const
   return grad_input_tensor;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cpu(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
-    double eps, bool relu, const std::optional<at::Tensor>& residual) {
-  const char* op = "batch_norm_forward";
-  check_forward_arguments(input, weight, bias, running_mean, running_var, training, residual, op);
-  const BatchNormInput p = prepare_batch_norm_input(input);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+    CpuBatchNorm, const BatchNormInput& p, const at::Tensor& z, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
   const BatchNormGeometry& g = p.geometry;
-  const at::Tensor z = prepare_residual(residual, p);
   at::Tensor output = empty_output(p.input);
-  const at::TensorOptions options = accumulate_options(input);
+  const at::TensorOptions options = accumulate_options(p.input);
   at::Tensor save_mean, save_invstd, batch_var = at::empty({0}, options);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_forward_cpu", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_forward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t channels = g.channels;
     const auto weight_values = channel_values<acc_t>(weight, channels, acc_t(1));
@@ -894,10 +882,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cp
       mean = channel_values<acc_t>(*running_mean, channels);
       const auto var = channel_values<acc_t>(*running_var, channels);
       for (int64_t c = 0; c < channels; ++c) invstd[c] = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));
-      if (input.numel() > 0 && z.defined()) {
+      if (p.input.numel() > 0 && z.defined()) {
         normalize_residual<scalar_t, acc_t>(x, z.const_data_ptr<scalar_t>(), y, g,
                                             affines(mean, invstd, weight_values, bias_values), relu);
-      } else if (input.numel() > 0) {
+      } else if (p.input.numel() > 0) {
         normalize<scalar_t, acc_t>(x, y, g, affines(mean, invstd, weight_values, bias_values), relu);
       }
     } else {
@@ -909,7 +897,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cp
           var[c] = welford_variance(stats[c]);
           invstd[c] = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));
         }
-        if (input.numel() > 0) {
+        if (p.input.numel() > 0) {
           normalize_residual<scalar_t, acc_t>(x, z.const_data_ptr<scalar_t>(), y, g,
                                               affines(mean, invstd, weight_values, bias_values), relu);
         }
@@ -920,7 +908,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cp
           var[c] = welford_variance(stats[c]);
           invstd[c] = acc_t(1) / std::sqrt(var[c] + static_cast<acc_t>(eps));
         }
-        if (input.numel() > 0) normalize<scalar_t, acc_t>(x, y, g, affines(mean, invstd, weight_values, bias_values), relu);
+        if (p.input.numel() > 0) normalize<scalar_t, acc_t>(x, y, g, affines(mean, invstd, weight_values, bias_values), relu);
       } else {
         // Statistics and normalization of one channel back to back: its
         // elements are still in L2 for the second pass.
@@ -943,21 +931,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cp
   return {output, save_mean, save_invstd, batch_var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cpu(
-    const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
-    bool relu, const std::optional<at::Tensor>& residual) {
-  const char* op = "batch_norm_backward";
-  check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, residual, op);
-  const BatchNormInput p = prepare_batch_norm_input(input);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    CpuBatchNorm, const BatchNormInput& p, const at::Tensor& dy, const at::Tensor& z,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, bool relu) {
   const BatchNormGeometry& g = p.geometry;
-  at::Tensor dy = grad_out.contiguous(p.format);
-  const at::Tensor z = prepare_residual(residual, p);
   at::Tensor dx = empty_output(p.input);
-  const at::TensorOptions options = accumulate_options(input);
+  const at::TensorOptions options = accumulate_options(p.input);
   at::Tensor grad_weight, grad_bias;
-  at::Tensor grad_residual = z.defined() ? empty_output(p.input) : at::empty({0}, input.options());
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_cpu", [&] {
+  at::Tensor grad_residual = z.defined() ? empty_output(p.input) : at::empty({0}, p.input.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const int64_t channels = g.channels;
     const auto mean = channel_values<acc_t>(save_mean, channels);
@@ -968,7 +951,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     const scalar_t* dy_data = dy.const_data_ptr<scalar_t>();
     if (z.defined()) {
       // The masked dy is grad_residual, and what the passes below run on.
-      if (input.numel() > 0) {
+      if (p.input.numel() > 0) {
         masked_grad<scalar_t, acc_t>(dy_data, x, z.const_data_ptr<scalar_t>(),
                                      grad_residual.mutable_data_ptr<scalar_t>(), g, affine, relu);
       }
@@ -977,18 +960,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     }
     scalar_t* dx_data = dx.mutable_data_ptr<scalar_t>();
     const acc_t count = static_cast<acc_t>(std::max<int64_t>(1, g.count_per_channel()));
-    std::vector<GradientSums<acc_t>> sums(channels, GradientSums<acc_t>{0, 0});
+    std::vector<SumPair<acc_t>> sums(channels, SumPair<acc_t>{0, 0});  // (sum_dy, sum_dy_xmu) per channel
     auto channel_for = [&](int64_t c) {
       return BackwardChannel<acc_t>{mean[c], affine[c],
-                                    batch_norm_backward_coefficients(invstd[c], weight_values[c], sums[c].sum_dy,
-                                                                     sums[c].sum_dy_xmu, count, training)};
+                                    batch_norm_backward_coefficients(invstd[c], weight_values[c], sums[c].first,
+                                                                     sums[c].second, count, training)};
     };
-    if (input.numel() > 0 && g.channels_inner) {
+    if (p.input.numel() > 0 && g.channels_inner) {
       sums = gradient_sums_rows<scalar_t, acc_t>(dy_data, x, g, mean, affine, relu);
       std::vector<BackwardChannel<acc_t>> per_channel(channels);
       for (int64_t c = 0; c < channels; ++c) per_channel[c] = channel_for(c);
       grad_input<scalar_t, acc_t>(dy_data, x, dx_data, g, per_channel, relu);
-    } else if (input.numel() > 0) {
+    } else if (p.input.numel() > 0) {
       // Sums and grad_input of one channel back to back, as in the forward.
       at::parallel_for(0, channels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t c = begin; c < end; ++c) {
@@ -999,8 +982,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
     }
     std::vector<acc_t> gw(channels), gb(channels);
     for (int64_t c = 0; c < channels; ++c) {
-      gw[c] = sums[c].sum_dy_xmu * invstd[c];
-      gb[c] = sums[c].sum_dy;
+      gw[c] = sums[c].second * invstd[c];
+      gb[c] = sums[c].first;
     }
     grad_weight = to_tensor(gw, options);
     grad_bias = to_tensor(gb, options);
@@ -1011,12 +994,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
 }  // namespace
 
 TORCH_LIBRARY_IMPL(regops, CPU, m) {
-  m.impl("batch_norm_forward", &batch_norm_forward_cpu);
-  m.impl("batch_norm_backward", &batch_norm_backward_cpu);
-  m.impl("batch_norm_stats", &batch_norm_stats_cpu);
-  m.impl("batch_norm_elementwise", &batch_norm_elementwise_cpu);
-  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cpu);
-  m.impl("batch_norm_backward_elementwise", &batch_norm_backward_elementwise_cpu);
+  register_batch_norm<CpuBatchNorm>(m);
 }
 
 }  // namespace regops

@@ -517,127 +517,108 @@ struct CallRounding {
   }
 };
 
-void check_cpu(const char* op, at::TensorList params) {
-  check_kernel_device(op, "CPU", params, [](const at::Tensor& t) { return t.device().is_cpu(); });
-}
-
-void sgd_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
-                  double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, double l1,
-                  bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
-                  const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
-                  const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
-                  const c10::optional<at::Tensor>& average_weights) {
-  constexpr const char* op = "sgd_step_";
-  check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1);
-  check_rounding(op, rounding, params);
-  check_averages(op, averages, average_weights, params);
-  if (params.empty()) return;
-  check_cpu(op, params);
-  check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
-  const CallRounding call_rounding(rounding, params);
-  const CallAverages call_averages(averages, average_weights, rounding.has_value());
+// What sgd_step_ and adamw_step_ prepare alike once their arguments are
+// checked: the rounding, the averages and the gradient's factor (skip: the
+// step does nothing, as found_inf says).
+struct StepCall {
+  CallRounding rounding;
+  CallAverages averages;
   float grad_factor = 1.0f;
-  if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
-  dispatch_optimizer_dtype<true>(op, params[0].scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using T = LoopType<scalar_t>;
-    SGDCoefficientsT<Math<T>> c = make_sgd_coefficients<Math<T>>(lr, momentum, dampening, weight_decay, nesterov,
-                                                                 maximize, l1, proximal, first_step);
-    c.gradient.grad_factor *= grad_factor;  // keeps maximize's sign
-    const SGDBlock<T> block = select_sgd_block<T>(c, call_rounding.stochastic);
-    if (momentum != 0.0) {
-      apply_blocks<scalar_t, 3>({params, grads, momentum_buffers},
-                                [&](const auto& v, int64_t n, int64_t t, int64_t first) {
-        block(v[0], v[1], v[2], n, c, call_rounding.piece(t, first));
-        if (call_averages.present) call_averages.update<scalar_t>(v[0], n, t, first, call_rounding.piece(t, first));
-      });
-    } else {
-      apply_blocks<scalar_t, 2>({params, grads}, [&](const auto& v, int64_t n, int64_t t, int64_t first) {
-        block(v[0], v[1], nullptr, n, c, call_rounding.piece(t, first));
-        if (call_averages.present) call_averages.update<scalar_t>(v[0], n, t, first, call_rounding.piece(t, first));
-      });
-    }
-  });
-}
+  bool skip = false;
 
-void sgd_step_tensor_lr_cpu(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                            const at::Tensor& lr, double momentum, double dampening, double weight_decay,
-                            bool nesterov, bool maximize, double l1, bool proximal, bool first_step,
-                            const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                            const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& rounding,
-                            const c10::optional<at::TensorList>& averages, const c10::optional<at::Tensor>& average_weights) {
-  TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "regops sgd_step_: lr must be a one-element CPU tensor here");
-  sgd_step_cpu(params, grads, momentum_buffers, lr.item<double>(), momentum, dampening, weight_decay, nesterov,
-               maximize, l1, proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages,
-               average_weights);
-}
+  StepCall(at::TensorList params, const StepExtras& extras)
+      : rounding(extras.rounding, params),
+        averages(extras.averages, extras.average_weights, extras.rounding.has_value()),
+        skip(!gradient_factor(extras.grad_scale, extras.found_inf, extras.clip_coef, grad_factor)) {}
 
-void adamw_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                    at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, double beta1,
-                    double beta2, double eps, double weight_decay, double l2, double l1, bool proximal,
-                    bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                    const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
-                    const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
-                    const c10::optional<at::Tensor>& average_weights) {
-  constexpr const char* op = "adamw_step_";
-  check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-                        weight_decay, l2, l1, amsgrad);
-  check_rounding(op, rounding, params);
-  check_averages(op, averages, average_weights, params);
-  if (params.empty()) return;
-  check_cpu(op, params);
-  check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
-  const CallRounding call_rounding(rounding, params);
-  const CallAverages call_averages(averages, average_weights, rounding.has_value());
-  float grad_factor = 1.0f;
-  if (!gradient_factor(grad_scale, found_inf, clip_coef, grad_factor)) return;
-  // The step counts are incremented first, as torch does, and the bias
-  // corrections computed from the new count in double.
-  std::vector<double> counts;
-  counts.reserve(params.size());
-  for (const at::Tensor& step : state_steps) {
-    float* count = step.mutable_data_ptr<float>();
-    *count += 1.0f;
-    counts.push_back(*count);
+  // The rounding of elements [first, first + n) of tensor t and, once the
+  // update has written them (the loop's view p), their averages.
+  PieceRounding piece(int64_t t, int64_t first) const { return rounding.piece(t, first); }
+
+  template <typename scalar_t, typename P>
+  void average(const P* p, int64_t n, int64_t t, int64_t first) const {
+    if (averages.present) averages.update<scalar_t>(p, n, t, first, rounding.piece(t, first));
   }
-  dispatch_optimizer_dtype<true>(op, params[0].scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    using T = LoopType<scalar_t>;
-    std::vector<AdamWCoefficientsT<Math<T>>> coefficients;
-    coefficients.reserve(params.size());
-    for (double count : counts) {
-      coefficients.push_back(adamw_coefficients<Math<T>>(lr, beta1, beta2, eps, weight_decay, l2, l1, proximal,
-                                                         amsgrad, maximize, count, grad_factor));
-    }
-    const AdamWBlock<T> block = select_adamw_block<T>(coefficients[0], call_rounding.stochastic);
-    if (amsgrad) {
-      apply_blocks<scalar_t, 5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs},
-                                [&](const auto& v, int64_t n, int64_t t, int64_t first) {
-        block(v[0], v[1], v[2], v[3], v[4], n, coefficients[t], call_rounding.piece(t, first));
-        if (call_averages.present) call_averages.update<scalar_t>(v[0], n, t, first, call_rounding.piece(t, first));
-      });
-    } else {
-      apply_blocks<scalar_t, 4>({params, grads, exp_avgs, exp_avg_sqs},
-                                [&](const auto& v, int64_t n, int64_t t, int64_t first) {
-        block(v[0], v[1], v[2], v[3], nullptr, n, coefficients[t], call_rounding.piece(t, first));
-        if (call_averages.present) call_averages.update<scalar_t>(v[0], n, t, first, call_rounding.piece(t, first));
-      });
-    }
-  });
-}
+};
 
-void adamw_step_tensor_lr_cpu(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                              at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                              const at::Tensor& lr, double beta1, double beta2, double eps, double weight_decay,
-                              double l2, double l1, bool proximal, bool amsgrad, bool maximize,
-                              const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                              const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& rounding,
-                              const c10::optional<at::TensorList>& averages, const c10::optional<at::Tensor>& average_weights) {
-  TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "regops adamw_step_: lr must be a one-element CPU tensor here");
-  adamw_step_cpu(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr.item<double>(), beta1, beta2,
-                 eps, weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding,
-                 averages, average_weights);
-}
+// The CPU kernels of the step ops, on the arguments OptimizerEntries has
+// checked; a tensor lr is read on the host.
+struct CpuOptimizers {
+  static constexpr const char* kKernel = "CPU";
+
+  static bool on_device(const at::Tensor& t) { return t.device().is_cpu(); }
+
+  static double host_lr(const char* op, const at::Tensor& lr) {
+    TORCH_CHECK(lr.numel() == 1 && lr.device().is_cpu(), "regops ", op, ": lr must be a one-element CPU tensor here");
+    return lr.item<double>();
+  }
+
+  static const at::Tensor* device_lr(const at::Tensor&) { return nullptr; }
+
+  static void sgd_step(const SGDStepArguments& a) {
+    const StepCall call(a.params, a.extras);
+    if (call.skip) return;
+    dispatch_optimizer_dtype<true>("sgd_step_", a.params[0].scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using T = LoopType<scalar_t>;
+      SGDCoefficientsT<Math<T>> c = make_sgd_coefficients<Math<T>>(
+          a.lr, a.momentum, a.dampening, a.weight_decay, a.nesterov, a.maximize, a.l1, a.proximal, a.first_step);
+      c.gradient.grad_factor *= call.grad_factor;  // keeps maximize's sign
+      const SGDBlock<T> block = select_sgd_block<T>(c, call.rounding.stochastic);
+      if (a.momentum != 0.0) {
+        apply_blocks<scalar_t, 3>({a.params, a.grads, a.momentum_buffers},
+                                  [&](const auto& v, int64_t n, int64_t t, int64_t first) {
+          block(v[0], v[1], v[2], n, c, call.piece(t, first));
+          call.average<scalar_t>(v[0], n, t, first);
+        });
+      } else {
+        apply_blocks<scalar_t, 2>({a.params, a.grads}, [&](const auto& v, int64_t n, int64_t t, int64_t first) {
+          block(v[0], v[1], nullptr, n, c, call.piece(t, first));
+          call.average<scalar_t>(v[0], n, t, first);
+        });
+      }
+    });
+  }
+
+  static void adamw_step(const AdamWStepArguments& a) {
+    const StepCall call(a.params, a.extras);
+    if (call.skip) return;
+    // The step counts are incremented first, as torch does, and the bias
+    // corrections computed from the new count in double.
+    std::vector<double> counts;
+    counts.reserve(a.params.size());
+    for (const at::Tensor& step : a.state_steps) {
+      float* count = step.mutable_data_ptr<float>();
+      *count += 1.0f;
+      counts.push_back(*count);
+    }
+    dispatch_optimizer_dtype<true>("adamw_step_", a.params[0].scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      using T = LoopType<scalar_t>;
+      std::vector<AdamWCoefficientsT<Math<T>>> coefficients;
+      coefficients.reserve(a.params.size());
+      for (double count : counts) {
+        coefficients.push_back(adamw_coefficients<Math<T>>(a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.l2, a.l1,
+                                                           a.proximal, a.amsgrad, a.maximize, count,
+                                                           call.grad_factor));
+      }
+      const AdamWBlock<T> block = select_adamw_block<T>(coefficients[0], call.rounding.stochastic);
+      if (a.amsgrad) {
+        apply_blocks<scalar_t, 5>({a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs},
+                                  [&](const auto& v, int64_t n, int64_t t, int64_t first) {
+          block(v[0], v[1], v[2], v[3], v[4], n, coefficients[t], call.piece(t, first));
+          call.average<scalar_t>(v[0], n, t, first);
+        });
+      } else {
+        apply_blocks<scalar_t, 4>({a.params, a.grads, a.exp_avgs, a.exp_avg_sqs},
+                                  [&](const auto& v, int64_t n, int64_t t, int64_t first) {
+          block(v[0], v[1], v[2], v[3], nullptr, n, coefficients[t], call.piece(t, first));
+          call.average<scalar_t>(v[0], n, t, first);
+        });
+      }
+    });
+  }
+};
 
 at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, bool squared) {
   const std::vector<at::Tensor> dense = dense_norm_inputs(tensors);
@@ -679,10 +660,7 @@ at::Tensor multi_tensor_norm_cpu(at::TensorList tensors, bool squared) {
 }  // namespace
 
 TORCH_LIBRARY_IMPL(regops, CPU, m) {
-  m.impl("sgd_step_", &sgd_step_cpu);
-  m.impl("sgd_step_.tensor_lr", &sgd_step_tensor_lr_cpu);
-  m.impl("adamw_step_", &adamw_step_cpu);
-  m.impl("adamw_step_.tensor_lr", &adamw_step_tensor_lr_cpu);
+  register_step_ops<CpuOptimizers>(m);
   m.impl("multi_tensor_norm", &multi_tensor_norm_cpu);
 }
 

@@ -67,18 +67,6 @@ constexpr int vector_size() {
   return sizeof(scalar_t) >= 16 ? 1 : static_cast<int>(16 / sizeof(scalar_t));
 }
 
-template <typename acc_t>
-struct SumPair {
-  using value_type = acc_t;
-  acc_t first;
-  acc_t second;
-};
-
-template <typename acc_t>
-__device__ __forceinline__ SumPair<acc_t> add_pairs(SumPair<acc_t> a, SumPair<acc_t> b) {
-  return SumPair<acc_t>{a.first + b.first, a.second + b.second};
-}
-
 // The loaded inputs of one vector position: kArrays vectors of kVec elements.
 template <typename scalar_t, int kVec, int kArrays>
 struct Loaded {
@@ -384,12 +372,7 @@ __global__ void elementwise_channels_kernel(Op op, int64_t rows, int64_t channel
 
 template <typename acc_t>
 __device__ __forceinline__ SumPair<acc_t> warp_sum(SumPair<acc_t> s) {
-#pragma unroll
-  for (int delta = 16; delta > 0; delta /= 2) {
-    s.first += __shfl_down_sync(0xffffffffu, s.first, delta);
-    s.second += __shfl_down_sync(0xffffffffu, s.second, delta);
-  }
-  return s;
+  return SumPair<acc_t>{regops::warp_sum(s.first), regops::warp_sum(s.second)};
 }
 
 // Spatial-inner reduction: grid (C, splits), kThreads threads; partial
@@ -985,31 +968,29 @@ void launch_grad_input(const BatchNormInput& p, const at::Tensor& dy, at::Tensor
                             make_pass<scalar_t>(p, {x, g, out}));
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_stats_cuda(const at::Tensor& input) {
-  check_batch_norm_input(input, "batch_norm_stats");
-  const cuda::DeviceGuard guard(input.device());
-  const BatchNormInput p = prepare_batch_norm_input(input);
-  at::Tensor mean = at::empty({input.size(1)}, accumulate_options(input));
+// The tag of the CUDA kernels of the batch norm ops, which take the arguments
+// BatchNormEntries has checked and prepared.
+struct CudaBatchNorm {
+  using Guard = cuda::DeviceGuard;
+};
+
+std::tuple<at::Tensor, at::Tensor> batch_norm_stats(CudaBatchNorm, const BatchNormInput& p) {
+  at::Tensor mean = at::empty({p.input.size(1)}, accumulate_options(p.input));
   at::Tensor var = at::empty_like(mean);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_stats_cuda", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_stats_cuda", [&] {
     compute_statistics<scalar_t>(p, mean, var, nullptr, 0.0, std::nullopt, std::nullopt, at::Tensor());
   });
   return {mean, var};
 }
 
-at::Tensor batch_norm_elementwise_cuda(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
-                                       const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-                                       bool relu) {
-  const char* op = "batch_norm_elementwise";
-  check_elementwise_arguments(input, mean, invstd, weight, bias, op);
-  const cuda::DeviceGuard guard(input.device());
-  const BatchNormInput p = prepare_batch_norm_input(input);
+at::Tensor batch_norm_elementwise(CudaBatchNorm, const BatchNormInput& p, const NormalizationTensors& tensors,
+                                  bool relu) {
   at::Tensor output = at::empty_like(p.input);
-  if (input.numel() == 0) return output;
-  const at::Tensor mean_values = mean.contiguous(), invstd_values = invstd.contiguous();
-  const auto weight_values = contiguous_or_none(weight), bias_values = contiguous_or_none(bias);
-  at::Tensor coefficients = coefficient_rows(input, kForwardRows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_elementwise_cuda", [&] {
+  if (p.input.numel() == 0) return output;
+  const at::Tensor mean_values = tensors.mean.contiguous(), invstd_values = tensors.invstd.contiguous();
+  const auto weight_values = contiguous_or_none(tensors.weight), bias_values = contiguous_or_none(tensors.bias);
+  at::Tensor coefficients = coefficient_rows(p.input, kForwardRows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_elementwise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     cuda::launch(affine_coefficients_kernel<acc_t>, finalize_blocks(p.geometry.channels), kFinalizeThreads, 0,
                  cuda::current_stream(),
@@ -1023,23 +1004,17 @@ at::Tensor batch_norm_elementwise_cuda(const at::Tensor& input, const at::Tensor
   return output;
 }
 
-std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Tensor& grad_out, const at::Tensor& input,
-                                                                   const at::Tensor& mean, const at::Tensor& invstd,
-                                                                   const std::optional<at::Tensor>& weight,
-                                                                   const std::optional<at::Tensor>& bias, bool relu) {
-  const char* op = "batch_norm_backward_reduce";
-  check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, op);
-  const cuda::DeviceGuard guard(input.device());
-  const BatchNormInput p = prepare_batch_norm_input(input);
-  const at::Tensor dy = grad_out.contiguous(p.format);
-  at::Tensor sum_dy = at::empty({input.size(1)}, accumulate_options(input));
+std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce(CudaBatchNorm, const BatchNormInput& p,
+                                                              const at::Tensor& dy, const NormalizationTensors& tensors,
+                                                              bool relu) {
+  at::Tensor sum_dy = at::empty({p.input.size(1)}, accumulate_options(p.input));
   at::Tensor sum_dy_xmu = at::empty_like(sum_dy);
-  if (input.size(1) == 0) return {sum_dy, sum_dy_xmu};
-  if (input.numel() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
-  const at::Tensor mean_values = mean.contiguous(), invstd_values = invstd.contiguous();
-  const auto weight_values = contiguous_or_none(weight), bias_values = contiguous_or_none(bias);
-  at::Tensor coefficients = coefficient_rows(input, kBackwardRows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_reduce_cuda", [&] {
+  if (p.input.size(1) == 0) return {sum_dy, sum_dy_xmu};
+  if (p.input.numel() == 0) return {sum_dy.zero_(), sum_dy_xmu.zero_()};
+  const at::Tensor mean_values = tensors.mean.contiguous(), invstd_values = tensors.invstd.contiguous();
+  const auto weight_values = contiguous_or_none(tensors.weight), bias_values = contiguous_or_none(tensors.bias);
+  at::Tensor coefficients = coefficient_rows(p.input, kBackwardRows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_backward_reduce_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_mask_coefficients<acc_t>(mean_values, invstd_values, weight_values, bias_values, coefficients);
     at::Tensor none;
@@ -1056,23 +1031,16 @@ std::tuple<at::Tensor, at::Tensor> batch_norm_backward_reduce_cuda(const at::Ten
   return {sum_dy, sum_dy_xmu};
 }
 
-at::Tensor batch_norm_backward_elementwise_cuda(const at::Tensor& grad_out, const at::Tensor& input,
-                                                const at::Tensor& mean, const at::Tensor& invstd,
-                                                const std::optional<at::Tensor>& weight,
-                                                const std::optional<at::Tensor>& bias, const at::Tensor& sum_dy,
-                                                const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
-  const char* op = "batch_norm_backward_elementwise";
-  check_backward_elementwise_arguments(grad_out, input, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count, op);
-  const cuda::DeviceGuard guard(input.device());
-  const BatchNormInput p = prepare_batch_norm_input(input);
-  const at::Tensor dy = grad_out.contiguous(p.format);
+at::Tensor batch_norm_backward_elementwise(CudaBatchNorm, const BatchNormInput& p, const at::Tensor& dy,
+                                           const NormalizationTensors& tensors, const at::Tensor& sum_dy,
+                                           const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
   at::Tensor dx = at::empty_like(p.input);
-  if (input.numel() == 0) return dx;
-  const at::Tensor mean_values = mean.contiguous(), invstd_values = invstd.contiguous();
+  if (p.input.numel() == 0) return dx;
+  const at::Tensor mean_values = tensors.mean.contiguous(), invstd_values = tensors.invstd.contiguous();
   const at::Tensor sum_dy_values = sum_dy.contiguous(), sum_dy_xmu_values = sum_dy_xmu.contiguous();
-  const auto weight_values = contiguous_or_none(weight), bias_values = contiguous_or_none(bias);
-  at::Tensor coefficients = coefficient_rows(input, kBackwardRows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_elementwise_cuda", [&] {
+  const auto weight_values = contiguous_or_none(tensors.weight), bias_values = contiguous_or_none(tensors.bias);
+  at::Tensor coefficients = coefficient_rows(p.input, kBackwardRows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_backward_elementwise_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_mask_coefficients<acc_t>(mean_values, invstd_values, weight_values, bias_values, coefficients);
     cuda::launch(finalize_gradients_kernel<acc_t>, finalize_blocks(p.geometry.channels), kFinalizeThreads, 0,
@@ -1088,24 +1056,19 @@ at::Tensor batch_norm_backward_elementwise_cuda(const at::Tensor& grad_out, cons
   return dx;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cuda(
-    const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
-    double eps, bool relu, const std::optional<at::Tensor>& residual) {
-  const char* op = "batch_norm_forward";
-  check_forward_arguments(input, weight, bias, running_mean, running_var, training, residual, op);
-  const cuda::DeviceGuard guard(input.device());
-  const BatchNormInput p = prepare_batch_norm_input(input);
-  const at::Tensor z = prepare_residual(residual, p);
-  const at::TensorOptions options = accumulate_options(input);
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward(
+    CudaBatchNorm, const BatchNormInput& p, const at::Tensor& z, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& running_mean,
+    const std::optional<at::Tensor>& running_var, bool training, double eps, bool relu) {
+  const at::TensorOptions options = accumulate_options(p.input);
   at::Tensor output = at::empty_like(p.input);
-  const int64_t channels = input.size(1);
+  const int64_t channels = p.input.size(1);
   at::Tensor mean = at::empty({channels}, options);
   at::Tensor invstd = at::empty_like(mean);
   at::Tensor batch_var = training ? at::empty_like(mean) : at::empty({0}, options);
   const auto weight_values = contiguous_or_none(weight), bias_values = contiguous_or_none(bias);
-  at::Tensor coefficients = coefficient_rows(input, kForwardRows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_forward_cuda", [&] {
+  at::Tensor coefficients = coefficient_rows(p.input, kForwardRows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_forward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     if (training) {
       if (forward_one_pass<scalar_t>(p, z, output, mean, batch_var, invstd, eps, weight_values, bias_values, relu)) {
@@ -1128,29 +1091,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_forward_cu
   return {output, mean, invstd, batch_var};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_cuda(
-    const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
-    const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd, bool training,
-    bool relu, const std::optional<at::Tensor>& residual) {
-  const char* op = "batch_norm_backward";
-  check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, residual, op);
-  const cuda::DeviceGuard guard(input.device());
-  const BatchNormInput p = prepare_batch_norm_input(input);
-  const at::Tensor dy = grad_out.contiguous(p.format);
-  const at::Tensor z = prepare_residual(residual, p);
-  at::Tensor grad_residual = z.defined() ? at::empty_like(p.input) : at::empty({0}, input.options());
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward(
+    CudaBatchNorm, const BatchNormInput& p, const at::Tensor& dy, const at::Tensor& z,
+    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias, const at::Tensor& save_mean,
+    const at::Tensor& save_invstd, bool training, bool relu) {
+  at::Tensor grad_residual = z.defined() ? at::empty_like(p.input) : at::empty({0}, p.input.options());
   at::Tensor dx = at::empty_like(p.input);
-  const at::TensorOptions options = accumulate_options(input);
-  const int64_t channels = input.size(1);
+  const at::TensorOptions options = accumulate_options(p.input);
+  const int64_t channels = p.input.size(1);
   at::Tensor grad_weight = at::empty({channels}, options);
   at::Tensor grad_bias = at::empty_like(grad_weight);
   if (channels == 0) return {dx, grad_weight, grad_bias, grad_residual};
-  if (input.numel() == 0) return {dx, grad_weight.zero_(), grad_bias.zero_(), grad_residual};
+  if (p.input.numel() == 0) return {dx, grad_weight.zero_(), grad_bias.zero_(), grad_residual};
   const at::Tensor mean_values = save_mean.contiguous(), invstd_values = save_invstd.contiguous();
   const auto weight_values = contiguous_or_none(weight), bias_values = contiguous_or_none(bias);
   const int64_t count = std::max<int64_t>(1, p.geometry.count_per_channel());
-  at::Tensor coefficients = coefficient_rows(input, kBackwardRows);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regops_batch_norm_backward_cuda", [&] {
+  at::Tensor coefficients = coefficient_rows(p.input, kBackwardRows);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, p.input.scalar_type(), "regops_batch_norm_backward_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     launch_mask_coefficients<acc_t>(mean_values, invstd_values, weight_values, bias_values, coefficients);
     auto [partial, splits] = reduce_gradients<scalar_t>(p, dy, mean_values, coefficients, relu, z, grad_residual);
@@ -1172,12 +1129,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> batch_norm_backward_c
 }  // namespace
 
 REGOPS_CUDA_LIBRARY_IMPL(m) {
-  m.impl("batch_norm_forward", &batch_norm_forward_cuda);
-  m.impl("batch_norm_backward", &batch_norm_backward_cuda);
-  m.impl("batch_norm_stats", &batch_norm_stats_cuda);
-  m.impl("batch_norm_elementwise", &batch_norm_elementwise_cuda);
-  m.impl("batch_norm_backward_reduce", &batch_norm_backward_reduce_cuda);
-  m.impl("batch_norm_backward_elementwise", &batch_norm_backward_elementwise_cuda);
+  register_batch_norm<CudaBatchNorm>(m);
 }
 
 }  // namespace regops

@@ -27,6 +27,8 @@
 #include <ATen/OpMathType.h>
 #include <torch/library.h>
 
+#include <type_traits>
+
 #include "regops/cuda_utils.cuh"
 #include "regops/dropout.h"
 #include "regops/layer_norm.h"
@@ -94,6 +96,25 @@ struct RowSplit {
 
 RowSplit row_split(int64_t hidden) { return RowSplit{hidden <= kWarpRowLimit ? 32 : kThreads}; }
 
+// fn(j, width) for this thread's pieces of a row: whole 16-byte vectors
+// (width kVec, as a std::integral_constant) when vectorized, else single
+// elements (width 1). A row's threads take consecutive pieces, so a thread
+// visits the same columns in every pass over a row.
+template <int kVec, typename Fn>
+__device__ __forceinline__ void for_row_pieces(int64_t hidden, RowSplit split, bool vectorized, Fn fn) {
+  if (vectorized) {
+    for (int64_t j = static_cast<int64_t>(split.lane()) * kVec; j < hidden; j += split.threads_per_row * kVec) {
+      fn(j, std::integral_constant<int, kVec>{});
+    }
+  } else {
+    for (int64_t j = split.lane(); j < hidden; j += split.threads_per_row) fn(j, std::integral_constant<int, 1>{});
+  }
+}
+
+// The width of a piece's values (an array reference of for_row_pieces' width).
+template <typename Array>
+constexpr int piece_width = static_cast<int>(std::extent_v<std::remove_cv_t<std::remove_reference_t<Array>>>);
+
 // The sum of `value` over a row's threads, the same in every one of them
 // (a fixed shuffle tree, then the warps in order: deterministic).
 template <typename acc_t>
@@ -139,29 +160,30 @@ struct ForwardArgs {
     if (residual != nullptr) v = static_cast<acc_t>(static_cast<h_t>(v + static_cast<acc_t>(residual_value)));
     return v;
   }
+
+  // h of the kWidth elements from i: one vector load of x (and of the
+  // residual) each.
+  template <int kWidth>
+  __device__ __forceinline__ void load_h(int64_t i, acc_t (&values)[kWidth]) const {
+    const auto xv = load_vector<AlignedVector<scalar_t, kWidth>>(x + i);
+    AlignedVector<h_t, kWidth> rv{};
+    if (residual != nullptr) rv = load_vector<AlignedVector<h_t, kWidth>>(residual + i);
+#pragma unroll
+    for (int e = 0; e < kWidth; ++e) values[e] = h(i + e, xv.value[e], rv.value[e]);
+  }
 };
 
-// Calls visit(j, h_j) for this thread's elements of a row: vectors of kVec
-// elements when vectorized, else single elements.
+// visit(j, h) for this thread's pieces of a row (for_row_pieces): h holds
+// the values of columns j, j + 1, ...
 template <int kVec, typename scalar_t, typename h_t, typename Visit>
-__device__ __forceinline__ void for_row_elements(const ForwardArgs<scalar_t, h_t>& args, int64_t base, RowSplit split,
-                                                 bool vectorized, Visit visit) {
-  const int lane = split.lane();
-  if (vectorized) {
-    using XVec = AlignedVector<scalar_t, kVec>;
-    using HVec = AlignedVector<h_t, kVec>;
-    for (int64_t j = static_cast<int64_t>(lane) * kVec; j < args.hidden; j += split.threads_per_row * kVec) {
-      const XVec xv = load_vector<XVec>(args.x + base + j);
-      HVec rv{};
-      if (args.residual != nullptr) rv = load_vector<HVec>(args.residual + base + j);
-#pragma unroll
-      for (int e = 0; e < kVec; ++e) visit(j + e, args.h(base + j + e, xv.value[e], rv.value[e]));
-    }
-    return;
-  }
-  for (int64_t j = lane; j < args.hidden; j += split.threads_per_row) {
-    visit(j, args.h(base + j, args.x[base + j], args.residual != nullptr ? args.residual[base + j] : h_t(0)));
-  }
+__device__ __forceinline__ void for_row_h(const ForwardArgs<scalar_t, h_t>& args, int64_t base, RowSplit split,
+                                          bool vectorized, Visit visit) {
+  using acc_t = at::opmath_type<scalar_t>;
+  for_row_pieces<kVec>(args.hidden, split, vectorized, [&](int64_t j, auto width) {
+    acc_t h[decltype(width)::value];
+    args.load_h(base + j, h);
+    visit(j, h);
+  });
 }
 
 template <int kVec, typename scalar_t, typename h_t>
@@ -178,11 +200,19 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
     const bool active = row < args.rows;  // uniform over a row's threads
     const int64_t base = row * args.hidden;
     acc_t sum = 0;
-    if (active && !args.rms) for_row_elements<kVec>(args, base, split, vectorized, [&](int64_t, acc_t h) { sum += h; });
+    if (active && !args.rms) {
+      for_row_h<kVec>(args, base, split, vectorized, [&](int64_t, const auto& h) {
+#pragma unroll
+        for (int e = 0; e < piece_width<decltype(h)>; ++e) sum += h[e];
+      });
+    }
     const acc_t mean = args.rms ? acc_t(0) : row_sum(sum, split, &warp_sums[0]) * inv_n;
     acc_t second = 0;
     if (active) {
-      for_row_elements<kVec>(args, base, split, vectorized, [&](int64_t, acc_t h) { second += (h - mean) * (h - mean); });
+      for_row_h<kVec>(args, base, split, vectorized, [&](int64_t, const auto& h) {
+#pragma unroll
+        for (int e = 0; e < piece_width<decltype(h)>; ++e) second += (h[e] - mean) * (h[e] - mean);
+      });
     }
     const acc_t rstd = layer_norm_rstd(row_sum(second, split, &warp_sums[0]) * inv_n, args.eps);
     if (!active) continue;
@@ -196,30 +226,18 @@ __global__ void __launch_bounds__(kThreads, kMinBlocksPerSm)
       if (args.bias != nullptr) y = y + args.bias[j];
       return static_cast<scalar_t>(y);
     };
-    if (vectorized) {  // the same walk as for_row_elements, storing whole vectors
-      using XVec = AlignedVector<scalar_t, kVec>;
-      using HVec = AlignedVector<h_t, kVec>;
-      for (int64_t j = static_cast<int64_t>(split.lane()) * kVec; j < args.hidden; j += split.threads_per_row * kVec) {
-        const XVec xv = load_vector<XVec>(args.x + base + j);
-        HVec rv{};
-        if (args.residual != nullptr) rv = load_vector<HVec>(args.residual + base + j);
-        XVec yv;
-        HVec hv;
+    for_row_h<kVec>(args, base, split, vectorized, [&](int64_t j, const auto& h) {
+      constexpr int kWidth = piece_width<decltype(h)>;
+      AlignedVector<scalar_t, kWidth> y;
+      AlignedVector<h_t, kWidth> h_stored;
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          const acc_t h = args.h(base + j + e, xv.value[e], rv.value[e]);
-          yv.value[e] = normalize(j + e, h);
-          hv.value[e] = static_cast<h_t>(h);
-        }
-        store_vector(args.out + base + j, yv);
-        if (args.h_out != nullptr) store_vector(args.h_out + base + j, hv);
+      for (int e = 0; e < kWidth; ++e) {
+        y.value[e] = normalize(j + e, h[e]);
+        h_stored.value[e] = static_cast<h_t>(h[e]);
       }
-    } else {
-      for_row_elements<kVec>(args, base, split, false, [&](int64_t j, acc_t h) {
-        args.out[base + j] = normalize(j, h);
-        if (args.h_out != nullptr) args.h_out[base + j] = static_cast<h_t>(h);
-      });
-    }
+      store_vector(args.out + base + j, y);
+      if (args.h_out != nullptr) store_vector(args.h_out + base + j, h_stored);
+    });
   }
 }
 
@@ -305,28 +323,24 @@ struct BackwardArgs {
   acc_t scale;
 };
 
-// Calls visit(j, dy_j, h_j) for this thread's elements of a row (the
-// walk of for_row_elements): whole 16-byte vectors of dy and h when
-// vectorized, else single elements.
+// visit(j, dy, h) for this thread's pieces of a row (for_row_pieces, the
+// walk of for_row_h): dy and h hold the values of columns j, j + 1, ...
 template <int kVec, typename scalar_t, typename h_t, typename Visit>
 __device__ __forceinline__ void for_row_gradients(const BackwardArgs<scalar_t, h_t>& args, int64_t base,
                                                   RowSplit split, bool vectorized, Visit visit) {
   using acc_t = at::opmath_type<scalar_t>;
-  const int lane = split.lane();
-  if (vectorized) {
-    using XVec = AlignedVector<scalar_t, kVec>;
-    using HVec = AlignedVector<h_t, kVec>;
-    for (int64_t j = static_cast<int64_t>(lane) * kVec; j < args.hidden; j += split.threads_per_row * kVec) {
-      const XVec dyv = load_vector<XVec>(args.dy + base + j);
-      const HVec hv = load_vector<HVec>(args.h + base + j);
+  for_row_pieces<kVec>(args.hidden, split, vectorized, [&](int64_t j, auto width) {
+    constexpr int kWidth = decltype(width)::value;
+    const auto dyv = load_vector<AlignedVector<scalar_t, kWidth>>(args.dy + base + j);
+    const auto hv = load_vector<AlignedVector<h_t, kWidth>>(args.h + base + j);
+    acc_t dy[kWidth], h[kWidth];
 #pragma unroll
-      for (int e = 0; e < kVec; ++e) visit(j + e, static_cast<acc_t>(dyv.value[e]), static_cast<acc_t>(hv.value[e]));
+    for (int e = 0; e < kWidth; ++e) {
+      dy[e] = static_cast<acc_t>(dyv.value[e]);
+      h[e] = static_cast<acc_t>(hv.value[e]);
     }
-    return;
-  }
-  for (int64_t j = lane; j < args.hidden; j += split.threads_per_row) {
-    visit(j, static_cast<acc_t>(args.dy[base + j]), static_cast<acc_t>(args.h[base + j]));
-  }
+    visit(j, dy, h);
+  });
 }
 
 template <int kVec, typename scalar_t, typename h_t>
@@ -357,14 +371,17 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocksPerSm<scalar_t>)
     const acc_t rstd = active ? args.rstd[row] : acc_t(0);
     acc_t sum_g = 0, sum_g_xhat = 0;
     if (active) {
-      for_row_gradients<kVec>(args, base, split, vectorized, [&](int64_t j, acc_t dy, acc_t h) {
-        const acc_t xhat = (h - mean) * rstd;
-        const acc_t g = args.weight != nullptr ? dy * args.weight[j] : dy;
-        sum_g += g;
-        sum_g_xhat += g * xhat;
-        // Each slot owns its partial row, and a row's threads own distinct columns.
-        if (dweight != nullptr) dweight[j] += dy * xhat;
-        if (dbias != nullptr) dbias[j] += dy;
+      for_row_gradients<kVec>(args, base, split, vectorized, [&](int64_t j, const auto& dy, const auto& h) {
+#pragma unroll
+        for (int e = 0; e < piece_width<decltype(h)>; ++e) {
+          const acc_t xhat = (h[e] - mean) * rstd;
+          const acc_t g = args.weight != nullptr ? dy[e] * args.weight[j + e] : dy[e];
+          sum_g += g;
+          sum_g_xhat += g * xhat;
+          // Each slot owns its partial row, and a row's threads own distinct columns.
+          if (dweight != nullptr) dweight[j + e] += dy[e] * xhat;
+          if (dbias != nullptr) dbias[j + e] += dy[e];
+        }
       });
     }
     const acc_t mean_g = args.mean != nullptr ? row_sum(sum_g, split, &warp_sums[0]) * inv_n : acc_t(0);
@@ -375,36 +392,23 @@ __global__ void __launch_bounds__(kThreads, kBackwardMinBlocksPerSm<scalar_t>)
       const acc_t g = args.weight != nullptr ? dy * args.weight[j] : dy;
       return layer_norm_grad_h(g, xhat, rstd, mean_g, mean_g_xhat);
     };
-    if (vectorized) {  // the same walk as for_row_gradients, storing whole vectors
-      using XVec = AlignedVector<scalar_t, kVec>;
-      using HVec = AlignedVector<h_t, kVec>;
-      for (int64_t j = static_cast<int64_t>(split.lane()) * kVec; j < args.hidden; j += split.threads_per_row * kVec) {
-        const XVec dyv = load_vector<XVec>(args.dy + base + j);
-        const HVec hv = load_vector<HVec>(args.h + base + j);
-        HVec dhv{};
-        if (args.grad_h != nullptr) dhv = load_vector<HVec>(args.grad_h + base + j);
-        XVec dxv;
-        HVec drv;
+    for_row_gradients<kVec>(args, base, split, vectorized, [&](int64_t j, const auto& dy, const auto& h) {
+      constexpr int kWidth = piece_width<decltype(h)>;
+      AlignedVector<h_t, kWidth> dhv{};
+      if (args.grad_h != nullptr) dhv = load_vector<AlignedVector<h_t, kWidth>>(args.grad_h + base + j);
+      AlignedVector<scalar_t, kWidth> dxv;
+      AlignedVector<h_t, kWidth> drv;
 #pragma unroll
-        for (int e = 0; e < kVec; ++e) {
-          acc_t dh = grad_h(j + e, static_cast<acc_t>(dyv.value[e]), static_cast<acc_t>(hv.value[e]));
-          if (args.grad_h != nullptr) dh += static_cast<acc_t>(dhv.value[e]);
-          drv.value[e] = static_cast<h_t>(dh);
-          if (args.mask != nullptr) dh *= keep_factor(args.mask, base + j + e, args.scale);
-          dxv.value[e] = static_cast<scalar_t>(dh);
-        }
-        if (args.grad_residual != nullptr) store_vector(args.grad_residual + base + j, drv);
-        store_vector(args.grad_input + base + j, dxv);
+      for (int e = 0; e < kWidth; ++e) {
+        acc_t dh = grad_h(j + e, dy[e], h[e]);
+        if (args.grad_h != nullptr) dh += static_cast<acc_t>(dhv.value[e]);
+        drv.value[e] = static_cast<h_t>(dh);
+        if (args.mask != nullptr) dh *= keep_factor(args.mask, base + j + e, args.scale);
+        dxv.value[e] = static_cast<scalar_t>(dh);
       }
-    } else {
-      for_row_gradients<kVec>(args, base, split, false, [&](int64_t j, acc_t dy, acc_t h) {
-        acc_t dh = grad_h(j, dy, h);
-        if (args.grad_h != nullptr) dh += static_cast<acc_t>(args.grad_h[base + j]);
-        if (args.grad_residual != nullptr) args.grad_residual[base + j] = static_cast<h_t>(dh);
-        if (args.mask != nullptr) dh *= keep_factor(args.mask, base + j, args.scale);
-        args.grad_input[base + j] = static_cast<scalar_t>(dh);
-      });
-    }
+      if (args.grad_residual != nullptr) store_vector(args.grad_residual + base + j, drv);
+      store_vector(args.grad_input + base + j, dxv);
+    });
   }
 }
 

@@ -347,17 +347,12 @@ struct CallAverages {
   }
 };
 
-void check_cuda(const char* op, at::TensorList params) {
-  check_kernel_device(op, "CUDA", params, [](const at::Tensor& t) { return cuda::on_device(t); });
-}
-
-DeviceScalars device_scalars(const at::Tensor* lr, const c10::optional<at::Tensor>& grad_scale,
-                             const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef) {
+DeviceScalars device_scalars(const at::Tensor* lr, const StepExtras& extras) {
   auto pointer = [](const c10::optional<at::Tensor>& t) -> const float* {
     return t.has_value() ? t->const_data_ptr<float>() : nullptr;
   };
-  return {lr != nullptr ? lr->const_data_ptr<float>() : nullptr, pointer(grad_scale), pointer(found_inf),
-          pointer(clip_coef)};
+  return {lr != nullptr ? lr->const_data_ptr<float>() : nullptr, pointer(extras.grad_scale), pointer(extras.found_inf),
+          pointer(extras.clip_coef)};
 }
 
 // One kernel per table, for an average of type average_t (NoAverage: none).
@@ -401,125 +396,63 @@ void launch(std::vector<at::TensorList> lists, at::TensorList steps, const Funct
   }
 }
 
-void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
-              const at::Tensor* lr_tensor, double momentum, double dampening, double weight_decay, bool nesterov,
-              bool maximize, double l1, bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
-              const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
-              const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
-              const c10::optional<at::Tensor>& average_weights) {
-  constexpr const char* op = "sgd_step_";
-  check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1);
-  check_rounding(op, rounding, params);
-  check_averages(op, averages, average_weights, params);
-  if (params.empty()) return;
-  check_cuda(op, params);
-  check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
-  if (lr_tensor != nullptr) check_scalar_tensor(op, "lr", *lr_tensor, params[0].device());
-  const cuda::DeviceGuard guard(params[0].device());
-  const SGDCoefficients base = make_sgd_coefficients(lr, momentum, dampening, weight_decay, nesterov, maximize, l1,
-                                                     proximal, first_step);
-  const DeviceScalars scalars = device_scalars(lr_tensor, grad_scale, found_inf, clip_coef);
-  const float proximal_l1 = proximal ? static_cast<float>(l1) : 0.0f;
-  const CallAverages call_averages(averages, average_weights);
-  dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    if (momentum != 0.0) {
-      launch<scalar_t, 3>({params, grads, momentum_buffers}, {}, SGDFunctor<3>{base, proximal_l1, scalars}, rounding,
-                          call_averages);
-    } else {
-      launch<scalar_t, 2>({params, grads}, {}, SGDFunctor<2>{base, proximal_l1, scalars}, rounding, call_averages);
-    }
-  });
-}
+// The CUDA kernels of the step ops, on the arguments OptimizerEntries has
+// checked; a tensor lr is read on the device.
+struct CudaOptimizers {
+  static constexpr const char* kKernel = "CUDA";
 
-void sgd_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, double lr,
-                   double momentum, double dampening, double weight_decay, bool nesterov, bool maximize, double l1,
-                   bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
-                   const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
-                   const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
-                   const c10::optional<at::Tensor>& average_weights) {
-  sgd_step(params, grads, momentum_buffers, lr, nullptr, momentum, dampening, weight_decay, nesterov, maximize, l1,
-           proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights);
-}
+  static bool on_device(const at::Tensor& t) { return cuda::on_device(t); }
 
-void sgd_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers,
-                             const at::Tensor& lr, double momentum, double dampening, double weight_decay,
-                             bool nesterov, bool maximize, double l1, bool proximal, bool first_step,
-                             const c10::optional<at::Tensor>& grad_scale, const c10::optional<at::Tensor>& found_inf,
-                             const c10::optional<at::Tensor>& clip_coef, const c10::optional<at::Tensor>& rounding,
-                             const c10::optional<at::TensorList>& averages,
-                             const c10::optional<at::Tensor>& average_weights) {
-  sgd_step(params, grads, momentum_buffers, 0.0, &lr, momentum, dampening, weight_decay, nesterov, maximize, l1,
-           proximal, first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights);
-}
+  static double host_lr(const char*, const at::Tensor&) { return 0.0; }
 
-void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
-                at::TensorList max_exp_avg_sqs, at::TensorList state_steps, double lr, const at::Tensor* lr_tensor,
-                double beta1, double beta2, double eps, double weight_decay, double l2, double l1, bool proximal,
-                bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
-                const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
-                const c10::optional<at::Tensor>& average_weights) {
-  constexpr const char* op = "adamw_step_";
-  check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps,
-                        weight_decay, l2, l1, amsgrad);
-  check_rounding(op, rounding, params);
-  check_averages(op, averages, average_weights, params);
-  if (params.empty()) return;
-  check_cuda(op, params);
-  check_amp_and_clip(op, grad_scale, found_inf, clip_coef, params[0].device());
-  if (lr_tensor != nullptr) check_scalar_tensor(op, "lr", *lr_tensor, params[0].device());
-  const cuda::DeviceGuard guard(params[0].device());
-  const DeviceScalars scalars = device_scalars(lr_tensor, grad_scale, found_inf, clip_coef);
-  const CallAverages call_averages(averages, average_weights);
-  dispatch_optimizer_dtype(op, params[0].scalar_type(), [&](auto tag) {
-    using scalar_t = decltype(tag);
-    if (amsgrad) {
-      launch<scalar_t, 5>({params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs}, state_steps,
-                          AdamWFunctor<5>{lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize,
-                                          scalars}, rounding, call_averages);
-    } else {
-      launch<scalar_t, 4>({params, grads, exp_avgs, exp_avg_sqs}, state_steps,
-                          AdamWFunctor<4>{lr, beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize,
-                                          scalars}, rounding, call_averages);
-    }
-  });
-  // Count the step after the update has read the old count (same stream).
-  StepTable steps{};
-  for (size_t first = 0; first < state_steps.size(); first += StepTable::kMaxSteps) {
-    const int count = static_cast<int>(std::min<size_t>(StepTable::kMaxSteps, state_steps.size() - first));
-    for (int i = 0; i < count; ++i) steps.steps[i] = state_steps[first + i].mutable_data_ptr<float>();
-    cuda::launch(increment_steps_kernel, (count + 255) / 256, 256, 0, cuda::current_stream(), steps, count,
-                 scalars.found_inf);
-    REGOPS_KERNEL_LAUNCH_CHECK();
+  static const at::Tensor* device_lr(const at::Tensor& lr) { return &lr; }
+
+  static void sgd_step(const SGDStepArguments& a) {
+    const cuda::DeviceGuard guard(a.params[0].device());
+    const SGDCoefficients base = make_sgd_coefficients(a.lr, a.momentum, a.dampening, a.weight_decay, a.nesterov,
+                                                       a.maximize, a.l1, a.proximal, a.first_step);
+    const DeviceScalars scalars = device_scalars(a.lr_tensor, a.extras);
+    const float proximal_l1 = a.proximal ? static_cast<float>(a.l1) : 0.0f;
+    const CallAverages call_averages(a.extras.averages, a.extras.average_weights);
+    dispatch_optimizer_dtype("sgd_step_", a.params[0].scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      if (a.momentum != 0.0) {
+        launch<scalar_t, 3>({a.params, a.grads, a.momentum_buffers}, {}, SGDFunctor<3>{base, proximal_l1, scalars},
+                            a.extras.rounding, call_averages);
+      } else {
+        launch<scalar_t, 2>({a.params, a.grads}, {}, SGDFunctor<2>{base, proximal_l1, scalars}, a.extras.rounding,
+                            call_averages);
+      }
+    });
   }
-}
 
-void adamw_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                     at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
-                     double lr, double beta1, double beta2, double eps, double weight_decay, double l2, double l1,
-                     bool proximal, bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                     const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
-                     const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
-                     const c10::optional<at::Tensor>& average_weights) {
-  adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, nullptr, beta1, beta2, eps,
-             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages,
-             average_weights);
-}
-
-void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
-                               at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs,
-                               at::TensorList state_steps, const at::Tensor& lr, double beta1, double beta2,
-                               double eps, double weight_decay, double l2, double l1, bool proximal, bool amsgrad,
-                               bool maximize, const c10::optional<at::Tensor>& grad_scale,
-                               const c10::optional<at::Tensor>& found_inf,
-                               const c10::optional<at::Tensor>& clip_coef,
-                               const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
-                               const c10::optional<at::Tensor>& average_weights) {
-  adamw_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, 0.0, &lr, beta1, beta2, eps,
-             weight_decay, l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages,
-             average_weights);
-}
+  static void adamw_step(const AdamWStepArguments& a) {
+    const cuda::DeviceGuard guard(a.params[0].device());
+    const DeviceScalars scalars = device_scalars(a.lr_tensor, a.extras);
+    const CallAverages call_averages(a.extras.averages, a.extras.average_weights);
+    dispatch_optimizer_dtype("adamw_step_", a.params[0].scalar_type(), [&](auto tag) {
+      using scalar_t = decltype(tag);
+      if (a.amsgrad) {
+        launch<scalar_t, 5>({a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs}, a.state_steps,
+                            AdamWFunctor<5>{a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.l2, a.l1, a.proximal,
+                                            a.amsgrad, a.maximize, scalars}, a.extras.rounding, call_averages);
+      } else {
+        launch<scalar_t, 4>({a.params, a.grads, a.exp_avgs, a.exp_avg_sqs}, a.state_steps,
+                            AdamWFunctor<4>{a.lr, a.beta1, a.beta2, a.eps, a.weight_decay, a.l2, a.l1, a.proximal,
+                                            a.amsgrad, a.maximize, scalars}, a.extras.rounding, call_averages);
+      }
+    });
+    // Count the step after the update has read the old count (same stream).
+    StepTable steps{};
+    for (size_t first = 0; first < a.state_steps.size(); first += StepTable::kMaxSteps) {
+      const int count = static_cast<int>(std::min<size_t>(StepTable::kMaxSteps, a.state_steps.size() - first));
+      for (int i = 0; i < count; ++i) steps.steps[i] = a.state_steps[first + i].mutable_data_ptr<float>();
+      cuda::launch(increment_steps_kernel, (count + 255) / 256, 256, 0, cuda::current_stream(), steps, count,
+                   scalars.found_inf);
+      REGOPS_KERNEL_LAUNCH_CHECK();
+    }
+  }
+};
 
 // --- multi_tensor_norm: per-block float32 partial sums, then one block sums
 // them in block order, so the result does not depend on how many launches
@@ -529,7 +462,7 @@ void adamw_step_tensor_lr_cuda(at::TensorList params, at::TensorList grads, at::
 // (warp shuffles, then the warp sums in turn), valid in thread 0.
 __device__ __forceinline__ float block_sum(float value) {
   REGOPS_SHARED_ARRAY(float, warp_sums, [kThreads / 32]);
-  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_down_sync(0xFFFFFFFFu, value, offset);
+  value = warp_sum(value);
   if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = value;
   __syncthreads();
   float total = 0.0f;
@@ -601,10 +534,7 @@ at::Tensor multi_tensor_norm_cuda(at::TensorList tensors, bool squared) {
 }  // namespace
 
 REGOPS_CUDA_LIBRARY_IMPL(m) {
-  m.impl("sgd_step_", &sgd_step_cuda);
-  m.impl("sgd_step_.tensor_lr", &sgd_step_tensor_lr_cuda);
-  m.impl("adamw_step_", &adamw_step_cuda);
-  m.impl("adamw_step_.tensor_lr", &adamw_step_tensor_lr_cuda);
+  register_step_ops<CudaOptimizers>(m);
   m.impl("multi_tensor_norm", &multi_tensor_norm_cuda);
 }
 

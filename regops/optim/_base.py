@@ -32,18 +32,26 @@ TORCH_FLAG_DEFAULTS = {"maximize": False, "foreach": None, "differentiable": Fal
 _TORCH_NAMES = {"lr": "learning rate", "eps": "epsilon value"}
 
 
-def check_nonnegative(value, name: str, *, read_tensor: bool = True) -> None:
-    """A number >= 0, or a one-element floating-point tensor. A tensor's value
+def tensor_hyperparameter(value: torch.Tensor, name: str, rule: str, read_tensor: bool) -> float | None:
+    """The value of a hyperparameter given as a tensor, which must hold one
+    floating-point element (torch's words, then regops' ``rule``). The value
     is read only with ``read_tensor`` (at construction): in ``step()`` that
     read would wait for the device every step, so there only its size and
-    dtype are checked."""
+    dtype are checked and the result is None."""
+    if value.numel() != 1 or not value.is_floating_point():
+        raise ValueError(f"Tensor {name} must be 1-element: {rule}, got a {value.dtype} tensor of {value.numel()} "
+                         "elements")
+    return float(value) if read_tensor else None
+
+
+def check_nonnegative(value, name: str, *, read_tensor: bool = True) -> None:
+    """A number >= 0, or a one-element floating-point tensor (its value
+    checked with ``read_tensor`` only, see tensor_hyperparameter)."""
     if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or not value.is_floating_point():
-            raise ValueError(f"Tensor {name} must be 1-element: {name} must be a float or a one-element "
-                             f"floating-point tensor, got a {value.dtype} tensor of {value.numel()} elements")
-        if not read_tensor:
+        value = tensor_hyperparameter(value, name, f"{name} must be a float or a one-element floating-point tensor",
+                                      read_tensor)
+        if value is None:
             return
-        value = float(value)
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
         words = _TORCH_NAMES.get(name, f"{name} value")
         raise ValueError(f"Invalid {words}: {value!r} ({name} must be a number >= 0)")

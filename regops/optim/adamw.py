@@ -9,7 +9,7 @@ import torch
 
 from regops.ops.optim import adamw_step_
 from regops.optim._base import (ParamsT, PenalizedOptimizer, check_bool, check_l1_mode, check_max_grad_norm,
-                                check_nonnegative)
+                                check_nonnegative, tensor_hyperparameter)
 from regops.optim.averaging import check_averaging
 
 
@@ -91,12 +91,10 @@ class AdamW(PenalizedOptimizer):
             raise ValueError("betas must be either both floats or both Tensors")
         for index, beta in enumerate(betas):
             if isinstance(beta, torch.Tensor):
-                if beta.numel() != 1 or not beta.is_floating_point():
-                    raise ValueError(f"Tensor betas[{index}] must be 1-element: a one-element floating-point "
-                                     f"tensor, got a {beta.dtype} tensor of {beta.numel()} elements")
-                if not read_tensors:
+                beta = tensor_hyperparameter(beta, f"betas[{index}]", "a one-element floating-point tensor",
+                                             read_tensors)
+                if beta is None:
                     continue
-                beta = float(beta)
             if isinstance(beta, bool) or not isinstance(beta, numbers.Real) or not 0.0 <= beta < 1.0:
                 raise ValueError(f"Invalid beta parameter at index {index}: {beta!r} (betas[{index}] must be in "
                                  "[0, 1))")

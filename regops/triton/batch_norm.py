@@ -132,6 +132,17 @@ def _program_run(inner, inner_per_program, BLOCK_I: tl.constexpr):
 
 
 @triton.jit
+def _elementwise_program(outer, channels, inner, rows_per_program, inner_per_program, BLOCK_C: tl.constexpr,
+                         BLOCK_I: tl.constexpr):
+    """The slice of an elementwise pass's program: its channel block
+    (_program_channels), rows [o_begin, o_end) and run [i_begin, i_end)."""
+    c_start, c, valid_c = _program_channels(channels, BLOCK_C)
+    o_begin, o_end = _program_rows(outer, rows_per_program)
+    i_begin, i_end = _program_run(inner, inner_per_program, BLOCK_I)
+    return c_start, c, valid_c, o_begin, o_end, i_begin, i_end
+
+
+@triton.jit
 def _channel_row(pointer, row, channels, c, valid):
     """Row `row` (C values) of a per-channel coefficient tensor, as a
     [1, BLOCK_C, 1] tile factor."""
@@ -251,9 +262,8 @@ def _normalize_kernel(x_ptr, z_ptr, y_ptr, coefficient_ptr, outer, channels, inn
                       BLOCK_I: tl.constexpr):
     """y = act(x * scale + shift [+ z]): one FMA per element (then the add
     and the ReLU)."""
-    c_start, c, valid_c = _program_channels(channels, BLOCK_C)
-    o_begin, o_end = _program_rows(outer, rows_per_program)
-    i_begin, i_end = _program_run(inner, inner_per_program, BLOCK_I)
+    c_start, c, valid_c, o_begin, o_end, i_begin, i_end = _elementwise_program(
+        outer, channels, inner, rows_per_program, inner_per_program, BLOCK_C, BLOCK_I)
     scale = _channel_row(coefficient_ptr, 0, channels, c, valid_c)
     shift = _channel_row(coefficient_ptr, 1, channels, c, valid_c)
     for o_start in range(o_begin, o_end, BLOCK_O):
@@ -356,9 +366,8 @@ def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, coefficient_ptr, outer, 
     by the ReLU (RELU false: dy is already masked, or there is no ReLU).
     Eval has b = c = 0 and skips both, so a NaN or infinite input element
     does not turn its gradient NaN (torch's eval backward is dy * a)."""
-    c_start, c, valid_c = _program_channels(channels, BLOCK_C)
-    o_begin, o_end = _program_rows(outer, rows_per_program)
-    i_begin, i_end = _program_run(inner, inner_per_program, BLOCK_I)
+    c_start, c, valid_c, o_begin, o_end, i_begin, i_end = _elementwise_program(
+        outer, channels, inner, rows_per_program, inner_per_program, BLOCK_C, BLOCK_I)
     dy_scale = _channel_row(coefficient_ptr, 0, channels, c, valid_c)
     if TRAINING:
         mean = tl.load(mean_ptr + c, mask=valid_c, other=0.0)[None, :, None]

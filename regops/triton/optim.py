@@ -430,24 +430,29 @@ class _StepArguments(NamedTuple):
         factor, skip = _gradient_factor_and_skip(params[0].device, grad_scale, found_inf, clip_coef)
         return cls(rounding, stochastic, averages, weights, average, average_dtype, factor, skip)
 
+    def launch(self, kernel, lists, own_factor, lr64, l1, *arguments, **constexprs) -> None:
+        """_launch_step of ``kernel`` over ``lists`` and the averages: the
+        step scalars (_step_scalars), ``arguments``, then the rounding and
+        averaging arguments and flags."""
+        _launch_step(kernel, [*lists, self.averages], _step_scalars(own_factor, lr64, l1, self.factor, self.skip),
+                     *arguments, self.rounding, self.weights, STOCHASTIC=self.stochastic, AVERAGE=self.average,
+                     AVG_DTYPE=self.average_dtype, **constexprs)
+
 
 def _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
-         first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights):
+         first_step, grad_scale=None, found_inf=None, clip_coef=None, rounding=None, averages=None,
+         average_weights=None) -> None:
     _checks.check_sgd_arguments(params, grads, momentum_buffers, lr, momentum, weight_decay, l1, grad_scale, found_inf,
                                 clip_coef)
     step = _StepArguments.of("sgd_step_", params, rounding, averages, average_weights, grad_scale, found_inf,
                              clip_coef)
     if step is None:
         return
-    rounding, stochastic, averages, weights, average, average_dtype, factor, skip = step
-    device = params[0].device
-    lr64 = _scalar(lr, device)
-    _launch_step(
-        _sgd_kernel, [params, grads, momentum_buffers if momentum != 0 else params, averages],
-        _step_scalars(lr64, lr64, l1, factor, skip),
-        float(momentum), float(1.0 - dampening), float(weight_decay), 0.0 if proximal else float(l1), rounding, weights,
-        MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov, MAXIMIZE=maximize, PROXIMAL=proximal,
-        STOCHASTIC=stochastic, AVERAGE=average, AVG_DTYPE=average_dtype)
+    lr64 = _scalar(lr, params[0].device)
+    step.launch(_sgd_kernel, [params, grads, momentum_buffers if momentum != 0 else params], lr64, lr64, l1,
+                float(momentum), float(1.0 - dampening), float(weight_decay), 0.0 if proximal else float(l1),
+                MOMENTUM=momentum != 0, FIRST_STEP=first_step, NESTEROV=nesterov, MAXIMIZE=maximize,
+                PROXIMAL=proximal)
 
 
 def _native_schema(name: str, overload: str = "default") -> str:
@@ -458,83 +463,42 @@ def _native_schema(name: str, overload: str = "default") -> str:
     return schema[schema.index("("):]
 
 
-@torch.library.custom_op("regops::triton_sgd_step_", mutates_args={"params", "momentum_buffers", "averages"},
-                         schema=_native_schema("sgd_step_"))
-def sgd_step_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-              lr: float, momentum: float, dampening: float, weight_decay: float, nesterov: bool, maximize: bool,
-              l1: float, proximal: bool, first_step: bool, grad_scale: torch.Tensor | None = None,
-              found_inf: torch.Tensor | None = None, clip_coef: torch.Tensor | None = None,
-              rounding: torch.Tensor | None = None, averages: list[torch.Tensor] | None = None,
-              average_weights: torch.Tensor | None = None) -> None:
-    _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
-         first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
-
-
-@torch.library.custom_op("regops::triton_sgd_step_tensor_lr_", mutates_args={"params", "momentum_buffers", "averages"},
-                         schema=_native_schema("sgd_step_", "tensor_lr"))
-def sgd_step_tensor_lr_(params: list[torch.Tensor], grads: list[torch.Tensor], momentum_buffers: list[torch.Tensor],
-                        lr: torch.Tensor, momentum: float, dampening: float, weight_decay: float, nesterov: bool,
-                        maximize: bool, l1: float, proximal: bool, first_step: bool,
-                        grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-                        clip_coef: torch.Tensor | None = None, rounding: torch.Tensor | None = None,
-                        averages: list[torch.Tensor] | None = None,
-                        average_weights: torch.Tensor | None = None) -> None:
-    _sgd(params, grads, momentum_buffers, lr, momentum, dampening, weight_decay, nesterov, maximize, l1, proximal,
-         first_step, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
+# One Python body per optimizer serves both overloads: the native schema
+# (float or tensor lr) is the signature.
+_SGD_MUTATES = {"params", "momentum_buffers", "averages"}
+sgd_step_ = torch.library.custom_op("regops::triton_sgd_step_", _sgd, mutates_args=_SGD_MUTATES,
+                                    schema=_native_schema("sgd_step_"))
+sgd_step_tensor_lr_ = torch.library.custom_op("regops::triton_sgd_step_tensor_lr_", _sgd, mutates_args=_SGD_MUTATES,
+                                              schema=_native_schema("sgd_step_", "tensor_lr"))
 
 
 def _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
-           l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages,
-           average_weights):
+           l2, l1, proximal, amsgrad, maximize, grad_scale=None, found_inf=None, clip_coef=None, rounding=None,
+           averages=None, average_weights=None) -> None:
     _checks.check_adamw_arguments(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2,
                                   eps, weight_decay, l2, l1, amsgrad, grad_scale, found_inf, clip_coef)
     step = _StepArguments.of("adamw_step_", params, rounding, averages, average_weights, grad_scale, found_inf,
                              clip_coef)
     if step is None:
         return
-    rounding, stochastic, averages, weights, average, average_dtype, factor, skip = step
-    device = params[0].device
     # The steps are counted first (unless skipped), as torch does; the bias
     # corrections use the new count, in float64 as torch does on the host.
-    torch._foreach_add_(state_steps, 1.0 - skip)
+    torch._foreach_add_(state_steps, 1.0 - step.skip)
     steps = torch.stack([s.reshape(()) for s in state_steps]).to(torch.float64)
-    lr64 = _scalar(lr, device)
+    lr64 = _scalar(lr, params[0].device)
     per_tensor = torch.cat([lr64 / (1 - beta1 ** steps), torch.sqrt(1 - beta2 ** steps)]).float()
-    _launch_step(
-        _adamw_kernel, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else params, averages],
-        _step_scalars(1 - lr64 * weight_decay, lr64, l1, factor, skip), per_tensor,
-        float(1.0 - beta1), float(beta2), float(1.0 - beta2), float(eps), float(l2), 0.0 if proximal else float(l1),
-        rounding, weights, AMSGRAD=amsgrad, MAXIMIZE=maximize, PROXIMAL=proximal, STOCHASTIC=stochastic,
-        AVERAGE=average, AVG_DTYPE=average_dtype)
+    step.launch(_adamw_kernel, [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs if amsgrad else params],
+                1 - lr64 * weight_decay, lr64, l1, per_tensor, float(1.0 - beta1), float(beta2), float(1.0 - beta2),
+                float(eps), float(l2), 0.0 if proximal else float(l1), AMSGRAD=amsgrad, MAXIMIZE=maximize,
+                PROXIMAL=proximal)
 
 
 _ADAMW_MUTATES = {"params", "exp_avgs", "exp_avg_sqs", "max_exp_avg_sqs", "state_steps", "averages"}
-
-
-@torch.library.custom_op("regops::triton_adamw_step_", mutates_args=_ADAMW_MUTATES,
-                         schema=_native_schema("adamw_step_"))
-def adamw_step_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
-                state_steps: list[torch.Tensor], lr: float, beta1: float, beta2: float, eps: float,
-                weight_decay: float, l2: float, l1: float, proximal: bool, amsgrad: bool, maximize: bool,
-                grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-                clip_coef: torch.Tensor | None = None, rounding: torch.Tensor | None = None,
-                averages: list[torch.Tensor] | None = None, average_weights: torch.Tensor | None = None) -> None:
-    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
-           l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
-
-
-@torch.library.custom_op("regops::triton_adamw_step_tensor_lr_", mutates_args=_ADAMW_MUTATES,
-                         schema=_native_schema("adamw_step_", "tensor_lr"))
-def adamw_step_tensor_lr_(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                          exp_avg_sqs: list[torch.Tensor], max_exp_avg_sqs: list[torch.Tensor],
-                          state_steps: list[torch.Tensor], lr: torch.Tensor, beta1: float, beta2: float, eps: float,
-                          weight_decay: float, l2: float, l1: float, proximal: bool, amsgrad: bool, maximize: bool,
-                          grad_scale: torch.Tensor | None = None, found_inf: torch.Tensor | None = None,
-                          clip_coef: torch.Tensor | None = None, rounding: torch.Tensor | None = None,
-                averages: list[torch.Tensor] | None = None, average_weights: torch.Tensor | None = None) -> None:
-    _adamw(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, lr, beta1, beta2, eps, weight_decay,
-           l2, l1, proximal, amsgrad, maximize, grad_scale, found_inf, clip_coef, rounding, averages, average_weights)
+adamw_step_ = torch.library.custom_op("regops::triton_adamw_step_", _adamw, mutates_args=_ADAMW_MUTATES,
+                                      schema=_native_schema("adamw_step_"))
+adamw_step_tensor_lr_ = torch.library.custom_op("regops::triton_adamw_step_tensor_lr_", _adamw,
+                                                mutates_args=_ADAMW_MUTATES,
+                                                schema=_native_schema("adamw_step_", "tensor_lr"))
 
 
 @torch.library.custom_op("regops::triton_multi_tensor_norm", mutates_args=())

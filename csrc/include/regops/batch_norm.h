@@ -60,6 +60,21 @@ REGOPS_INLINE acc_t batch_norm_masked_grad(acc_t dy, acc_t x, acc_t z, BatchNorm
   return (relu && x * affine.scale + affine.shift + z <= acc_t(0)) ? acc_t(0) : dy;
 }
 
+// Two per-channel sums a pass accumulates, added in pairs: the shifted
+// statistics (sum(x - s), sum((x - s)^2)) or the backward's gradient sums
+// (first: sum_dy = sum(g), second: sum_dy_xmu = sum(g * (x - mean))).
+template <typename acc_t>
+struct SumPair {
+  using value_type = acc_t;
+  acc_t first;
+  acc_t second;
+};
+
+template <typename acc_t>
+REGOPS_INLINE SumPair<acc_t> add_pairs(SumPair<acc_t> a, SumPair<acc_t> b) {
+  return SumPair<acc_t>{a.first + b.first, a.second + b.second};
+}
+
 template <typename acc_t>
 struct BatchNormBackwardCoefficients {
   acc_t dy_scale;

@@ -1,12 +1,16 @@
 // Host side of the batch norm entry points shared by the CPU and CUDA
-// implementations: the working layout and geometry of the input, and the
-// argument checks, so both backends see inputs the same way and reject the
-// same inputs with the same words. Plain ATen, compiled by g++ and nvcc alike.
+// implementations: the working layout and geometry of the input, the
+// argument checks and the entry points themselves (BatchNormEntries), so
+// both backends see inputs the same way and reject the same inputs with the
+// same words. Plain ATen, compiled by g++ and nvcc alike.
 #pragma once
+
+#include <torch/library.h>
 
 #include "regops/aten.h"
 
 #include <optional>
+#include <tuple>
 
 #include "regops/batch_norm.h"
 
@@ -137,6 +141,14 @@ inline void check_normalization_tensors(const at::Tensor& input, const at::Tenso
   check_optional_channel_tensor(bias, input, "bias", op);
 }
 
+// Those tensors, as the kernels of the elementwise passes take them.
+struct NormalizationTensors {
+  const at::Tensor& mean;
+  const at::Tensor& invstd;
+  const std::optional<at::Tensor>& weight;
+  const std::optional<at::Tensor>& bias;
+};
+
 inline void check_elementwise_arguments(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
                                         const std::optional<at::Tensor>& weight,
                                         const std::optional<at::Tensor>& bias, const char* op) {
@@ -196,6 +208,92 @@ inline void check_backward_arguments(const at::Tensor& grad_out, const at::Tenso
   check_channel_tensor(save_mean, input, "save_mean", op);
   check_channel_tensor(save_invstd, input, "save_invstd", op);
   check_residual(residual, input, op);
+}
+
+// ---- the entry points, written once for every backend -----------------------------
+
+// The registered functions of the batch norm ops. Each checks its arguments,
+// makes the input's device current (Backend::Guard: cuda::DeviceGuard, or
+// nothing on the CPU), brings the input, grad_out and residual into the
+// working layout and calls the backend's kernels, the function of the op's
+// name that takes a Backend first (found by argument-dependent lookup), with
+// the op's arguments: the input as a BatchNormInput, grad_out as dy, the
+// residual as z (undefined without one) and the elementwise passes'
+// per-channel tensors as NormalizationTensors.
+template <typename Backend>
+struct BatchNormEntries {
+  static std::tuple<at::Tensor, at::Tensor> stats(const at::Tensor& input) {
+    check_batch_norm_input(input, "batch_norm_stats");
+    const typename Backend::Guard guard(input.device());
+    return batch_norm_stats(Backend{}, prepare_batch_norm_input(input));
+  }
+
+  static at::Tensor elementwise(const at::Tensor& input, const at::Tensor& mean, const at::Tensor& invstd,
+                                const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                bool relu) {
+    check_elementwise_arguments(input, mean, invstd, weight, bias, "batch_norm_elementwise");
+    const typename Backend::Guard guard(input.device());
+    return batch_norm_elementwise(Backend{}, prepare_batch_norm_input(input), {mean, invstd, weight, bias}, relu);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out, const at::Tensor& input,
+                                                            const at::Tensor& mean, const at::Tensor& invstd,
+                                                            const std::optional<at::Tensor>& weight,
+                                                            const std::optional<at::Tensor>& bias, bool relu) {
+    check_backward_reduce_arguments(grad_out, input, mean, invstd, weight, bias, "batch_norm_backward_reduce");
+    const typename Backend::Guard guard(input.device());
+    const BatchNormInput p = prepare_batch_norm_input(input);
+    return batch_norm_backward_reduce(Backend{}, p, grad_out.contiguous(p.format), {mean, invstd, weight, bias},
+                                      relu);
+  }
+
+  static at::Tensor backward_elementwise(const at::Tensor& grad_out, const at::Tensor& input, const at::Tensor& mean,
+                                         const at::Tensor& invstd, const std::optional<at::Tensor>& weight,
+                                         const std::optional<at::Tensor>& bias, const at::Tensor& sum_dy,
+                                         const at::Tensor& sum_dy_xmu, int64_t count, bool relu) {
+    check_backward_elementwise_arguments(grad_out, input, mean, invstd, weight, bias, sum_dy, sum_dy_xmu, count,
+                                         "batch_norm_backward_elementwise");
+    const typename Backend::Guard guard(input.device());
+    const BatchNormInput p = prepare_batch_norm_input(input);
+    return batch_norm_backward_elementwise(Backend{}, p, grad_out.contiguous(p.format), {mean, invstd, weight, bias},
+                                           sum_dy, sum_dy_xmu, count, relu);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> forward(
+      const at::Tensor& input, const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+      const std::optional<at::Tensor>& running_mean, const std::optional<at::Tensor>& running_var, bool training,
+      double eps, bool relu, const std::optional<at::Tensor>& residual) {
+    check_forward_arguments(input, weight, bias, running_mean, running_var, training, residual, "batch_norm_forward");
+    const typename Backend::Guard guard(input.device());
+    const BatchNormInput p = prepare_batch_norm_input(input);
+    return batch_norm_forward(Backend{}, p, prepare_residual(residual, p), weight, bias, running_mean, running_var,
+                              training, eps, relu);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
+      const at::Tensor& grad_out, const at::Tensor& input, const std::optional<at::Tensor>& weight,
+      const std::optional<at::Tensor>& bias, const at::Tensor& save_mean, const at::Tensor& save_invstd,
+      bool training, bool relu, const std::optional<at::Tensor>& residual) {
+    check_backward_arguments(grad_out, input, weight, bias, save_mean, save_invstd, residual, "batch_norm_backward");
+    const typename Backend::Guard guard(input.device());
+    const BatchNormInput p = prepare_batch_norm_input(input);
+    const at::Tensor dy = grad_out.contiguous(p.format);
+    return batch_norm_backward(Backend{}, p, dy, prepare_residual(residual, p), weight, bias, save_mean, save_invstd,
+                               training, relu);
+  }
+};
+
+// The batch norm ops' registrations with Backend's kernels, for the
+// backend's TORCH_LIBRARY_IMPL block.
+template <typename Backend>
+void register_batch_norm(torch::Library& m) {
+  using Entries = BatchNormEntries<Backend>;
+  m.impl("batch_norm_forward", &Entries::forward);
+  m.impl("batch_norm_backward", &Entries::backward);
+  m.impl("batch_norm_stats", &Entries::stats);
+  m.impl("batch_norm_elementwise", &Entries::elementwise);
+  m.impl("batch_norm_backward_reduce", &Entries::backward_reduce);
+  m.impl("batch_norm_backward_elementwise", &Entries::backward_elementwise);
 }
 
 }  // namespace regops

@@ -1,5 +1,6 @@
 // Small helpers shared by the CUDA kernels: aligned vectors for 16-byte
-// loads and stores, the alignment check that selects them, and a grid size
+// loads and stores, the alignment check that selects them, the warp sum of
+// the deterministic reductions, and a grid size
 // that fills the device without oversubscribing it (kernels use grid-stride
 // loops with int64 indices).
 #pragma once
@@ -48,6 +49,15 @@ inline bool can_vectorize(std::initializer_list<const void*> pointers) {
     if (!is_aligned<16>(pointer)) return false;
   }
   return true;
+}
+
+// The sum of value over the 32 lanes of a warp by a fixed shuffle-down tree
+// (the same order in every run), valid in lane 0.
+template <typename T>
+__device__ __forceinline__ T warp_sum(T value) {
+#pragma unroll
+  for (int delta = 16; delta > 0; delta /= 2) value += __shfl_down_sync(0xffffffffu, value, delta);
+  return value;
 }
 
 // Blocks for a grid-stride loop of `kernel` over work_items threads' worth

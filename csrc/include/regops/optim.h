@@ -38,18 +38,15 @@ REGOPS_INLINE double sqrt_of(double x) { return sqrt(x); }
 // multiply-add: nvcc contracts a * b + c into an FMA by default, which
 // rounds once where the reference (and the CPU kernel, compiled without
 // contraction) rounds twice, so that stochastic rounding of the result would
-// draw different bits on a GPU. __fmul_rn is never contracted.
-REGOPS_INLINE float mul_rn(float a, float b) {
+// draw different bits on a GPU. __fmul_rn and __dmul_rn are never contracted.
+template <typename Real>
+REGOPS_INLINE Real mul_rn(Real a, Real b) {
 #if defined(__CUDA_ARCH__)
-  return __fmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
-REGOPS_INLINE double mul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
+  if constexpr (sizeof(Real) == sizeof(float)) {
+    return __fmul_rn(a, b);
+  } else {
+    return __dmul_rn(a, b);
+  }
 #else
   return a * b;
 #endif

@@ -2,6 +2,8 @@
 // argument checks and the per-call coefficients of optim.h.
 #pragma once
 
+#include <torch/library.h>
+
 #include "regops/aten.h"
 #include <c10/util/Optional.h>
 
@@ -177,6 +179,118 @@ inline void check_adamw_arguments(at::TensorList params, at::TensorList grads, a
   TORCH_CHECK(beta1 >= 0.0 && beta1 < 1.0 && beta2 >= 0.0 && beta2 < 1.0,
               "regops adamw_step_: betas must be in [0, 1), got (", beta1, ", ", beta2, ")");
   TORCH_CHECK(eps >= 0.0, "regops adamw_step_: eps must be >= 0, got ", eps);
+}
+
+// What both step ops take after their own arguments: AMP's gradient scale
+// and skip flag, the clipping coefficient, the stochastic rounding key and
+// the weight averages.
+struct StepExtras {
+  const c10::optional<at::Tensor>& grad_scale;
+  const c10::optional<at::Tensor>& found_inf;
+  const c10::optional<at::Tensor>& clip_coef;
+  const c10::optional<at::Tensor>& rounding;
+  const c10::optional<at::TensorList>& averages;
+  const c10::optional<at::Tensor>& average_weights;
+};
+
+// The checks of sgd_step_ and adamw_step_ that follow the op's own
+// (check_sgd_arguments, check_adamw_arguments) on every backend: rounding
+// and averages and, with parameters, the kernel's device (on_device, as in
+// check_kernel_device), the AMP and clipping scalars and a tensor lr (null
+// where the kernel takes lr as a float).
+template <typename OnDevice>
+inline void check_step_call(const char* op, const char* kernel, OnDevice on_device, at::TensorList params,
+                            const at::Tensor* lr_tensor, const StepExtras& extras) {
+  check_rounding(op, extras.rounding, params);
+  check_averages(op, extras.averages, extras.average_weights, params);
+  if (params.empty()) return;
+  check_kernel_device(op, kernel, params, on_device);
+  check_amp_and_clip(op, extras.grad_scale, extras.found_inf, extras.clip_coef, params[0].device());
+  if (lr_tensor != nullptr) check_scalar_tensor(op, "lr", *lr_tensor, params[0].device());
+}
+
+// The arguments of sgd_step_ and adamw_step_ (either overload) as a
+// backend's kernels take them: lr is the float lr, or 0 with lr_tensor where
+// the kernels read a tensor lr on the device.
+struct SGDStepArguments {
+  at::TensorList params, grads, momentum_buffers;
+  double lr;
+  const at::Tensor* lr_tensor;
+  double momentum, dampening, weight_decay;
+  bool nesterov, maximize;
+  double l1;
+  bool proximal, first_step;
+  StepExtras extras;
+};
+
+struct AdamWStepArguments {
+  at::TensorList params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps;
+  double lr;
+  const at::Tensor* lr_tensor;
+  double beta1, beta2, eps, weight_decay, l2, l1;
+  bool proximal, amsgrad, maximize;
+  StepExtras extras;
+};
+
+// The registered functions of sgd_step_ and adamw_step_, written once for
+// every backend; Lr is double, or const at::Tensor& for the tensor_lr
+// overloads. Each checks its arguments and calls Backend::sgd_step or
+// Backend::adamw_step with them when there are parameters. Backend has
+// kKernel (its name in errors), on_device (where its kernels run), and
+// host_lr and device_lr: a tensor lr as the float the kernels take (checked,
+// read on the host) or as the tensor they read (null).
+template <typename Backend>
+struct OptimizerEntries {
+  template <typename Lr>
+  static void sgd_step(at::TensorList params, at::TensorList grads, at::TensorList momentum_buffers, Lr lr,
+                       double momentum, double dampening, double weight_decay, bool nesterov, bool maximize,
+                       double l1, bool proximal, bool first_step, const c10::optional<at::Tensor>& grad_scale,
+                       const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                       const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                       const c10::optional<at::Tensor>& average_weights) {
+    constexpr const char* op = "sgd_step_";
+    const SGDStepArguments a{params, grads, momentum_buffers, host_lr(op, lr), device_lr(lr), momentum, dampening,
+                             weight_decay, nesterov, maximize, l1, proximal, first_step,
+                             StepExtras{grad_scale, found_inf, clip_coef, rounding, averages, average_weights}};
+    check_sgd_arguments(a.params, a.grads, a.momentum_buffers, a.lr, a.momentum, a.weight_decay, a.l1);
+    check_step_call(op, Backend::kKernel, Backend::on_device, a.params, a.lr_tensor, a.extras);
+    if (!a.params.empty()) Backend::sgd_step(a);
+  }
+
+  template <typename Lr>
+  static void adamw_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
+                         at::TensorList exp_avg_sqs, at::TensorList max_exp_avg_sqs, at::TensorList state_steps,
+                         Lr lr, double beta1, double beta2, double eps, double weight_decay, double l2, double l1,
+                         bool proximal, bool amsgrad, bool maximize, const c10::optional<at::Tensor>& grad_scale,
+                         const c10::optional<at::Tensor>& found_inf, const c10::optional<at::Tensor>& clip_coef,
+                         const c10::optional<at::Tensor>& rounding, const c10::optional<at::TensorList>& averages,
+                         const c10::optional<at::Tensor>& average_weights) {
+    constexpr const char* op = "adamw_step_";
+    const AdamWStepArguments a{params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, state_steps, host_lr(op, lr),
+                               device_lr(lr), beta1, beta2, eps, weight_decay, l2, l1, proximal, amsgrad, maximize,
+                               StepExtras{grad_scale, found_inf, clip_coef, rounding, averages, average_weights}};
+    check_adamw_arguments(a.params, a.grads, a.exp_avgs, a.exp_avg_sqs, a.max_exp_avg_sqs, a.state_steps, a.lr,
+                          a.beta1, a.beta2, a.eps, a.weight_decay, a.l2, a.l1, a.amsgrad);
+    check_step_call(op, Backend::kKernel, Backend::on_device, a.params, a.lr_tensor, a.extras);
+    if (!a.params.empty()) Backend::adamw_step(a);
+  }
+
+ private:
+  static double host_lr(const char*, double lr) { return lr; }
+  static double host_lr(const char* op, const at::Tensor& lr) { return Backend::host_lr(op, lr); }
+  static const at::Tensor* device_lr(double) { return nullptr; }
+  static const at::Tensor* device_lr(const at::Tensor& lr) { return Backend::device_lr(lr); }
+};
+
+// The step ops' registrations with Backend's kernels, for the backend's
+// TORCH_LIBRARY_IMPL block.
+template <typename Backend>
+void register_step_ops(torch::Library& m) {
+  using Entries = OptimizerEntries<Backend>;
+  m.impl("sgd_step_", &Entries::template sgd_step<double>);
+  m.impl("sgd_step_.tensor_lr", &Entries::template sgd_step<const at::Tensor&>);
+  m.impl("adamw_step_", &Entries::template adamw_step<double>);
+  m.impl("adamw_step_.tensor_lr", &Entries::template adamw_step<const at::Tensor&>);
 }
 
 // multi_tensor_norm's inputs: one device and dtype, strided. Returns them

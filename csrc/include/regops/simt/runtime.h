@@ -82,6 +82,17 @@ inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
 
 // ---- atomics: real atomics (blocks may run in parallel), relaxed as on the GPU -----------
 
+// atomicMax and atomicMin: stores value while replaces(old, value) holds for
+// the value in memory; returns the value it replaced (or kept).
+template <typename T, typename Replaces>
+inline T atomic_replace_while(T* address, T value, Replaces replaces) {
+  T old = __atomic_load_n(address, __ATOMIC_RELAXED);
+  while (replaces(old, value) &&
+         !__atomic_compare_exchange_n(address, &old, value, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) {
+  }
+  return old;
+}
+
 #define REGOPS_SIMT_INTEGER_ATOMICS(T)                                                                 \
   inline T atomicAdd(T* address, T value) { return __atomic_fetch_add(address, value, __ATOMIC_RELAXED); } \
   inline T atomicSub(T* address, T value) { return __atomic_fetch_sub(address, value, __ATOMIC_RELAXED); } \
@@ -94,18 +105,10 @@ inline void __threadfence_block() { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
     return compare;                                                                                    \
   }                                                                                                    \
   inline T atomicMax(T* address, T value) {                                                            \
-    T old = __atomic_load_n(address, __ATOMIC_RELAXED);                                                \
-    while (old < value &&                                                                              \
-           !__atomic_compare_exchange_n(address, &old, value, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { \
-    }                                                                                                  \
-    return old;                                                                                        \
+    return atomic_replace_while(address, value, [](T old, T v) { return old < v; });                  \
   }                                                                                                    \
   inline T atomicMin(T* address, T value) {                                                            \
-    T old = __atomic_load_n(address, __ATOMIC_RELAXED);                                                \
-    while (value < old &&                                                                              \
-           !__atomic_compare_exchange_n(address, &old, value, true, __ATOMIC_RELAXED, __ATOMIC_RELAXED)) { \
-    }                                                                                                  \
-    return old;                                                                                        \
+    return atomic_replace_while(address, value, [](T old, T v) { return v < old; });                  \
   }
 REGOPS_SIMT_INTEGER_ATOMICS(int)
 REGOPS_SIMT_INTEGER_ATOMICS(unsigned)
