@@ -142,6 +142,22 @@ def _no_leaked_backend():
     regops.set_backend(None)
 
 
+@pytest.fixture
+def small_triton_optim_programs(monkeypatch):
+    """Under the Triton interpreter, optimizer programs of 512 elements in
+    blocks of 256 (instead of 4096 in blocks of 1024): the interpreter runs
+    every block of a program in Python, masked or not, so small tensors cost
+    as much as 4096 elements each. The kernels read both sizes per launch;
+    tensors past 512 elements still span several programs, whole ones
+    (unmasked) and a masked tail, and the random rule depends on the element
+    index only."""
+    if os.environ.get("TRITON_INTERPRET") == "1" and "triton" in regops.available_backends():
+        from regops.triton import optim
+
+        monkeypatch.setattr(optim, "CHUNK", 512)
+        monkeypatch.setattr(optim, "BLOCK", 256)
+
+
 def triton_interpreted(backend: str, device) -> bool:
     return backend == "triton" and torch.device(device).type == "cpu"
 

@@ -12,6 +12,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 import regops
 from conftest import cuda_simulated, triton_interpreted
 
+pytestmark = pytest.mark.usefixtures("small_triton_optim_programs")
 CLASSES = {"sgd": regops.optim.SGD, "adamw": regops.optim.AdamW}
 BASE = {"sgd": dict(lr=0.05, momentum=0.9, weight_decay=0.01), "adamw": dict(lr=1e-2, weight_decay=0.1)}
 EMA_DECAY, SWA_START = 0.9, 4
@@ -26,9 +27,9 @@ def _set_grads(params, gen):
         p.grad = torch.randn(p.shape, generator=gen).to(p.device, p.dtype)
 
 
-def _groups(params):
+def _groups(params, swa_start=SWA_START):
     """EMA, SWA and no averaging, one param group each."""
-    return [{"params": params[0::3], "ema_decay": EMA_DECAY}, {"params": params[1::3], "swa_start": SWA_START},
+    return [{"params": params[0::3], "ema_decay": EMA_DECAY}, {"params": params[1::3], "swa_start": swa_start},
             {"params": params[2::3]}]
 
 
@@ -165,11 +166,14 @@ def test_half_precision_averages_are_bit_identical_on_every_backend(backend_devi
     ours = _leaves(shapes, device, torch.bfloat16, gen)
     oracle = [p.detach().clone().requires_grad_() for p in ours]
     options = dict(BASE[name], stochastic_rounding=True, average_dtype=average_dtype)
+    # Under the Triton interpreter and the CUDA simulation two steps, SWA from
+    # the first: each average is copied once and then lerped once, rounded.
+    swa_start = 1 if triton_interpreted(backend, device) or cuda_simulated(backend, device) else SWA_START
     torch.manual_seed(4)
-    optimizer = CLASSES[name](_groups(ours), **options)
+    optimizer = CLASSES[name](_groups(ours, swa_start), **options)
     torch.manual_seed(4)
-    oracle_optimizer = CLASSES[name](_groups(oracle), **options)
-    for step in range(SWA_START + 1):
+    oracle_optimizer = CLASSES[name](_groups(oracle, swa_start), **options)
+    for step in range(swa_start + 1):
         grads = [torch.randn(p.shape, generator=gen).to(torch.bfloat16) for p in ours]
         for p, q, g in zip(ours, oracle, grads):
             p.grad, q.grad = g.to(device), g.clone()

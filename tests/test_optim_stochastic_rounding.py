@@ -14,6 +14,7 @@ from conftest import cuda_simulated, native_op_targets, triton_interpreted
 from torch.library import opcheck
 
 HALF_DTYPES = [torch.bfloat16, torch.float16]
+pytestmark = pytest.mark.usefixtures("small_triton_optim_programs")
 CLASSES = {"sgd": regops.optim.SGD, "adamw": regops.optim.AdamW}
 # SGD with momentum rounds the parameter and its buffer; AdamW with amsgrad
 # the parameter and three states.
@@ -61,7 +62,7 @@ def test_bit_identical_to_the_reference_backend(backend_device, name, dtype):
     optimizer = CLASSES[name](groups(ours), **OPTIONS[name])
     torch.manual_seed(11)
     oracle_optimizer = CLASSES[name](groups(oracle), **OPTIONS[name])
-    for _ in range(3):
+    for _ in range(2 if _small(backend, device) else 3):  # two steps: the step enters the counter
         _set_grads([ours, oracle], gen)
         optimizer.step()
         with regops.use_backend("reference"):

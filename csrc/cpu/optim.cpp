@@ -27,8 +27,11 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstring>
 #include <type_traits>
 #include <vector>
@@ -44,6 +47,11 @@ namespace {
 constexpr int64_t kChunk = 1 << 15;  // elements per parallel task: ~1 MiB of traffic for AdamW float32
 constexpr int64_t kAlign = 64;       // each tensor starts at a multiple of this in the index space (cache lines)
 constexpr int64_t kBlock = 512;      // float16 path: five float32 lists of 512 stay in L1
+// float32, float64 and bfloat16: one call of the loops covers at most this
+// many elements, so that the weight average, updated after the parameter
+// (CallAverages::update), finds the parameter still in L1 (5 float32 lists
+// of 2048: 40 KiB) and its stream runs interleaved with the update's.
+constexpr int64_t kPass = 2048;
 // Below this many elements in all, a call runs on the calling thread: waking
 // the pool costs more than the work.
 constexpr int64_t kSerialBelow = 1 << 16;
@@ -84,42 +92,176 @@ REGOPS_ALWAYS_INLINE void store_element(Bits16* data, int64_t i, float value) {
 
 // Stochastic rounding (regops/stochastic_rounding.h) of one piece of a
 // tensor: the key of the call, the tensor's index in its param group and the
-// element index of the piece's first element (a multiple of kAlign, so of 8).
+// element index of the piece's first element in the random rule.
 struct PieceRounding {
   RoundingKey key;
   uint32_t tensor;
   int64_t first;
 };
 
-// Elements whose random bits are drawn together: 16 Philox counters, a loop
-// the compiler vectorizes across counters; the bits are then laid out one
-// per element for the update loop.
-constexpr int64_t kRoundBlock = 128;
+// --- random bits of stochastic rounding ------------------------------------------
+// One draw serves a batch of kRoundBlock elements for every rounded value
+// (slot) of the loop: Philox4x32-10 (regops/philox.h) at kRoundCounters
+// consecutive counters per slot, in SIMD lanes (vpmuludq: 32 x 32 -> 64-bit
+// products), several slots in flight together. The batch is small so that
+// the out-of-order core can overlap a batch's draw (computation only) with
+// the update of the previous batch. The version runs for the processor, picked at load time
+// (GCC function multiversioning); the default one calls rounding_words per
+// counter. All of them write word j of counter c of slot s at
+// bits[s] + 2 * (4 * c + j): read as 16-bit halves (x86 is little-endian)
+// element 8 * c + e finds its bits at bits[s][8 * c + e], the random rule's order.
+constexpr int kRoundCounters = 16;
+constexpr int64_t kRoundBlock = 8 * kRoundCounters;
+constexpr int kMaxRoundSlots = 4;
+using RoundingBits = uint16_t[kMaxRoundSlots][kRoundBlock];
+static_assert(std::endian::native == std::endian::little);
 
-REGOPS_ALWAYS_INLINE void draw_rounding_bits(const PieceRounding& r, int64_t first, uint32_t slot,
-                                             uint32_t (&bits)[kRoundBlock]) {
-  constexpr int kCounters = kRoundBlock / 8;
-  uint32_t words[4][kCounters];
-  const uint64_t block = static_cast<uint64_t>(first) / 8;
-  for (int c = 0; c < kCounters; ++c) {
-    const Philox4 w = rounding_words(r.key, block + c, r.tensor, slot);
-    for (int j = 0; j < 4; ++j) words[j][c] = w.x[j];
+// AVX-512: eight counters per vector, each word in the low half of a 64-bit
+// lane, so that vpmuludq gives the whole product of a lane and the high word
+// is one swap away (vpshufd, port 5, leaving port 0 to the multiplies); the
+// upper halves carry junk that no low half ever reads. Two vectors per slot,
+// two slots (four vectors) in flight.
+template <int kSlots>
+__attribute__((target("arch=x86-64-v4"))) REGOPS_ALWAYS_INLINE void draw_slots_avx512(const RoundingKey& k,
+                                                                                       uint64_t block, uint32_t tensor,
+                                                                                       uint32_t first_slot,
+                                                                                       uint16_t (*bits)[kRoundBlock]) {
+  constexpr int kVectors = 2 * kSlots;  // vector v: counters 8 * (v % 2) + 0..7 of slot v / 2
+  constexpr _MM_PERM_ENUM kSwap = _MM_PERM_CDAB;
+  const __m512i m0 = _mm512_set1_epi64(kPhiloxM0), m1 = _mm512_set1_epi64(kPhiloxM1);
+  __m512i c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
+  for (int v = 0; v < kVectors; ++v) {
+    c0[v] = _mm512_add_epi64(_mm512_set1_epi64(block + 8 * (v % 2)), _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7));
+    c1[v] = _mm512_set1_epi64(k.step);
+    c2[v] = _mm512_set1_epi64(tensor);
+    c3[v] = _mm512_set1_epi64(first_slot + v / 2 + 8u * k.group);
   }
-  for (int c = 0; c < kCounters; ++c) {
-    for (int e = 0; e < 8; ++e) bits[8 * c + e] = rounding_bits(Philox4{{words[0][c], words[1][c], words[2][c],
-                                                                        words[3][c]}}, e);
+  uint32_t key0 = k.key0, key1 = k.key1;
+  for (int round = 0; round < 10; ++round, key0 += kPhiloxW0, key1 += kPhiloxW1) {
+    const __m512i k0 = _mm512_set1_epi32(key0), k1 = _mm512_set1_epi32(key1);
+    for (int v = 0; v < kVectors; ++v) {
+      const __m512i product0 = _mm512_mul_epu32(c0[v], m0), product1 = _mm512_mul_epu32(c2[v], m1);
+      c0[v] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(product1, kSwap), c1[v], k0, 0x96);  // three-way xor
+      c1[v] = product1;
+      c2[v] = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(product0, kSwap), c3[v], k1, 0x96);
+      c3[v] = product0;
+    }
+  }
+  // Counter-major order: words01 holds (word 0, word 1) of each counter as a
+  // 64-bit lane, words23 (word 2, word 3); 128-bit lane L of first / second
+  // then holds the four words of counter 2 * L / 2 * L + 1.
+  const __m512i low_order = _mm512_setr_epi64(0, 1, 8, 9, 2, 3, 10, 11);
+  const __m512i high_order = _mm512_setr_epi64(4, 5, 12, 13, 6, 7, 14, 15);
+  for (int v = 0; v < kVectors; ++v) {
+    const __m512i words01 = _mm512_mask_shuffle_epi32(c0[v], 0xAAAA, c1[v], kSwap);
+    const __m512i words23 = _mm512_mask_shuffle_epi32(c2[v], 0xAAAA, c3[v], kSwap);
+    const __m512i first = _mm512_unpacklo_epi64(words01, words23), second = _mm512_unpackhi_epi64(words01, words23);
+    uint16_t* out = bits[v / 2] + 64 * (v % 2);
+    _mm512_storeu_si512(out, _mm512_permutex2var_epi64(first, low_order, second));
+    _mm512_storeu_si512(out + 32, _mm512_permutex2var_epi64(first, high_order, second));
   }
 }
 
-// The stochastically rounded value for storage T: bfloat16 bits, or float32
-// blocks staged for float16 (float32 storage is never rounded).
-template <typename T>
-REGOPS_ALWAYS_INLINE float round_stochastic(float value, uint32_t bits) {
-  if constexpr (std::is_same_v<T, Bits16>) {
-    return stochastic_round_bfloat16(value, bits);
-  } else {
-    return stochastic_round_half(value, bits);
+__attribute__((target("arch=x86-64-v4"))) void draw_rounding_words(const RoundingKey& k, uint64_t block,
+                                                                    uint32_t tensor, uint32_t first_slot, int slots,
+                                                                    RoundingBits& bits) {
+  for (int s = 0; s < slots; s += 2) {
+    if (s + 1 < slots) {
+      draw_slots_avx512<2>(k, block, tensor, first_slot + s, bits + s);
+    } else {
+      draw_slots_avx512<1>(k, block, tensor, first_slot + s, bits + s);
+    }
   }
+}
+
+// AVX2: two vectors of eight counters per slot, one slot at a time (sixteen
+// registers).
+__attribute__((target("arch=x86-64-v3"))) void draw_rounding_words(const RoundingKey& k, uint64_t block,
+                                                                    uint32_t tensor, uint32_t first_slot, int slots,
+                                                                    RoundingBits& bits) {
+  constexpr int kVectors = kRoundCounters / 8;
+  const __m256i m0 = _mm256_set1_epi64x(kPhiloxM0), m1 = _mm256_set1_epi64x(kPhiloxM1);
+  const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  for (int s = 0; s < slots; ++s) {
+    __m256i c0[kVectors], c1[kVectors], c2[kVectors], c3[kVectors];
+    for (int v = 0; v < kVectors; ++v) {
+      c0[v] = _mm256_add_epi32(_mm256_set1_epi32(static_cast<uint32_t>(block + 8 * v)), lanes);
+      c1[v] = _mm256_set1_epi32(k.step);
+      c2[v] = _mm256_set1_epi32(tensor);
+      c3[v] = _mm256_set1_epi32(first_slot + s + 8u * k.group);
+    }
+    uint32_t key0 = k.key0, key1 = k.key1;
+    for (int round = 0; round < 10; ++round, key0 += kPhiloxW0, key1 += kPhiloxW1) {
+      const __m256i k0 = _mm256_set1_epi32(key0), k1 = _mm256_set1_epi32(key1);
+      for (int v = 0; v < kVectors; ++v) {
+        const __m256i even0 = _mm256_mul_epu32(c0[v], m0), odd0 = _mm256_mul_epu32(_mm256_srli_epi64(c0[v], 32), m0);
+        const __m256i even1 = _mm256_mul_epu32(c2[v], m1), odd1 = _mm256_mul_epu32(_mm256_srli_epi64(c2[v], 32), m1);
+        const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(even0, 32), odd0, 0xAA);
+        const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(even1, 32), odd1, 0xAA);
+        c0[v] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[v]), k0);
+        c1[v] = _mm256_blend_epi32(even1, _mm256_slli_epi64(odd1, 32), 0xAA);
+        c2[v] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[v]), k1);
+        c3[v] = _mm256_blend_epi32(even0, _mm256_slli_epi64(odd0, 32), 0xAA);
+      }
+    }
+    // 128-bit lane L of r[t] holds the four words of counter 4 * L + t.
+    for (int v = 0; v < kVectors; ++v) {
+      const __m256i t0 = _mm256_unpacklo_epi32(c0[v], c1[v]), t1 = _mm256_unpackhi_epi32(c0[v], c1[v]);
+      const __m256i t2 = _mm256_unpacklo_epi32(c2[v], c3[v]), t3 = _mm256_unpackhi_epi32(c2[v], c3[v]);
+      const __m256i r0 = _mm256_unpacklo_epi64(t0, t2), r1 = _mm256_unpackhi_epi64(t0, t2);
+      const __m256i r2 = _mm256_unpacklo_epi64(t1, t3), r3 = _mm256_unpackhi_epi64(t1, t3);
+      __m256i* out = reinterpret_cast<__m256i*>(bits[s] + 64 * v);
+      _mm256_storeu_si256(out, _mm256_permute2x128_si256(r0, r1, 0x20));
+      _mm256_storeu_si256(out + 1, _mm256_permute2x128_si256(r2, r3, 0x20));
+      _mm256_storeu_si256(out + 2, _mm256_permute2x128_si256(r0, r1, 0x31));
+      _mm256_storeu_si256(out + 3, _mm256_permute2x128_si256(r2, r3, 0x31));
+    }
+  }
+}
+
+__attribute__((target("default"))) void draw_rounding_words(const RoundingKey& k, uint64_t block, uint32_t tensor,
+                                                             uint32_t first_slot, int slots, RoundingBits& bits) {
+  for (int s = 0; s < slots; ++s) {
+    for (int c = 0; c < kRoundCounters; ++c) {
+      const Philox4 words = rounding_words(k, block + c, tensor, first_slot + s);
+      std::memcpy(bits[s] + 8 * c, words.x, sizeof(words.x));
+    }
+  }
+}
+
+// Batches of the elements [0, n) of a piece for the rounding loops: a batch
+// starts at a multiple of 8 in the random rule (only the first one may start
+// after it, at `skip`) and ends after at most kRoundBlock of the rule's
+// elements, so that one draw covers it. bits[slot][skip + i] serves element
+// base + i of the piece.
+struct RoundingBatch {
+  int64_t base, count, skip;
+};
+
+REGOPS_ALWAYS_INLINE RoundingBatch rounding_batch(const PieceRounding& r, int64_t base, int64_t n) {
+  const int64_t skip = (r.first + base) % 8;
+  return RoundingBatch{base, std::min(kRoundBlock - skip, n - base), skip};
+}
+
+// Slots first_slot .. first_slot + slots - 1 of a batch.
+REGOPS_ALWAYS_INLINE void draw_rounding_bits(const PieceRounding& r, const RoundingBatch& batch, uint32_t first_slot,
+                                             int slots, RoundingBits& bits) {
+  draw_rounding_words(r.key, static_cast<uint64_t>(r.first + batch.base) / 8, r.tensor, first_slot, slots, bits);
+}
+
+// Stores the stochastically rounded value for storage T: bfloat16 bits
+// directly (the top half of b + r, or for NaN the canonical NaN that
+// bfloat16_bits_nearest stores: what rounding and then storing would give),
+// float32 blocks staged for float16 as the value stochastic_round_half gives
+// (float32 storage is never rounded).
+REGOPS_ALWAYS_INLINE void store_stochastic(Bits16* data, int64_t i, float value, uint32_t random16) {
+  const uint32_t bits = float_bits(value);
+  const bool is_nan = (bits & 0x7FFFFFFFu) > 0x7F800000u;
+  data[i] = static_cast<Bits16>(is_nan ? 0x7FC0u : (bits + random16) >> 16);
+}
+
+REGOPS_ALWAYS_INLINE void store_stochastic(float* data, int64_t i, float value, uint32_t random16) {
+  data[i] = stochastic_round_half(value, random16);
 }
 
 // The weight average of one piece: average = lerp(average, p, weight) from
@@ -143,17 +285,18 @@ REGOPS_CPU_CLONES void average_block(const P* __restrict__ p, A* __restrict__ av
                                  const PieceRounding& rounding) {
   using Real = Math<P>;  // float64 for float64 parameters
   const LerpWeightT<Real> w{static_cast<Real>(weight.factor), weight.from_start};
-  uint32_t bits[kRoundBlock];
-  for (int64_t base = 0; base < n; base += kRoundBlock) {
-    if (kStochastic) draw_rounding_bits(rounding, rounding.first + base, kRoundAverage, bits);
-    const int64_t count = std::min(kRoundBlock, n - base);
-    for (int64_t i = 0; i < count; ++i) {
+  RoundingBits bits;
+  for (int64_t base = 0; base < n;) {
+    const RoundingBatch batch = kStochastic ? rounding_batch(rounding, base, n) : RoundingBatch{base, n - base, 0};
+    if (kStochastic) draw_rounding_bits(rounding, batch, kRoundAverage, 1, bits);
+    for (int64_t i = 0; i < batch.count; ++i) {
       Real param = load_element(p, base + i);
       if (kHalfParam) param = static_cast<float>(static_cast<at::Half>(param));
       Real value = lerp_like_torch(static_cast<Real>(load_element(average, base + i)), param, w);
-      if (kStochastic) value = round_average<A>(value, bits[i]);
+      if (kStochastic) value = round_average<A>(value, bits[0][batch.skip + i]);
       store_element(average, base + i, value);
     }
+    base += batch.count;
   }
 }
 
@@ -227,21 +370,23 @@ REGOPS_CPU_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* 
       if (kMomentum) store_element(buffer, i, buf);
     }
   } else {
-    uint32_t param_bits[kRoundBlock], buffer_bits[kRoundBlock];
-    for (int64_t base = 0; base < n; base += kRoundBlock) {
-      draw_rounding_bits(rounding, rounding.first + base, 0, param_bits);
-      if (kMomentum) draw_rounding_bits(rounding, rounding.first + base, 1, buffer_bits);
-      const int64_t m = std::min(kRoundBlock, n - base);
+    RoundingBits bits;
+    for (int64_t base = 0; base < n;) {
+      const RoundingBatch batch = rounding_batch(rounding, base, n);
+      draw_rounding_bits(rounding, batch, kRoundParam, kMomentum ? 2 : 1, bits);
       T* __restrict__ pb = p + base;
       const T* __restrict__ gb = g + base;
       T* __restrict__ bb = kMomentum ? buffer + base : nullptr;
-      for (int64_t i = 0; i < m; ++i) {
+      const uint16_t* __restrict__ pr = bits[0] + batch.skip;
+      const uint16_t* __restrict__ br = bits[1] + batch.skip;
+      for (int64_t i = 0; i < batch.count; ++i) {
         Math<T> param = load_element(pb, i);
         Math<T> buf = kMomentum && !kFirstStep ? load_element(bb, i) : Math<T>(0);
         sgd_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(gb, i), buf, c);
-        store_element(pb, i, round_stochastic<T>(param, param_bits[i]));
-        if (kMomentum) store_element(bb, i, round_stochastic<T>(buf, buffer_bits[i]));
+        store_stochastic(pb, i, param, pr[i]);
+        if (kMomentum) store_stochastic(bb, i, buf, br[i]);
       }
+      base += batch.count;
     }
   }
 }
@@ -268,27 +413,26 @@ REGOPS_CPU_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T
       if (kAmsgrad) store_element(max_exp_avg_sq, i, v_max);
     }
   } else {
-    uint32_t param_bits[kRoundBlock], m_bits[kRoundBlock], v_bits[kRoundBlock], v_max_bits[kRoundBlock];
-    for (int64_t base = 0; base < n; base += kRoundBlock) {
-      draw_rounding_bits(rounding, rounding.first + base, 0, param_bits);
-      draw_rounding_bits(rounding, rounding.first + base, 1, m_bits);
-      draw_rounding_bits(rounding, rounding.first + base, 2, v_bits);
-      if (kAmsgrad) draw_rounding_bits(rounding, rounding.first + base, 3, v_max_bits);
-      const int64_t count = std::min(kRoundBlock, n - base);
+    RoundingBits bits;
+    for (int64_t base = 0; base < n;) {
+      const RoundingBatch batch = rounding_batch(rounding, base, n);
+      draw_rounding_bits(rounding, batch, kRoundParam, kAmsgrad ? 4 : 3, bits);
+      const int64_t skip = batch.skip;
       T* __restrict__ pb = p + base;
       const T* __restrict__ gb = g + base;
       T* __restrict__ mb = exp_avg + base;
       T* __restrict__ vb = exp_avg_sq + base;
       T* __restrict__ vmb = kAmsgrad ? max_exp_avg_sq + base : nullptr;
-      for (int64_t i = 0; i < count; ++i) {
+      for (int64_t i = 0; i < batch.count; ++i) {
         Math<T> param = load_element(pb, i), m = load_element(mb, i), v = load_element(vb, i);
         Math<T> v_max = kAmsgrad ? load_element(vmb, i) : Math<T>(0);
         adamw_update<kCoupledL2, kL1Subgradient, kL1Proximal>(param, load_element(gb, i), m, v, v_max, c);
-        store_element(pb, i, round_stochastic<T>(param, param_bits[i]));
-        store_element(mb, i, round_stochastic<T>(m, m_bits[i]));
-        store_element(vb, i, round_stochastic<T>(v, v_bits[i]));
-        if (kAmsgrad) store_element(vmb, i, round_stochastic<T>(v_max, v_max_bits[i]));
+        store_stochastic(pb, i, param, bits[0][skip + i]);
+        store_stochastic(mb, i, m, bits[1][skip + i]);
+        store_stochastic(vb, i, v, bits[2][skip + i]);
+        if (kAmsgrad) store_stochastic(vmb, i, v_max, bits[3][skip + i]);
       }
+      base += batch.count;
     }
   }
 }
@@ -449,8 +593,9 @@ using LoopType = std::conditional_t<std::is_same_v<scalar_t, at::BFloat16>, Bits
 
 // Runs block_fn(LoopType* views[kLists], n, tensor, first) over every element of
 // the tensors of `lists` (lists[l][t] is tensor t of list l; list 1 holds the
-// gradients, which are read only). float16 tensors are converted to float32
-// blocks of kBlock elements and the written lists converted back.
+// gradients, which are read only), in passes of at most kPass elements.
+// float16 tensors are converted to float32 blocks of kBlock elements and the
+// written lists converted back.
 template <typename scalar_t, int kLists, typename BlockFn>
 void apply_blocks(const std::array<at::TensorList, kLists>& lists, BlockFn block_fn) {
   const TensorSpan span(lists[0]);
@@ -461,11 +606,13 @@ void apply_blocks(const std::array<at::TensorList, kLists>& lists, BlockFn block
   span.parallel_chunks([&](int64_t first, int64_t last) {
     span.for_pieces(first, last, [&](int64_t tensor, int64_t begin, int64_t end) {
       if constexpr (!std::is_same_v<scalar_t, at::Half>) {
-        std::array<LoopType<scalar_t>*, kLists> views;
-        for (int l = 0; l < kLists; ++l) {
-          views[l] = reinterpret_cast<LoopType<scalar_t>*>(pointers[l][tensor] + begin);
+        for (int64_t start = begin; start < end; start += kPass) {
+          std::array<LoopType<scalar_t>*, kLists> views;
+          for (int l = 0; l < kLists; ++l) {
+            views[l] = reinterpret_cast<LoopType<scalar_t>*>(pointers[l][tensor] + start);
+          }
+          block_fn(views, std::min(kPass, end - start), tensor, start);
         }
-        block_fn(views, end - begin, tensor, begin);
       } else {
         float buffers[kLists][kBlock];
         for (int64_t start = begin; start < end; start += kBlock) {
