@@ -249,6 +249,20 @@ REGOPS_ALWAYS_INLINE void draw_rounding_bits(const PieceRounding& r, const Round
   draw_rounding_words(r.key, static_cast<uint64_t>(r.first + batch.base) / 8, r.tensor, first_slot, slots, bits);
 }
 
+// body(batch, bits) for the batches of the elements [0, n) of a piece, each
+// after drawing the slots first_slot .. first_slot + slots - 1 of its bits.
+template <typename Body>
+REGOPS_ALWAYS_INLINE void for_rounding_batches(const PieceRounding& r, int64_t n, uint32_t first_slot, int slots,
+                                               Body&& body) {
+  RoundingBits bits;
+  for (int64_t base = 0; base < n;) {
+    const RoundingBatch batch = rounding_batch(r, base, n);
+    draw_rounding_bits(r, batch, first_slot, slots, bits);
+    body(batch, bits);
+    base += batch.count;
+  }
+}
+
 // Stores the stochastically rounded value for storage T: bfloat16 bits
 // directly (the top half of b + r, or for NaN the canonical NaN that
 // bfloat16_bits_nearest stores: what rounding and then storing would give),
@@ -370,13 +384,11 @@ REGOPS_CPU_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* 
       if (kMomentum) store_element(buffer, i, buf);
     }
   } else {
-    RoundingBits bits;
-    for (int64_t base = 0; base < n;) {
-      const RoundingBatch batch = rounding_batch(rounding, base, n);
-      draw_rounding_bits(rounding, batch, kRoundParam, kMomentum ? 2 : 1, bits);
-      T* __restrict__ pb = p + base;
-      const T* __restrict__ gb = g + base;
-      T* __restrict__ bb = kMomentum ? buffer + base : nullptr;
+    for_rounding_batches(rounding, n, kRoundParam, kMomentum ? 2 : 1,
+                         [&](const RoundingBatch& batch, const RoundingBits& bits) __attribute__((always_inline)) {
+      T* __restrict__ pb = p + batch.base;
+      const T* __restrict__ gb = g + batch.base;
+      T* __restrict__ bb = kMomentum ? buffer + batch.base : nullptr;
       const uint16_t* __restrict__ pr = bits[0] + batch.skip;
       const uint16_t* __restrict__ br = bits[1] + batch.skip;
       for (int64_t i = 0; i < batch.count; ++i) {
@@ -386,8 +398,7 @@ REGOPS_CPU_CLONES void sgd_block(T* __restrict__ p, const T* __restrict__ g, T* 
         store_stochastic(pb, i, param, pr[i]);
         if (kMomentum) store_stochastic(bb, i, buf, br[i]);
       }
-      base += batch.count;
-    }
+    });
   }
 }
 
@@ -413,16 +424,14 @@ REGOPS_CPU_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T
       if (kAmsgrad) store_element(max_exp_avg_sq, i, v_max);
     }
   } else {
-    RoundingBits bits;
-    for (int64_t base = 0; base < n;) {
-      const RoundingBatch batch = rounding_batch(rounding, base, n);
-      draw_rounding_bits(rounding, batch, kRoundParam, kAmsgrad ? 4 : 3, bits);
+    for_rounding_batches(rounding, n, kRoundParam, kAmsgrad ? 4 : 3,
+                         [&](const RoundingBatch& batch, const RoundingBits& bits) __attribute__((always_inline)) {
       const int64_t skip = batch.skip;
-      T* __restrict__ pb = p + base;
-      const T* __restrict__ gb = g + base;
-      T* __restrict__ mb = exp_avg + base;
-      T* __restrict__ vb = exp_avg_sq + base;
-      T* __restrict__ vmb = kAmsgrad ? max_exp_avg_sq + base : nullptr;
+      T* __restrict__ pb = p + batch.base;
+      const T* __restrict__ gb = g + batch.base;
+      T* __restrict__ mb = exp_avg + batch.base;
+      T* __restrict__ vb = exp_avg_sq + batch.base;
+      T* __restrict__ vmb = kAmsgrad ? max_exp_avg_sq + batch.base : nullptr;
       for (int64_t i = 0; i < batch.count; ++i) {
         Math<T> param = load_element(pb, i), m = load_element(mb, i), v = load_element(vb, i);
         Math<T> v_max = kAmsgrad ? load_element(vmb, i) : Math<T>(0);
@@ -432,8 +441,7 @@ REGOPS_CPU_CLONES void adamw_block(T* __restrict__ p, const T* __restrict__ g, T
         store_stochastic(vb, i, v, bits[2][skip + i]);
         if (kAmsgrad) store_stochastic(vmb, i, v_max, bits[3][skip + i]);
       }
-      base += batch.count;
-    }
+    });
   }
 }
 

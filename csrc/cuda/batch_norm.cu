@@ -78,6 +78,24 @@ __device__ __forceinline__ AlignedVector<scalar_t, kVec> load_elements(const sca
   return load_vector<AlignedVector<scalar_t, kVec>>(pointer);
 }
 
+// The vectors at offset of each array, in order: an op's load<kVec>.
+template <typename scalar_t, int kVec, typename... Arrays>
+__device__ __forceinline__ Loaded<scalar_t, kVec, sizeof...(Arrays)> load_arrays(int64_t offset, Arrays... arrays) {
+  Loaded<scalar_t, kVec, sizeof...(Arrays)> l;
+  int a = 0;
+  ((l.in[a++] = load_elements<scalar_t, kVec>(arrays + offset)), ...);
+  return l;
+}
+
+// out[e] = value(e) for the kVec elements at out, in one vector store.
+template <int kVec, typename scalar_t, typename Value>
+__device__ __forceinline__ void store_mapped(scalar_t* out, const Value& value) {
+  AlignedVector<scalar_t, kVec> vector;
+#pragma unroll
+  for (int e = 0; e < kVec; ++e) vector.value[e] = static_cast<scalar_t>(value(e));
+  store_vector(out, vector);
+}
+
 // Per-channel coefficient rows (C values each) of the elementwise passes.
 enum ForwardRow { kScale = 0, kShift = 1, kForwardRows = 2 };
 enum BackwardRow { kDyScale = 0, kXmuScale = 1, kConstant = 2, kMaskScale = 3, kMaskShift = 4, kBackwardRows = 5 };
@@ -106,27 +124,23 @@ struct NormalizeOp {
   }
   template <int kVec>
   __device__ __forceinline__ Loaded<scalar_t, kVec, kArrays> load(int64_t offset) const {
-    Loaded<scalar_t, kVec, kArrays> l;
-    l.in[0] = load_elements<scalar_t, kVec>(x + offset);
-    if constexpr (kResidual) l.in[1] = load_elements<scalar_t, kVec>(z + offset);
-    return l;
+    if constexpr (kResidual) {
+      return load_arrays<scalar_t, kVec>(offset, x, z);
+    } else {
+      return load_arrays<scalar_t, kVec>(offset, x);
+    }
   }
   template <int kVec>
   __device__ __forceinline__ void process(const Channel (&ch)[kVec], const Loaded<scalar_t, kVec, kArrays>& l,
                                           int64_t offset, State (&)[kVec]) const {
-    AlignedVector<scalar_t, kVec> out;
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
+    store_mapped<kVec>(y + offset, [&](int e) {
       const acc_t xe = static_cast<acc_t>(l.in[0].value[e]);
-      acc_t value;
       if constexpr (kResidual) {
-        value = batch_norm_normalize(xe, static_cast<acc_t>(l.in[1].value[e]), ch[e], relu);
+        return batch_norm_normalize(xe, static_cast<acc_t>(l.in[1].value[e]), ch[e], relu);
       } else {
-        value = batch_norm_normalize(xe, ch[e], relu);
+        return batch_norm_normalize(xe, ch[e], relu);
       }
-      out.value[e] = static_cast<scalar_t>(value);
-    }
-    store_vector(y + offset, out);
+    });
   }
 };
 
@@ -160,22 +174,16 @@ struct GradInputOp {
   }
   template <int kVec>
   __device__ __forceinline__ Loaded<scalar_t, kVec, kArrays> load(int64_t offset) const {
-    Loaded<scalar_t, kVec, kArrays> l;
-    l.in[0] = load_elements<scalar_t, kVec>(dy + offset);
-    l.in[1] = load_elements<scalar_t, kVec>(x + offset);
-    return l;
+    return load_arrays<scalar_t, kVec>(offset, dy, x);
   }
   template <int kVec>
   __device__ __forceinline__ void process(const Channel (&ch)[kVec], const Loaded<scalar_t, kVec, kArrays>& l,
                                           int64_t offset, State (&)[kVec]) const {
-    AlignedVector<scalar_t, kVec> out;
-#pragma unroll
-    for (int e = 0; e < kVec; ++e) {
+    store_mapped<kVec>(dx + offset, [&](int e) {
       const acc_t xe = static_cast<acc_t>(l.in[1].value[e]);
       const acc_t g = batch_norm_masked_grad(static_cast<acc_t>(l.in[0].value[e]), xe, ch[e].mask, relu);
-      out.value[e] = static_cast<scalar_t>(batch_norm_grad_input(g, xe, ch[e].mean, ch[e].k));
-    }
-    store_vector(dx + offset, out);
+      return batch_norm_grad_input(g, xe, ch[e].mean, ch[e].k);
+    });
   }
 };
 
@@ -196,9 +204,7 @@ struct StatisticsOp {
   }
   template <int kVec>
   __device__ __forceinline__ Loaded<scalar_t, kVec, kArrays> load(int64_t offset) const {
-    Loaded<scalar_t, kVec, kArrays> l;
-    l.in[0] = load_elements<scalar_t, kVec>(x + offset);
-    return l;
+    return load_arrays<scalar_t, kVec>(offset, x);
   }
   template <int kVec>
   __device__ __forceinline__ void process(const Channel (&ch)[kVec], const Loaded<scalar_t, kVec, kArrays>& l,
@@ -240,11 +246,11 @@ struct GradientSumsOp {
   }
   template <int kVec>
   __device__ __forceinline__ Loaded<scalar_t, kVec, kArrays> load(int64_t offset) const {
-    Loaded<scalar_t, kVec, kArrays> l;
-    l.in[0] = load_elements<scalar_t, kVec>(dy + offset);
-    l.in[1] = load_elements<scalar_t, kVec>(x + offset);
-    if constexpr (kResidual) l.in[2] = load_elements<scalar_t, kVec>(z + offset);
-    return l;
+    if constexpr (kResidual) {
+      return load_arrays<scalar_t, kVec>(offset, dy, x, z);
+    } else {
+      return load_arrays<scalar_t, kVec>(offset, dy, x);
+    }
   }
   template <int kVec>
   __device__ __forceinline__ void process(const Channel (&ch)[kVec], const Loaded<scalar_t, kVec, kArrays>& l,

@@ -143,10 +143,46 @@ def _elementwise_program(outer, channels, inner, rows_per_program, inner_per_pro
 
 
 @triton.jit
+def _elementwise_tile(tile, c_start, o_begin, o_end, i_begin, i_end, channels, inner, BLOCK_O: tl.constexpr,
+                      BLOCK_C: tl.constexpr, BLOCK_I: tl.constexpr):
+    """Offsets and validity of tile `tile` of an elementwise program's slice,
+    rows outer and runs inner (_elementwise_tiles of them)."""
+    run_tiles = tl.cdiv(i_end - i_begin, BLOCK_I)
+    o_start = o_begin + (tile // run_tiles) * BLOCK_O
+    i_start = i_begin + (tile % run_tiles) * BLOCK_I
+    return _tile_offsets(o_start, o_end, c_start, channels, i_start, inner, BLOCK_O, BLOCK_C, BLOCK_I)
+
+
+@triton.jit
+def _elementwise_tiles(o_begin, o_end, i_begin, i_end, BLOCK_O: tl.constexpr, BLOCK_I: tl.constexpr):
+    return tl.cdiv(o_end - o_begin, BLOCK_O) * tl.cdiv(i_end - i_begin, BLOCK_I)
+
+
+@triton.jit
+def _partial_sums(partial_ptr, splits, channels, c, valid, dtype, BLOCK: tl.constexpr):
+    """The two sums of the partials (rows [0, splits) and [splits, 2 splits)
+    of C values) of the channels c, added in slice order."""
+    first = tl.zeros((BLOCK,), dtype=dtype)
+    second = tl.zeros((BLOCK,), dtype=dtype)
+    for split in range(0, splits):
+        at = partial_ptr + split * channels + c
+        first += tl.load(at, mask=valid, other=0.0)
+        second += tl.load(at + splits * channels, mask=valid, other=0.0)
+    return first, second
+
+
+@triton.jit
 def _channel_row(pointer, row, channels, c, valid):
     """Row `row` (C values) of a per-channel coefficient tensor, as a
     [1, BLOCK_C, 1] tile factor."""
     return tl.load(pointer + row * channels + c, mask=valid, other=0.0)[None, :, None]
+
+
+@triton.jit
+def _channel_rows(pointer, row, channels, c, valid):
+    """Rows `row` and `row + 1` of a per-channel coefficient tensor (a
+    scale and its shift), as [1, BLOCK_C, 1] tile factors."""
+    return _channel_row(pointer, row, channels, c, valid), _channel_row(pointer, row + 1, channels, c, valid)
 
 
 @triton.jit
@@ -212,12 +248,7 @@ def _stats_finalize_kernel(partial_ptr, x_ptr, weight_ptr, bias_ptr, mean_ptr, v
     c = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     valid = c < channels
     dtype = mean_ptr.dtype.element_ty
-    sum_d = tl.zeros((BLOCK,), dtype=dtype)
-    sum_d2 = tl.zeros((BLOCK,), dtype=dtype)
-    for split in range(0, splits):
-        at = partial_ptr + split * channels + c
-        sum_d += tl.load(at, mask=valid, other=0.0)
-        sum_d2 += tl.load(at + splits * channels, mask=valid, other=0.0)
+    sum_d, sum_d2 = _partial_sums(partial_ptr, splits, channels, c, valid, dtype, BLOCK)
     count = outer * inner
     n = tl.maximum(count, 1).to(dtype)
     offset = sum_d / n
@@ -264,19 +295,17 @@ def _normalize_kernel(x_ptr, z_ptr, y_ptr, coefficient_ptr, outer, channels, inn
     and the ReLU)."""
     c_start, c, valid_c, o_begin, o_end, i_begin, i_end = _elementwise_program(
         outer, channels, inner, rows_per_program, inner_per_program, BLOCK_C, BLOCK_I)
-    scale = _channel_row(coefficient_ptr, 0, channels, c, valid_c)
-    shift = _channel_row(coefficient_ptr, 1, channels, c, valid_c)
-    for o_start in range(o_begin, o_end, BLOCK_O):
-        for i_start in range(i_begin, i_end, BLOCK_I):
-            offsets, valid = _tile_offsets(o_start, o_end, c_start, channels, i_start, inner, BLOCK_O, BLOCK_C,
-                                           BLOCK_I)
-            x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
-            y = x.to(scale.dtype) * scale + shift
-            if HAS_RESIDUAL:
-                y += tl.load(z_ptr + offsets, mask=valid, other=0.0).to(scale.dtype)
-            if RELU:
-                y = tl.where(y < 0, 0.0, y)  # keeps NaN, as torch.relu
-            tl.store(y_ptr + offsets, y.to(x.dtype), mask=valid)
+    scale, shift = _channel_rows(coefficient_ptr, 0, channels, c, valid_c)
+    for tile in range(0, _elementwise_tiles(o_begin, o_end, i_begin, i_end, BLOCK_O, BLOCK_I)):
+        offsets, valid = _elementwise_tile(tile, c_start, o_begin, o_end, i_begin, i_end, channels, inner, BLOCK_O,
+                                           BLOCK_C, BLOCK_I)
+        x = tl.load(x_ptr + offsets, mask=valid, other=0.0)
+        y = x.to(scale.dtype) * scale + shift
+        if HAS_RESIDUAL:
+            y += tl.load(z_ptr + offsets, mask=valid, other=0.0).to(scale.dtype)
+        if RELU:
+            y = tl.where(y < 0, 0.0, y)  # keeps NaN, as torch.relu
+        tl.store(y_ptr + offsets, y.to(x.dtype), mask=valid)
 
 
 @triton.jit
@@ -290,8 +319,7 @@ def _backward_partial_kernel(dy_ptr, x_ptr, z_ptr, dz_ptr, mean_ptr, coefficient
     o_begin, o_end = _program_rows(outer, rows_per_program)
     mean = tl.load(mean_ptr + c, mask=valid_c, other=0.0)[None, :, None]
     if RELU:
-        mask_scale = _channel_row(coefficient_ptr, 3, channels, c, valid_c)
-        mask_shift = _channel_row(coefficient_ptr, 4, channels, c, valid_c)
+        mask_scale, mask_shift = _channel_rows(coefficient_ptr, 3, channels, c, valid_c)
     sum_dy = tl.zeros((BLOCK_O, BLOCK_C, BLOCK_I), dtype=mean.dtype)
     sum_dy_xmu = tl.zeros((BLOCK_O, BLOCK_C, BLOCK_I), dtype=mean.dtype)
     for o_start in range(o_begin, o_end, BLOCK_O):
@@ -330,12 +358,7 @@ def _gradient_finalize_kernel(partial_ptr, sum_dy_ptr, sum_dy_xmu_ptr, invstd_pt
     valid = c < channels
     dtype = invstd_ptr.dtype.element_ty
     if FROM_PARTIALS:
-        sum_dy = tl.zeros((BLOCK,), dtype=dtype)
-        sum_dy_xmu = tl.zeros((BLOCK,), dtype=dtype)
-        for split in range(0, splits):
-            at = partial_ptr + split * channels + c
-            sum_dy += tl.load(at, mask=valid, other=0.0)
-            sum_dy_xmu += tl.load(at + splits * channels, mask=valid, other=0.0)
+        sum_dy, sum_dy_xmu = _partial_sums(partial_ptr, splits, channels, c, valid, dtype, BLOCK)
     else:
         sum_dy = tl.load(sum_dy_ptr + c, mask=valid, other=0.0)
         sum_dy_xmu = tl.load(sum_dy_xmu_ptr + c, mask=valid, other=0.0)
@@ -374,23 +397,21 @@ def _grad_input_kernel(dy_ptr, x_ptr, dx_ptr, mean_ptr, coefficient_ptr, outer, 
         xmu_scale = _channel_row(coefficient_ptr, 1, channels, c, valid_c)
         constant = _channel_row(coefficient_ptr, 2, channels, c, valid_c)
     if RELU:
-        mask_scale = _channel_row(coefficient_ptr, 3, channels, c, valid_c)
-        mask_shift = _channel_row(coefficient_ptr, 4, channels, c, valid_c)
-    for o_start in range(o_begin, o_end, BLOCK_O):
-        for i_start in range(i_begin, i_end, BLOCK_I):
-            offsets, valid = _tile_offsets(o_start, o_end, c_start, channels, i_start, inner, BLOCK_O, BLOCK_C,
-                                           BLOCK_I)
-            dy_raw = tl.load(dy_ptr + offsets, mask=valid, other=0.0)
-            g = dy_raw.to(dy_scale.dtype)
-            if RELU:
-                x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(dy_scale.dtype)
-                g = tl.where(x * mask_scale + mask_shift <= 0, 0.0, g)
-            elif TRAINING:
-                x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(dy_scale.dtype)
-            dx = g * dy_scale
-            if TRAINING:
-                dx += (x - mean) * xmu_scale + constant
-            tl.store(dx_ptr + offsets, dx.to(dy_raw.dtype), mask=valid)
+        mask_scale, mask_shift = _channel_rows(coefficient_ptr, 3, channels, c, valid_c)
+    for tile in range(0, _elementwise_tiles(o_begin, o_end, i_begin, i_end, BLOCK_O, BLOCK_I)):
+        offsets, valid = _elementwise_tile(tile, c_start, o_begin, o_end, i_begin, i_end, channels, inner, BLOCK_O,
+                                           BLOCK_C, BLOCK_I)
+        dy_raw = tl.load(dy_ptr + offsets, mask=valid, other=0.0)
+        g = dy_raw.to(dy_scale.dtype)
+        if RELU:
+            x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(dy_scale.dtype)
+            g = tl.where(x * mask_scale + mask_shift <= 0, 0.0, g)
+        elif TRAINING:
+            x = tl.load(x_ptr + offsets, mask=valid, other=0.0).to(dy_scale.dtype)
+        dx = g * dy_scale
+        if TRAINING:
+            dx += (x - mean) * xmu_scale + constant
+        tl.store(dx_ptr + offsets, dx.to(dy_raw.dtype), mask=valid)
 
 
 # --- launchers ------------------------------------------------------------------------
